@@ -1,0 +1,78 @@
+"""Online softmax statistics over vocabulary slices, shared by the torch backend and the Triton combine step.
+
+For one row of logits z over a slice of the vocabulary the statistics are
+
+    m = max_j z_j,   s = sum_j exp(z_j - m),   t = sum_j exp(z_j - m) * (z_j - m)
+
+and over the whole vocabulary they give  lse = m + log s  and the entropy  H = lse - sum_j p_j z_j = log s - t / s.
+`t` is kept relative to the running max so that rows with |z| ~ 1e4 lose no digits to cancellation
+(H = lse - E[z] would subtract two numbers of size 1e4 to get one of size <= log V).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def slice_stats(z: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(m, s, t) of each row of z [rows, cols]; t is None without entropy."""
+    m = z.amax(dim=-1)
+    shifted = z - m.unsqueeze(-1)
+    e = shifted.exp()
+    s = e.sum(-1)
+    t = None
+    if with_entropy:
+        # exp(-inf) * -inf is nan: a -inf logit (e.g. a banned token's bias) contributes 0.
+        t = torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(-1)
+    return m, s, t
+
+
+def merge_stats(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None):
+    """Merge the statistics of disjoint vocabulary slices stacked along dim 0: [slices, rows] -> [rows].
+
+    t may be None (no entropy). A slice of only -inf logits has m = -inf and s = 0: it gets weight 0, never nan.
+    """
+    m_all = m.amax(dim=0)
+    live = s > 0
+    scale = torch.where(live, (m - m_all).exp(), torch.zeros_like(s))
+    s_all = (scale * s).sum(0)
+    t_all = None
+    if t is not None:
+        shift = torch.where(live, (m - m_all) * s, torch.zeros_like(s))
+        t_all = (scale * (t + shift)).sum(0)
+    return m_all, s_all, t_all
+
+
+def finalize_stats(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None):
+    """(lse, entropy) from whole-vocabulary statistics; entropy is None when t is None."""
+    log_s = s.log()
+    lse = m + log_s
+    entropy = None
+    if t is not None:
+        # 0 <= H <= log V mathematically; clamp the rounding below 0.
+        entropy = (log_s - t / s).clamp_min(0.0)
+    return lse, entropy
+
+
+def logit_grad(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logprob: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+) -> torch.Tensor:
+    """d(loss)/dz for one tile of logits z [rows, cols], without the target one-hot term.
+
+    With p = softmax(z) and log p = z - lse:
+        dlogprob/dz_j = onehot_j - p_j
+        dH/dz_j       = -p_j * (log p_j + H)
+    so  dL/dz_j = g_lp * onehot_j - p_j * (g_lp + g_H * (log p_j + H)).  The caller adds g_lp at the target.
+    """
+    logp = z - lse.unsqueeze(-1)
+    p = logp.exp()
+    coef = torch.zeros_like(logp)
+    if grad_logprob is not None:
+        coef = coef + grad_logprob.unsqueeze(-1)
+    if grad_entropy is not None:
+        coef = coef + grad_entropy.unsqueeze(-1) * (logp + entropy.unsqueeze(-1))
+    return torch.where(p > 0, -p * coef, torch.zeros_like(p))

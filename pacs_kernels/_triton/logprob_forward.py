@@ -1,0 +1,113 @@
+"""Forward kernel: per-token log-sum-exp, target logit and entropy statistics, no [N, V] tensor.
+
+Program (i, k) owns token block i (BLOCK_N rows) and the k-th range of vocabulary tiles. It walks its tiles,
+recomputing a [BLOCK_N, BLOCK_V] logit tile in registers (2*BLOCK_N*BLOCK_V*D FLOPs, reading BLOCK_V*D weight
+elements that neighbouring token blocks also read, from L2), and folds it into running statistics
+(m, s, t, target logit): see `pacs_kernels/_stats.py`. It writes 4 floats per token per split; the launcher merges
+the splits. Memory written: 16 * N * n_splits bytes, instead of 4 * N * V for fp32 logits (10 GB at N=16k,
+V=152k). FLOPs: 2*N*D*V.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._stats import finalize_stats, merge_stats
+from .config import KernelConfig, forward_config, interpreting
+from .tiles import logit_tile
+
+
+@triton.jit
+def _logprob_forward_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr,
+    m_ptr, s_ptr, t_ptr, zy_ptr,  # [n_splits, N] float32 each
+    N, V, D, stride_h, stride_w, inv_temp, tiles_per_split,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+
+    # A finite start for the running max keeps (m_old - m_new) * s = 0 instead of -inf * 0 = nan.
+    m = tl.full([BLOCK_N], -1.0e30, dtype=tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    zy = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    tile_lo = pid_s * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for tile in range(tile_lo, tile_hi):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        z = logit_tile(
+            h_ptr, w_ptr, b_ptr, rows64, row_ok, cols.to(tl.int64), col_ok, D, stride_h, stride_w, inv_temp,
+            HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        shifted = z - m_new[:, None]
+        e = tl.exp(shifted)  # 0 past V (z = -inf)
+        if WITH_ENTROPY:
+            u = e * tl.where(e > 0.0, shifted, 0.0)  # exp(-inf) * -inf would be nan
+            t = alpha * (t + (m - m_new) * s) + tl.sum(u, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+
+    out = pid_s * N + rows
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(t_ptr + out, t, mask=row_ok)
+    tl.store(zy_ptr + out, zy, mask=row_ok)
+
+
+def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, DOT_PRECISION) for operands of `dtype`: float32 dots are exact (ieee), never tf32."""
+    upcast = interpreting() and dtype != torch.float32
+    precision = "ieee" if (upcast or dtype == torch.float32) else "tf32"
+    return upcast, precision
+
+
+def logprob_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    inv_temperature: float,
+    with_entropy: bool,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(logprob [N], entropy [N] or None, lse [N]), float32, for validated hidden [N, D] and targets in [0, V)."""
+    n_tokens, dim = hidden.shape
+    vocab = weight.shape[0]
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    targets = targets.contiguous()
+    if config is None:
+        config = forward_config(n_tokens, vocab, dim, hidden.device)
+    v_tiles = triton.cdiv(vocab, config.block_v)
+    tiles_per_split = triton.cdiv(v_tiles, config.n_splits)
+    n_splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
+    stats = torch.empty((4, n_splits, n_tokens), dtype=torch.float32, device=hidden.device)
+    m, s, t, zy = stats.unbind(0)
+    upcast, precision = dot_flags(hidden.dtype)
+    grid = (triton.cdiv(n_tokens, config.block_n), n_splits)
+    _logprob_forward_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, targets,
+        m, s, t, zy,
+        n_tokens, vocab, dim, hidden.stride(0), weight.stride(0), inv_temperature, tiles_per_split,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=upcast, DOT_PRECISION=precision,
+        BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    lse, entropy = finalize_stats(*merge_stats(m, s, t if with_entropy else None))
+    # log p <= 0 mathematically; clamp the rounding above 0.
+    logprob = (zy.sum(0) - lse).clamp_max(0.0)
+    return logprob, entropy, lse

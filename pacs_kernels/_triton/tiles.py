@@ -1,0 +1,36 @@
+"""Triton device functions shared by the forward and backward log-prob kernels."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def logit_tile(
+    h_ptr, w_ptr, b_ptr,
+    rows, row_ok, cols, col_ok,
+    D, stride_h, stride_w, inv_temp,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """z = (h[rows] @ w[cols].T + b[cols]) * inv_temp as a float32 [BLOCK_N, BLOCK_V] tile; -inf past V.
+
+    `rows`/`cols` are int64 offsets. Reads BLOCK_N*D + BLOCK_V*D elements, 2*BLOCK_N*BLOCK_V*D FLOPs.
+    """
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    h_base = h_ptr + rows[:, None] * stride_h
+    w_base = w_ptr + cols[:, None] * stride_w
+    for d0 in range(0, D, BLOCK_D):
+        dcols = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dcols < D
+        h = tl.load(h_base + dcols[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_base + dcols[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            # The interpreter multiplies raw bits of bf16 operands: dot in float32 there.
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    z = acc * inv_temp
+    return tl.where(col_ok[None, :], z, float("-inf"))

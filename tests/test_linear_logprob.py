@@ -1,0 +1,362 @@
+"""linear_logprob against the float64 materialized reference, for every backend.
+
+Tolerance rule (see ../shared/style.md, "judge error relative to a baseline"): a backend's error against the
+float64 reference must be at most 2x the error of the same-precision naive PyTorch path (materialized logits in the
+input dtype, float32 softmax, autograd), plus an absolute floor for the cases where the naive path happens to be
+near-exact. The floor is a few ulps of float32 for float32 inputs (1e-5 relative to the largest value) and for
+half inputs a fraction of one ulp of the dtype (bf16 ulp 2^-8 = 3.9e-3, fp16 2^-11 = 4.9e-4) since gradients come
+back rounded to that dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import pacs_kernels
+from pacs_kernels import LinearLogprob, linear_logprob, linear_logprob_reference
+from pacs_kernels.linear_logprob import FusedLinearLogprob, LogprobParams
+
+from .helpers import BACKENDS, DEVICE, DTYPES, HAS_TRITON, max_err, random_problem
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+
+
+def naive_same_precision(hidden, weight, bias, targets, temperature, with_entropy, ignore_index=-100):
+    """What a user would write: logits in the input dtype, then a float32 log_softmax."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    valid = targets != ignore_index
+    lp = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+    ent = -(logp.exp() * logp).sum(-1) * valid if with_entropy else None
+    return lp, ent
+
+
+def run_with_grads(fn, inputs, grad_lp, grad_ent):
+    """Outputs and gradients w.r.t. inputs of fn(*inputs) under random upstream gradients on both outputs."""
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in inputs]
+    lp, ent = fn(*leaves)
+    loss = (lp * grad_lp.to(lp.dtype)).sum()
+    if ent is not None:
+        loss = loss + (ent * grad_ent.to(ent.dtype)).sum()
+    live = [x for x in leaves if x is not None]
+    grads = torch.autograd.grad(loss, live)
+    return lp.detach(), None if ent is None else ent.detach(), grads
+
+
+def check_against_reference(backend, dtype, n, d, v, *, bias, temperature, with_entropy, ignore_frac=0.0,
+                            lead=None, seed=0):
+    hidden, weight, b, targets = random_problem(n, d, v, dtype, bias=bias, ignore_frac=ignore_frac, lead=lead,
+                                                seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    shape = targets.shape
+    grad_lp = torch.randn(shape, generator=gen).to(DEVICE)
+    grad_ent = torch.randn(shape, generator=gen).to(DEVICE)
+    inputs = (hidden, weight, b)
+
+    def ours(h, w, bb):
+        out = linear_logprob(h, w, targets, bias=bb, temperature=temperature, with_entropy=with_entropy,
+                             backend=backend)
+        return out.logprob, out.entropy
+
+    def truth(h, w, bb):
+        return linear_logprob_reference(h.double(), w.double(), targets,
+                                        bias=None if bb is None else bb.double(), temperature=temperature,
+                                        with_entropy=with_entropy, compute_dtype=torch.float64)
+
+    def naive(h, w, bb):
+        return naive_same_precision(h, w, bb, targets, temperature, with_entropy)
+
+    lp, ent, grads = run_with_grads(ours, inputs, grad_lp, grad_ent)
+    lp_ref, ent_ref, grads_ref = run_with_grads(truth, inputs, grad_lp, grad_ent)
+    lp_nv, ent_nv, grads_nv = run_with_grads(naive, inputs, grad_lp, grad_ent)
+
+    assert lp.dtype == torch.float32 and lp.shape == shape
+    assert (lp <= 0).all()
+    floor = FLOOR[dtype]
+    pairs = [("logprob", lp, lp_nv, lp_ref)]
+    if with_entropy:
+        assert ent.dtype == torch.float32 and ent.shape == shape
+        assert (ent >= 0).all()
+        pairs.append(("entropy", ent, ent_nv, ent_ref))
+    names = ["d_hidden", "d_weight", "d_bias"]
+    for name, g, g_nv, g_ref in zip(names, grads, grads_nv, grads_ref):
+        assert g.dtype == dtype and g.shape == g_ref.shape, name
+        pairs.append((name, g, g_nv, g_ref))
+    for name, x, x_naive, x_ref in pairs:
+        err, err_naive = max_err(x, x_ref), max_err(x_naive, x_ref)
+        assert err <= 2 * err_naive + floor, f"{name}: error {err:.3g} vs same-precision naive {err_naive:.3g}"
+    if ignore_frac:
+        ignored = targets == -100
+        assert (lp[ignored] == 0).all()
+        assert (grads[0][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unaligned_shapes_bias_temperature_entropy(backend, dtype):
+    # 257 x 96 x 1003: no size is a multiple of any block; some rows ignored.
+    check_against_reference(backend, dtype, 257, 96, 1003, bias=True, temperature=0.7, with_entropy=True,
+                            ignore_frac=0.2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logprob_only_no_bias(backend, dtype):
+    check_against_reference(backend, dtype, 130, 48, 517, bias=False, temperature=1.0, with_entropy=False, seed=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_real_vocabulary(backend, dtype):
+    # Qwen2.5's vocabulary (151936) with a handful of tokens: the shape where [N x V] logits hurt.
+    check_against_reference(backend, dtype, 6, 64, 151936, bias=False, temperature=0.6, with_entropy=True, seed=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims(backend):
+    check_against_reference(backend, torch.float32, None, 32, 211, bias=True, temperature=1.3, with_entropy=True,
+                            ignore_frac=0.3, lead=(3, 5, 7), seed=7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e4, -1e4])
+def test_extreme_logits_stay_finite(backend, scale):
+    # Every logit near +-1e4 (a bias shift): log-sum-exp must not overflow and the entropy must not cancel.
+    hidden, weight, _, targets = random_problem(40, 32, 300, torch.float32, seed=11)
+    bias = torch.full((300,), scale, device=DEVICE) + torch.randn(300, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out = linear_logprob(hidden, weight, targets, bias=bias, with_entropy=True, backend=backend)
+    ref = linear_logprob_reference(hidden.double(), weight.double(), targets, bias=bias.double(), with_entropy=True,
+                                   compute_dtype=torch.float64)
+    assert torch.isfinite(out.logprob).all() and torch.isfinite(out.entropy).all()
+    # ulp of fp32 at 1e4 is ~1e-3: the logits themselves carry that error.
+    torch.testing.assert_close(out.logprob.double(), ref[0], atol=5e-3, rtol=0)
+    torch.testing.assert_close(out.entropy.double(), ref[1], atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_logit_scale_large_magnitudes(backend):
+    # Logits spread over +-1e4 (not a shift): the distribution is one-hot; logprob 0 or very negative, never > 0.
+    hidden, weight, _, targets = random_problem(33, 16, 97, torch.float32, seed=12, logit_scale=1e4)
+    argmax = (hidden @ weight.T).argmax(-1)
+    targets[: len(targets) // 2] = argmax[: len(targets) // 2]
+    out = linear_logprob(hidden, weight, targets, with_entropy=True, backend=backend)
+    ref = linear_logprob_reference(hidden.double(), weight.double(), targets, with_entropy=True,
+                                   compute_dtype=torch.float64)
+    assert torch.isfinite(out.logprob).all() and torch.isfinite(out.entropy).all()
+    assert (out.logprob <= 0).all()
+    torch.testing.assert_close(out.logprob.double(), ref[0], atol=5e-3, rtol=1e-5)
+    torch.testing.assert_close(out.entropy.double(), ref[1], atol=5e-3, rtol=0)
+
+
+def _grads_of(fn, hidden, weight, bias, grad_lp, grad_ent):
+    h, w, b = (x.detach().clone().requires_grad_() for x in (hidden, weight, bias))
+    lp, ent = fn(h, w, b)
+    gh, gw, gb = torch.autograd.grad((lp * grad_lp).sum() + (ent * grad_ent).sum(), (h, w, b))
+    return lp.detach(), ent.detach(), gh, gw, gb
+
+
+def test_torch_backend_chunk_invariance():
+    hidden, weight, bias, targets = random_problem(77, 40, 333, torch.float32, bias=True, seed=21)
+    gen = torch.Generator().manual_seed(0)
+    g1, g2 = torch.randn(77, generator=gen), torch.randn(77, generator=gen)
+    results = []
+    for chunk_n, chunk_v in [(77, 333), (1, 1000), (16, 7), (50, 128), (3, 333)]:
+        params = LogprobParams("torch", 1 / 0.9, True, chunk_n=chunk_n, chunk_v=chunk_v)
+        fn = lambda h, w, b: FusedLinearLogprob.apply(h, w, b, targets, params)
+        results.append(_grads_of(fn, hidden, weight, bias, g1, g2))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_block_and_split_invariance():
+    from pacs_kernels._triton.config import KernelConfig
+
+    hidden, weight, bias, targets = random_problem(77, 40, 333, torch.float32, bias=True, seed=22)
+    gen = torch.Generator().manual_seed(0)
+    g1, g2 = torch.randn(77, generator=gen).to(DEVICE), torch.randn(77, generator=gen).to(DEVICE)
+    results = []
+    configs = [
+        (KernelConfig(128, 512, 64), KernelConfig(128, 512, 64)),
+        (KernelConfig(16, 16, 16, n_splits=21), KernelConfig(16, 32, 16, group_n=3)),
+        (KernelConfig(32, 64, 32, n_splits=3), KernelConfig(64, 16, 32, group_n=1)),
+    ]
+    for fwd, bwd in configs:
+        params = LogprobParams("triton", 1 / 0.9, True, forward_config=fwd, backward_config=bwd)
+        fn = lambda h, w, b: FusedLinearLogprob.apply(h, w, b, targets, params)
+        results.append(_grads_of(fn, hidden, weight, bias, g1, g2))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_through_one_output_only(backend):
+    hidden, weight, bias, targets = random_problem(50, 24, 150, torch.float32, bias=True, seed=31)
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(50, generator=gen).to(DEVICE)
+    for which in ("logprob", "entropy"):
+        h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+        out = linear_logprob(h, w, targets, bias=b, with_entropy=True, backend=backend)
+        ours = torch.autograd.grad((getattr(out, which) * g).sum(), (h, w, b))
+        h64, w64, b64 = (x.double().requires_grad_() for x in (hidden, weight, bias))
+        ref = linear_logprob_reference(h64, w64, targets, bias=b64, with_entropy=True, compute_dtype=torch.float64)
+        refs = torch.autograd.grad((ref[0 if which == "logprob" else 1] * g.double()).sum(), (h64, w64, b64))
+        for a, r in zip(ours, refs):
+            assert max_err(a, r) < 1e-5, which
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_some_inputs_require_grad(backend):
+    hidden, weight, _, targets = random_problem(20, 16, 64, torch.float32, seed=41)
+    h = hidden.clone().requires_grad_()
+    out = linear_logprob(h, weight, targets, backend=backend)
+    (gh,) = torch.autograd.grad(out.logprob.sum(), (h,))
+    h64 = hidden.double().requires_grad_()
+    (gr,) = torch.autograd.grad(linear_logprob_reference(h64, weight.double(), targets,
+                                                         compute_dtype=torch.float64)[0].sum(), (h64,))
+    assert max_err(gh, gr) < 1e-5
+    assert weight.grad is None
+
+
+def test_no_grad_forward_matches():
+    hidden, weight, bias, targets = random_problem(30, 16, 80, torch.float32, bias=True, seed=42)
+    with torch.no_grad():
+        out = linear_logprob(hidden, weight, targets, bias=bias, with_entropy=True, backend="torch")
+    ref = linear_logprob_reference(hidden, weight, targets, bias=bias, with_entropy=True)
+    torch.testing.assert_close(out.logprob, ref[0], atol=1e-5, rtol=1e-5)
+    assert out.logprob.grad_fn is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_ignored_rows_and_edge_sizes(backend):
+    hidden, weight, _, targets = random_problem(12, 8, 30, torch.float32, seed=51)
+    # All rows ignored: zeros, and backward works and gives zero gradients.
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = linear_logprob(h, w, torch.full_like(targets, -100), with_entropy=True, backend=backend)
+    assert (out.logprob == 0).all() and (out.entropy == 0).all()
+    out.logprob.sum().backward()
+    assert not h.grad.any() and (w.grad is None or not w.grad.any())
+    # Empty input: empty outputs of the leading shape.
+    empty = linear_logprob(hidden[:0].reshape(0, 3, 8), weight, targets[:0].reshape(0, 3), with_entropy=True,
+                           backend=backend)
+    assert empty.logprob.shape == (0, 3) and empty.entropy.shape == (0, 3)
+    # A custom ignore_index.
+    t = targets.clone()
+    t[::2] = 7
+    got = linear_logprob(hidden, weight, t, ignore_index=7, backend=backend).logprob
+    ref = linear_logprob_reference(hidden, weight, t, ignore_index=7)[0]
+    assert (got[::2] == 0).all()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_weight_grad_dtype_option():
+    hidden, weight, _, targets = random_problem(40, 16, 90, torch.bfloat16, seed=61)
+    grads = []
+    for acc in (torch.float32, torch.bfloat16):
+        w = weight.clone().requires_grad_()
+        out = linear_logprob(hidden, w, targets, backend="torch", weight_grad_dtype=acc)
+        (g,) = torch.autograd.grad(out.logprob.sum(), (w,))
+        assert g.dtype == torch.bfloat16
+        grads.append(g)
+    assert max_err(grads[1], grads[0]) < 2e-2  # bf16 accumulation: a few bf16 ulps
+    with pytest.raises(ValueError, match="weight_grad_dtype"):
+        linear_logprob(hidden, weight, targets, backend="torch", weight_grad_dtype=torch.float16)
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="float32"):
+            linear_logprob(hidden, weight, targets, backend="triton", weight_grad_dtype=torch.bfloat16)
+
+
+def test_float64_gradcheck_torch_backend():
+    hidden, weight, bias, targets = random_problem(9, 5, 23, torch.float64, bias=True, seed=71)
+    params = LogprobParams("torch", 1 / 0.8, True, chunk_n=4, chunk_v=6)
+    fn = lambda h, w, b: FusedLinearLogprob.apply(h, w, b, targets, params)
+    assert torch.autograd.gradcheck(fn, tuple(x.clone().requires_grad_() for x in (hidden, weight, bias)))
+
+
+def test_module_wrapper_and_auto_backend(caplog):
+    hidden, weight, bias, targets = random_problem(10, 8, 40, torch.float32, bias=True, seed=81)
+    op = LinearLogprob(temperature=0.5, with_entropy=True)
+    assert "temperature=0.5" in repr(op)
+    with caplog.at_level(logging.DEBUG, logger="pacs_kernels"):
+        out = op(hidden, weight, targets, bias)
+    expected = "triton" if DEVICE == "cuda" else "torch"
+    assert f"backend={expected}" in caplog.text
+    ref = linear_logprob_reference(hidden, weight, targets, bias=bias, temperature=0.5, with_entropy=True)
+    torch.testing.assert_close(out.logprob, ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.entropy, ref[1], atol=1e-5, rtol=1e-5)
+
+
+def test_public_namespace():
+    assert pacs_kernels.linear_logprob is linear_logprob
+    assert pacs_kernels.LogprobOutput._fields == ("logprob", "entropy")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: ValueError naming the offending shapes or values.
+
+def _good():
+    return random_problem(6, 8, 20, torch.float32, bias=True, seed=91)
+
+
+def _bad_cases():
+    h, w, b, t = _good()
+    out_of_range = t.clone()
+    out_of_range[2] = 20
+    negative = t.clone()
+    negative[0] = -3
+    return {
+        "target >= V": (dict(hidden=h, weight=w, targets=out_of_range), r"outside \[0, V=20\).*\[20\]"),
+        "negative target": (dict(hidden=h, weight=w, targets=negative), r"outside.*\[-3\]"),
+        "D mismatch": (dict(hidden=h[:, :7], weight=w, targets=t), r"\(6, 7\).*\(20, 8\)"),
+        "lead mismatch": (dict(hidden=h, weight=w, targets=t[:5]), r"\(6,\).*\(5,\)"),
+        "weight not 2-d": (dict(hidden=h, weight=w[None], targets=t), r"\[V, D\].*\(1, 20, 8\)"),
+        "float targets": (dict(hidden=h, weight=w, targets=t.float()), "integer"),
+        "bool targets": (dict(hidden=h, weight=w, targets=t > 3), "integer"),
+        "dtype mismatch": (dict(hidden=h, weight=w.double(), targets=t), "same dtype"),
+        "bias shape": (dict(hidden=h, weight=w, targets=t, bias=b[:5]), r"\(20,\).*\(5,\)"),
+        "bias dtype": (dict(hidden=h, weight=w, targets=t, bias=b.half()), "same dtype"),
+        "temperature 0": (dict(hidden=h, weight=w, targets=t, temperature=0.0), "temperature"),
+        "temperature nan": (dict(hidden=h, weight=w, targets=t, temperature=float("nan")), "temperature"),
+        "temperature inf": (dict(hidden=h, weight=w, targets=t, temperature=float("inf")), "temperature"),
+        "temperature negative": (dict(hidden=h, weight=w, targets=t, temperature=-1.0), "temperature"),
+        "unknown backend": (dict(hidden=h, weight=w, targets=t, backend="cuda"), "backend"),
+        "empty vocabulary": (dict(hidden=h, weight=w[:0], targets=t), "empty vocabulary"),
+        "integer hidden": (dict(hidden=h.long(), weight=w.long(), targets=t), "dtype"),
+    }
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"] + (["triton"] if HAS_TRITON else []))
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_input_raises_value_error(case, backend):
+    kwargs, pattern = _bad_cases()[case]
+    kwargs = dict(kwargs)
+    kwargs.setdefault("backend", backend)
+    hidden, weight, targets = kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("targets")
+    with pytest.raises(ValueError, match=pattern):
+        linear_logprob(hidden, weight, targets, **kwargs)
+
+
+def test_inputs_on_different_devices():
+    h, w, _, t = _good()
+    meta = w.to("meta")
+    with pytest.raises(ValueError, match="same device"):
+        linear_logprob(h, meta, t, backend="torch")
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    from pacs_kernels._triton import config
+
+    monkeypatch.setattr(config, "interpreting", lambda: False)
+    h, w, _, t = _good()
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        linear_logprob(h.cpu(), w.cpu(), t.cpu(), backend="triton")
