@@ -2,11 +2,22 @@
 
 - `linear_logprob`: per-token log-prob and entropy of sampled tokens straight from hidden states and the lm_head
   weight, forward and backward, without the [tokens x vocab] logits.
+- `pacs_loss`: the PACS loss (arXiv 2509.02522) end to end from hidden states; `pacs_loss_from_logprobs` from
+  per-token log-probs.
 """
 
 from .linear_logprob import LogprobOutput, linear_logprob
 from .modules import LinearLogprob
+from .pacs_loss import PACSOutput, pacs_loss, pacs_loss_from_logprobs
 from .reference import linear_logprob_reference
 
-__all__ = ["LinearLogprob", "LogprobOutput", "linear_logprob", "linear_logprob_reference"]
+__all__ = [
+    "LinearLogprob",
+    "LogprobOutput",
+    "PACSOutput",
+    "linear_logprob",
+    "linear_logprob_reference",
+    "pacs_loss",
+    "pacs_loss_from_logprobs",
+]
 __version__ = "0.1.0"

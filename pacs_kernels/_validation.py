@@ -121,3 +121,99 @@ def count_valid_targets(targets: torch.Tensor, vocab: int, ignore_index: int) ->
             f"{n_bad} target id(s) outside [0, V={vocab}) and not ignore_index={ignore_index}, e.g. {examples}"
         )
     return int(n_valid)
+
+
+SCORE_NAMES = ("logratio_sum", "logprob_mean")
+ADVANTAGE_NAMES = ("rloo", "grpo", "naive")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_finite_number(name: str, value: float, *, positive: bool = False, nonnegative: bool = False) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(x) or (positive and x <= 0) or (nonnegative and x < 0):
+        bound = " > 0" if positive else " >= 0" if nonnegative else ""
+        raise ValueError(f"{name} must be finite{bound}, got {value!r}")
+    return x
+
+
+def check_packed_sequences(
+    n_tokens: int,
+    cu_seqlens: torch.Tensor,
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    device: torch.device,
+    binary_rewards: bool,
+    response_mask: torch.Tensor | None = None,
+    need_response_token: bool = False,
+    per_token: dict[str, torch.Tensor | None] | None = None,
+) -> int:
+    """Validate the packed layout (flash-attention varlen style) and the per-sequence rewards; return S.
+
+    cu_seqlens int [S+1]: 0 first, n_tokens last, non-decreasing. rewards [S] in [0, 1] ({0, 1} if
+    `binary_rewards`). group_size >= 1 divides S. `per_token` tensors must have shape [n_tokens].
+    `need_response_token`: every sequence must hold at least one token of `response_mask`.
+    All value checks share one host synchronisation.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        shape = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"cu_seqlens must be a 1-d integer tensor [S+1] with S >= 1, got {shape}")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"cu_seqlens must be an integer tensor (int32), got dtype {cu_seqlens.dtype}")
+    n_seqs = cu_seqlens.numel() - 1
+    if not isinstance(rewards, torch.Tensor) or rewards.shape != (n_seqs,):
+        shape = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise ValueError(f"rewards must have shape [S] = ({n_seqs},) to match cu_seqlens [S+1], got {shape}")
+    if n_seqs % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the number of sequences S={n_seqs}")
+    for name, tensor in (per_token or {}).items():
+        if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.shape != (n_tokens,)):
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{name} must have shape [N] = ({n_tokens},), got {shape}")
+    tensors = {"cu_seqlens": cu_seqlens, "rewards": rewards, **{k: v for k, v in (per_token or {}).items() if v is not None}}
+    for name, tensor in tensors.items():
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device}, expected {device} like the other inputs")
+
+    cu = cu_seqlens.long()
+    r = rewards.double()
+    checks = [
+        cu[0],
+        cu[-1],
+        (cu.diff() < 0).sum(),
+        (~torch.isfinite(r) | (r < 0) | (r > 1)).sum(),
+        ((r != 0) & (r != 1)).sum(),
+    ]
+    if need_response_token:
+        counts = torch.zeros(n_seqs, dtype=torch.long, device=device)
+        lengths = cu.diff().clamp_min(0)
+        if lengths.sum() == n_tokens:  # only meaningful for a valid layout; reported below otherwise
+            seq_of_token = torch.repeat_interleave(torch.arange(n_seqs, device=device), lengths)
+            counts.index_add_(0, seq_of_token, response_mask.long())
+        checks.append((counts == 0).sum())
+    first, last, decreasing, out_of_range, non_binary, *empty = torch.stack(checks).tolist()
+    if first != 0 or last != n_tokens or decreasing:
+        raise ValueError(
+            f"cu_seqlens must start at 0, end at N={n_tokens} and be non-decreasing; got first={first}, "
+            f"last={last}, {decreasing} decreasing step(s): {cu_seqlens[:8].tolist()}{'...' if n_seqs > 7 else ''}"
+        )
+    if out_of_range:
+        raise ValueError(f"rewards must be finite and in [0, 1]; {out_of_range} value(s) are not: "
+                         f"{rewards[:8].tolist()}")
+    if binary_rewards and non_binary:
+        raise ValueError(f"class_balance=True needs rewards in {{0, 1}} (verifier labels); {non_binary} value(s) "
+                         f"are not: {rewards[:8].tolist()}. Pass class_balance=False for soft rewards.")
+    if empty and empty[0]:
+        raise ValueError(f"score='logprob_mean' needs at least one response token per sequence; "
+                         f"{empty[0]} sequence(s) have none")
+    return n_seqs
