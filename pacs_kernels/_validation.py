@@ -152,14 +152,15 @@ def check_packed_sequences(
     *,
     device: torch.device,
     binary_rewards: bool,
+    unit_rewards: bool = True,
     response_mask: torch.Tensor | None = None,
     need_response_token: bool = False,
     per_token: dict[str, torch.Tensor | None] | None = None,
 ) -> int:
     """Validate the packed layout (flash-attention varlen style) and the per-sequence rewards; return S.
 
-    cu_seqlens int [S+1]: 0 first, n_tokens last, non-decreasing. rewards [S] in [0, 1] ({0, 1} if
-    `binary_rewards`). group_size >= 1 divides S. `per_token` tensors must have shape [n_tokens].
+    cu_seqlens int [S+1]: 0 first, n_tokens last, non-decreasing. rewards [S] finite, in [0, 1] if `unit_rewards`,
+    in {0, 1} if `binary_rewards`. group_size >= 1 divides S. `per_token` tensors must have shape [n_tokens].
     `need_response_token`: every sequence must hold at least one token of `response_mask`.
     All value checks share one host synchronisation.
     """
@@ -191,7 +192,7 @@ def check_packed_sequences(
         cu[0],
         cu[-1],
         (cu.diff() < 0).sum(),
-        (~torch.isfinite(r) | (r < 0) | (r > 1)).sum(),
+        (~torch.isfinite(r) | ((r < 0) | (r > 1)) & unit_rewards).sum(),
         ((r != 0) & (r != 1)).sum(),
     ]
     if need_response_token:
@@ -208,8 +209,8 @@ def check_packed_sequences(
             f"last={last}, {decreasing} decreasing step(s): {cu_seqlens[:8].tolist()}{'...' if n_seqs > 7 else ''}"
         )
     if out_of_range:
-        raise ValueError(f"rewards must be finite and in [0, 1]; {out_of_range} value(s) are not: "
-                         f"{rewards[:8].tolist()}")
+        bound = "finite and in [0, 1]" if unit_rewards else "finite"
+        raise ValueError(f"rewards must be {bound}; {out_of_range} value(s) are not: {rewards[:8].tolist()}")
     if binary_rewards and non_binary:
         raise ValueError(f"class_balance=True needs rewards in {{0, 1}} (verifier labels); {non_binary} value(s) "
                          f"are not: {rewards[:8].tolist()}. Pass class_balance=False for soft rewards.")

@@ -1,0 +1,163 @@
+"""GRPO and RLOO baselines on the fused log-prob op, in the packed layout of `pacs_loss`.
+
+The spec is TRL's GRPOTrainer (`trl/trainer/grpo_trainer.py`, `_compute_loss`), written here for packed sequences:
+
+    ratio_t     = exp(l_t - l^old_t)
+    L_t         = -min(ratio_t * A_seq(t), clip(ratio_t, 1 - epsilon, 1 + epsilon_high) * A_seq(t))
+                  + kl_coef * (exp(l^ref_t - l_t) - (l^ref_t - l_t) - 1)          # k3 estimator, when kl_coef > 0
+    loss_type "grpo":    mean_i ( sum_t m_it L_it / sum_t m_it )                  # per-sequence token mean, then mean
+              "bnpo":    sum_it m_it L_it / sum_it m_it
+              "dr_grpo": sum_it m_it L_it / (S * max_len)                         # max_len: max_completion_length
+              "dapo":    sum_it m_it L_it / sum_it m_it                           # token mean over the (global) batch
+
+Advantages (TRL): grpo_loss uses A_i = R_i - mean_group(R), divided by (std_group(R) + 1e-4) when
+scale_rewards="group" (TRL's default; unbiased std), by the batch std when "batch", not at all when "none"
+(Dr. GRPO). rloo_loss uses the leave-one-out baseline A_i = R_i - mean_{j != i} R_j (TRL's RLOOTrainer,
+Ahmadian et al. 2024) with the same clipped per-token surrogate and loss types.
+
+An entropy bonus, loss -= entropy_coef * mean response-token entropy, is available on both.
+Only the log-prob pass touches the vocabulary; everything else is elementwise on [N] tensors.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._validation import check_choice, check_finite_number, check_packed_sequences
+from .linear_logprob import linear_logprob
+from .pacs_loss import _entropy_bonus, segment_ids
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+class PolicyLossOutput(NamedTuple):
+    """Result of `grpo_loss` / `rloo_loss`; only `loss` is differentiable."""
+
+    loss: torch.Tensor  # scalar
+    advantage: torch.Tensor  # [S]
+    logprob: torch.Tensor  # [N], 0 at ignored positions
+    entropy: torch.Tensor | None  # [N] when computed
+    clip_fraction: torch.Tensor  # share of response tokens whose ratio was clipped (in the direction that matters)
+    kl: torch.Tensor | None  # mean k3 KL to the reference over response tokens, when ref_logprob is given
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, kind: str, scale_rewards: str = "group") -> torch.Tensor:
+    """Per-sequence advantages from rewards [S] in groups of `group_size` (TRL's definitions, see module doc)."""
+    r = rewards.double().view(-1, group_size)
+    if kind == "rloo":
+        adv = r - (r.sum(1, keepdim=True) - r) / (group_size - 1)
+    else:
+        adv = r - r.mean(1, keepdim=True)
+        if scale_rewards == "group":
+            adv = adv / (r.std(1, keepdim=True) + 1e-4)
+        elif scale_rewards == "batch":
+            adv = adv / (r.std() + 1e-4)
+    return adv.reshape(-1).to(torch.float32)
+
+
+def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon,
+                 epsilon_high, loss_type, scale_rewards, kl_coef, ref_logprob, max_len, temperature, ignore_index,
+                 bias, entropy_coef, with_entropy, backend):
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    epsilon = check_finite_number("epsilon", epsilon, nonnegative=True)
+    epsilon_high = epsilon if epsilon_high is None else check_finite_number("epsilon_high", epsilon_high,
+                                                                            nonnegative=True)
+    kl_coef = check_finite_number("kl_coef", kl_coef, nonnegative=True)
+    entropy_coef = check_finite_number("entropy_coef", entropy_coef)
+    if isinstance(group_size, int) and group_size < 2:
+        raise ValueError(f"{kind}_loss needs group_size >= 2 (a baseline from the other answers), got {group_size}")
+    if kl_coef and ref_logprob is None:
+        raise ValueError("kl_coef > 0 needs ref_logprob [N] (the reference model's log-probs)")
+    if isinstance(targets, torch.Tensor) and targets.dim() != 1:
+        raise ValueError(f"{kind}_loss takes the packed layout: targets [N], got {tuple(targets.shape)}")
+    if not isinstance(old_logprob, torch.Tensor) or not old_logprob.dtype.is_floating_point:
+        raise ValueError(f"old_logprob must be a float tensor [N], got {type(old_logprob).__name__}")
+    n_tokens = targets.numel() if isinstance(targets, torch.Tensor) else 0
+    check_packed_sequences(n_tokens, cu_seqlens, rewards, group_size, device=hidden.device, binary_rewards=False,
+                           unit_rewards=False, per_token={"old_logprob": old_logprob, "ref_logprob": ref_logprob})
+    if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+        raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
+
+    out = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                         with_entropy=with_entropy or entropy_coef != 0.0, backend=backend)
+    lp = out.logprob
+    mask = targets != ignore_index
+    maskf = mask.to(lp.dtype)
+    adv_seq = group_advantages(rewards, group_size, kind, scale_rewards).to(lp.device)
+    seq = segment_ids(cu_seqlens, n_tokens)
+    adv = adv_seq[seq].to(lp.dtype)
+
+    log_ratio = torch.where(mask, lp - old_logprob.to(lp.dtype), torch.zeros_like(lp))  # old never read at ignored
+    ratio = log_ratio.exp()
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    kl_mean = None
+    n_resp = maskf.sum().clamp_min(1)
+    if ref_logprob is not None:
+        delta = torch.where(mask, ref_logprob.to(lp.dtype) - lp, torch.zeros_like(lp))
+        kl = delta.exp() - delta - 1
+        kl_mean = (kl * maskf).sum().detach() / n_resp
+        if kl_coef:
+            per_token = per_token + kl_coef * kl
+    per_token = per_token * maskf
+
+    n_seqs = rewards.numel()
+    if loss_type == "grpo":
+        lengths = torch.zeros(n_seqs, dtype=lp.dtype, device=lp.device).index_add_(0, seq, maskf)
+        sums = torch.zeros(n_seqs, dtype=lp.dtype, device=lp.device).index_add_(0, seq, per_token)
+        loss = (sums / lengths.clamp_min(1)).mean()
+    elif loss_type in ("bnpo", "dapo"):
+        loss = per_token.sum() / n_resp
+    else:  # dr_grpo
+        if max_len is None:
+            max_len = int(torch.zeros(n_seqs, dtype=torch.long, device=lp.device)
+                          .index_add_(0, seq, mask.long()).max().clamp_min(1))
+        loss = per_token.sum() / (n_seqs * max_len)
+    if entropy_coef:
+        loss = loss + _entropy_bonus(out.entropy, mask, entropy_coef)
+    is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    clip_fraction = (is_clipped & mask).sum() / n_resp
+    return PolicyLossOutput(loss, adv_seq, lp.detach(), None if out.entropy is None else out.entropy.detach(),
+                            clip_fraction.detach(), kl_mean)
+
+
+def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon=0.2,
+              epsilon_high=None, loss_type="grpo", scale_rewards="group", kl_coef=0.0, ref_logprob=None,
+              max_len=None, temperature=1.0, ignore_index=-100, bias=None, entropy_coef=0.0, with_entropy=False,
+              backend="auto") -> PolicyLossOutput:
+    """GRPO clipped-surrogate loss from hidden states, TRL GRPOTrainer's definitions (see the module docstring).
+
+    Args are those of `pacs_loss` plus: epsilon / epsilon_high (clip range [1 - epsilon, 1 + epsilon_high],
+    epsilon_high defaults to epsilon), loss_type ("grpo" | "bnpo" | "dr_grpo" | "dapo"), scale_rewards
+    ("group" | "batch" | "none"), kl_coef with ref_logprob [N] (k3 KL, TRL's `beta`), max_len (dr_grpo's
+    max_completion_length; default: the longest response in the batch). Rewards are any finite numbers.
+
+    Example::
+
+        out = grpo_loss(hidden, lm_head.weight, targets, old_logprob, rewards, cu_seqlens, group_size=8,
+                        loss_type="dr_grpo", scale_rewards="none")
+        out.loss.backward()
+    """
+    return _policy_loss("grpo", hidden, weight, targets, old_logprob, rewards, cu_seqlens, group_size=group_size,
+                        epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type, scale_rewards=scale_rewards,
+                        kl_coef=kl_coef, ref_logprob=ref_logprob, max_len=max_len, temperature=temperature,
+                        ignore_index=ignore_index, bias=bias, entropy_coef=entropy_coef, with_entropy=with_entropy,
+                        backend=backend)
+
+
+def rloo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon=0.2,
+              epsilon_high=None, loss_type="grpo", kl_coef=0.0, ref_logprob=None, max_len=None, temperature=1.0,
+              ignore_index=-100, bias=None, entropy_coef=0.0, with_entropy=False, backend="auto") -> PolicyLossOutput:
+    """REINFORCE leave-one-out: advantage R_i - mean_{j != i} R_j (TRL RLOOTrainer), GRPO's clipped surrogate.
+
+    Same arguments as `grpo_loss` (no reward scaling).
+    """
+    return _policy_loss("rloo", hidden, weight, targets, old_logprob, rewards, cu_seqlens, group_size=group_size,
+                        epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type, scale_rewards="none",
+                        kl_coef=kl_coef, ref_logprob=ref_logprob, max_len=max_len, temperature=temperature,
+                        ignore_index=ignore_index, bias=bias, entropy_coef=entropy_coef, with_entropy=with_entropy,
+                        backend=backend)
