@@ -275,7 +275,8 @@ def pacs_loss(
         temperature: the sampling temperature the log-probs are taken at.
         entropy_coef: entropy bonus, loss -= entropy_coef * mean response-token entropy (adds the entropy gradient).
         with_entropy: also return the per-token entropy (for logging) even when entropy_coef is 0.
-        backend: "triton" | "torch" | "auto" (triton on CUDA), for both the vocabulary passes and the sequence part.
+        backend: "triton" | "torch" | "auto" (triton on CUDA), for both the vocabulary passes and the sequence part;
+            "reference" materializes the logits (for checks; the sequence part then runs in PyTorch).
 
     Returns:
         PACSOutput(loss, score, advantage, prob, weight, logprob, entropy, bce).
@@ -287,8 +288,6 @@ def pacs_loss(
         out.loss.backward()
         brier = ((out.prob - rewards) ** 2).mean()   # calibration of the implicit critic
     """
-    if backend == "reference":
-        raise ValueError("pacs_loss backends are 'triton', 'torch' and 'auto'; the reference lives in the tests")
     need_entropy = bool(with_entropy) or check_finite_number("entropy_coef", entropy_coef) != 0.0
     if isinstance(targets, torch.Tensor) and targets.dim() != 1:
         raise ValueError(f"pacs_loss takes the packed layout: targets [N], got {tuple(targets.shape)}")

@@ -1,0 +1,109 @@
+"""Atomic checkpoints: a crash or a kill during a save leaves the last good checkpoint intact.
+
+A checkpoint is a directory `RUN/checkpoints/step_000042/` holding the model and optimizer/scheduler state, the
+RNG states (python, numpy, torch, cuda), the data position and the config. It is written into a temporary
+sibling directory, fsync'ed, then renamed into place (rename is atomic within a file system); `RUN/checkpoints/
+latest` names the newest complete one and is itself replaced atomically. Older checkpoints beyond `keep` are
+deleted only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, scheduler, trainer_state: dict,
+                    config: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; returns its directory."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    torch.save(model.state_dict(), tmp / "model.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                "rng": rng_state()}, tmp / "training.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_atomic(root / LATEST, final.name)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directory, or None. Half-written `.tmp_*` directories are ignored."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
+    if pointer.exists():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "trainer_state.json").exists():
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if (p / "trainer_state.json").exists())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG states; returns the trainer state (step, data position, ...)."""
+    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    training = torch.load(path / "training.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(training["optimizer"])
+    if scheduler is not None and training["scheduler"] is not None:
+        scheduler.load_state_dict(training["scheduler"])
+    set_rng_state(training["rng"])
+    return json.loads((path / "trainer_state.json").read_text())

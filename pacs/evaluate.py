@@ -1,0 +1,63 @@
+"""pass@k evaluation: n samples per problem, the unbiased estimator of Chen et al. (2021).
+
+    pass@k = mean over problems of 1 - C(n - c, k) / C(n, k)     (n samples, c correct, k <= n)
+
+computed as 1 - prod_{i = n-c+1}^{n} (1 - k / i), which never forms the large binomials.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .rollout import SamplingParams
+from .verify import math_reward
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem with c correct answers among n samples."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def ks_for(n: int) -> list[int]:
+    """1, 2, 4, ... up to n (and n itself)."""
+    ks = [2**i for i in range(int(math.log2(n)) + 1)] if n >= 1 else []
+    if ks and ks[-1] != n:
+        ks.append(n)
+    return ks
+
+
+def evaluate(generator, tokenizer, problems, prompts, *, n: int, temperature: float, top_p: float,
+             max_new_tokens: int) -> dict:
+    """Sample n answers per problem, verify them, and return {"n", "pass@k": {k: value}, "correct": [...]}."""
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    rollouts = generator.generate(prompts, params)
+    texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
+    answers = [p.answer for p in problems for _ in range(n)]
+    rewards = math_reward(texts, answers)
+    correct = [int(sum(rewards[i * n:(i + 1) * n])) for i in range(len(problems))]
+    table = {k: sum(pass_at_k(n, c, k) for c in correct) / len(correct) for k in ks_for(n)}
+    return {"n": n, "temperature": temperature, "top_p": top_p, "problems": len(problems), "pass@k": table,
+            "correct": correct, "truncation_rate": sum(r.truncated for r in rollouts) / max(len(rollouts), 1)}
+
+
+def format_table(result: dict) -> str:
+    rows = ["| k | pass@k |", "| --- | --- |"]
+    rows += [f"| {k} | {100 * v:.1f}% |" for k, v in result["pass@k"].items()]
+    return "\n".join(rows)
+
+
+def save_result(result: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,133 @@
+"""Models and the padding-free packed forward that feeds hidden states to pacs_kernels.
+
+No [tokens x vocab] logits are formed in training or in the old-log-prob pass: the base model (without its
+lm_head) runs on the packed sequences, and its last hidden states go with `get_output_embeddings().weight`
+(tied embeddings work) into `pacs_kernels.linear_logprob` / `pacs_loss`. Nothing in transformers is patched.
+
+Packing: S sequences are concatenated into one row of N tokens with position_ids restarting at 0 for each, and
+`attention_mask=None, use_cache=False`. transformers (4.5x and 5.x) then derives a block-diagonal causal mask
+from the position_ids for sdpa and flash-attention alike; with an attention_mask or a cache the sequences would
+silently attend to each other (tests/test_trainer.py::test_packed_equals_padded guards this).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+
+import pacs_kernels
+
+logger = logging.getLogger("pacs")
+
+IGNORE_INDEX = -100
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def attention_implementation(requested: str, device: torch.device) -> str:
+    """flash_attention_2 when flash_attn imports and CUDA is present, else sdpa (or what was asked for)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_tiny_model(tokenizer, *, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int,
+                     seed: int, attn_implementation: str = "sdpa"):
+    """A random-init Qwen2-architecture causal LM sized for CPU demos (tied embeddings)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=True, rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        attn_implementation=attn_implementation,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model
+
+
+def load_pretrained(name_or_path: str, *, dtype: torch.dtype, attn_implementation: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
+    return model, tokenizer
+
+
+@dataclass
+class PackedBatch:
+    """S sequences (prompt + response) packed into one row of N tokens."""
+
+    input_ids: torch.Tensor  # [1, N]
+    position_ids: torch.Tensor  # [1, N]
+    targets: torch.Tensor  # [N]: next token at positions that predict a response token, else IGNORE_INDEX
+    cu_seqlens: torch.Tensor  # [S+1] int32
+
+    @property
+    def n_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(*(t.to(device) for t in (self.input_ids, self.position_ids, self.targets, self.cu_seqlens)))
+
+
+def pack_sequences(prompts: list[list[int]], responses: list[list[int]]) -> PackedBatch:
+    """Pack (prompt, response) pairs; position t of a sequence predicts token t+1, counted when that is a response
+    token. Every prompt needs at least one token."""
+    ids, pos, tgt, cu = [], [], [], [0]
+    for prompt, response in zip(prompts, responses):
+        if not prompt:
+            raise ValueError("every sequence needs a non-empty prompt (at least a BOS token)")
+        seq = list(prompt) + list(response)
+        ids.extend(seq)
+        pos.extend(range(len(seq)))
+        targets = [IGNORE_INDEX] * len(seq)
+        for t in range(len(prompt) - 1, len(seq) - 1):
+            targets[t] = seq[t + 1]
+        tgt.extend(targets)
+        cu.append(len(ids))
+    return PackedBatch(torch.tensor([ids]), torch.tensor([pos]), torch.tensor(tgt), torch.tensor(cu, dtype=torch.int32))
+
+
+def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
+    """Last hidden states [N, D] of the packed sequences, each attending only to itself."""
+    out = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                           use_cache=False)
+    return out.last_hidden_state[0]
+
+
+def packed_logprobs(model, batch: PackedBatch, *, temperature: float, backend: str = "auto",
+                    with_entropy: bool = False) -> pacs_kernels.LogprobOutput:
+    """Per-token log-probs (and entropy) of the targets, fused: no logits."""
+    hidden = packed_hidden_states(model, batch)
+    weight, bias = lm_head_params(model)
+    return pacs_kernels.linear_logprob(hidden, weight, batch.targets, bias=bias, temperature=temperature,
+                                       with_entropy=with_entropy, backend=backend)

@@ -1,0 +1,431 @@
+"""The PACS training loop: rollout -> reward -> old log-probs -> fused loss -> step -> log -> checkpoint.
+
+PACS (arXiv 2509.02522) turns RL with verifiable rewards into supervised learning. For each prompt it samples
+G answers, labels each with the verifier (R = 1 correct, 0 not), and scores each answer with the policy itself,
+
+    psi_i = beta * sum_t (log pi_theta(o_it) - log pi_old(o_it)),
+
+turns psi into a leave-one-out advantage within the group, psihat_i = psi_i - mean_{j != i} psi_j, and minimises a
+class-balanced binary cross-entropy between sigmoid(psihat_i) and R_i. sigmoid(psihat_i) is the policy's own
+prediction that answer i is correct: the critic lives inside the actor, and the gradient is REINFORCE with a
+leave-one-out baseline weighted by w_i (R_i - sigmoid(psihat_i)) (see ../shared/pacs-math.md).
+
+How it differs from GRPO: GRPO maximises a clipped importance-ratio surrogate per token with the group-normalised
+reward as a fixed advantage; PACS has no ratio clipping and no per-token advantage: the reward is a label, the
+learning signal shrinks once the implicit critic predicts the label (sigmoid(psihat) -> R), and correct and wrong
+answers are balanced per group. `--algo grpo|rloo` runs those baselines through the same loop and kernels.
+
+Each rollout step: sample `prompts_per_step` x G answers; verify them; split the groups into
+`minibatches_per_rollout` mini-batches of whole groups, each packed padding-free; compute old log-probs for all of
+them (no grad) under the rollout policy; then one AdamW step per mini-batch through the fused loss (no
+[tokens x vocab] logits). A step whose gradient norm is not finite is skipped and logged, as the authors do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import pacs_kernels
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import format_prompt, load_dataset
+from .evaluate import evaluate, format_table, save_result
+from .modeling import (
+    PackedBatch,
+    attention_implementation,
+    build_tiny_model,
+    lm_head_params,
+    load_pretrained,
+    pack_sequences,
+    packed_hidden_states,
+    pick_device,
+    pick_dtype,
+)
+from .rollout import HFGenerator, Rollout, SamplingParams
+from .tasks import CharTokenizer
+from .verify import math_reward
+
+logger = logging.getLogger("pacs")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Set-up
+
+
+@dataclass
+class Session:
+    cfg: TrainConfig
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    train: list
+    test: list
+    train_prompts: list[list[int]]
+    test_prompts: list[list[int]]
+    generator: HFGenerator
+    run_dir: Path
+    info: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(cfg: TrainConfig) -> Session:
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    attn = attention_implementation(cfg.attn, device)
+    train, test = load_dataset(cfg.data, split_seed=cfg.split_seed, level=cfg.level, n_train=cfg.n_train,
+                               n_test=cfg.n_test, problem_key=cfg.problem_key, answer_key=cfg.answer_key,
+                               test_path=cfg.test_data)
+    if cfg.eval_problems:
+        test = test[:cfg.eval_problems]
+    if cfg.model == "tiny":
+        tokenizer = CharTokenizer()
+        model = build_tiny_model(tokenizer, hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads,
+                                 intermediate=cfg.tiny_intermediate, max_positions=256, seed=cfg.seed,
+                                 attn_implementation=attn).to(dtype)
+    else:
+        model, tokenizer = load_pretrained(cfg.model, dtype=dtype, attn_implementation=attn)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False  # packed training passes must not build a cache (see modeling.py)
+    synthetic = cfg.synthetic
+    encode = lambda p: format_prompt(tokenizer, p, synthetic=synthetic, use_chat_template=cfg.use_chat_template)
+    generator = HFGenerator(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            batch_size=cfg.generation_batch)
+    run_dir = Path(cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "attention": attn,
+            "parameters": n_params, "train_problems": len(train), "test_problems": len(test)}
+    logger.info("model %s: %.2fM parameters, %s, %s, attention=%s", cfg.model, n_params / 1e6, device,
+                info["dtype"], attn)
+    return Session(cfg, model, tokenizer, device, train, test, [encode(p) for p in train],
+                   [encode(p) for p in test], generator, run_dir, info)
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
+    warmup = max(cfg.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    return optimizer, scheduler
+
+
+def batch_indices(n_items: int, batch: int, position: int, seed: int) -> list[int]:
+    """Items position..position+batch of an endless stream of seeded per-epoch permutations (resumable)."""
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(position, n_items)
+        order = np.random.default_rng(seed + epoch).permutation(n_items)
+        take = min(batch - len(out), n_items - offset)
+        out.extend(order[offset:offset + take].tolist())
+        position += take
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loss on one packed mini-batch
+
+
+def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor, rewards: torch.Tensor, cfg: TrainConfig):
+    """The configured loss on one packed mini-batch of whole groups; returns (loss, output of pacs_kernels)."""
+    hidden = packed_hidden_states(model, batch)
+    weight, bias = lm_head_params(model)
+    backend = "reference" if cfg.loss_impl == "reference" else cfg.kernel_backend
+    common = dict(group_size=cfg.group_size, temperature=cfg.temperature, bias=bias, entropy_coef=cfg.entropy_coef,
+                  with_entropy=True, backend=backend)
+    args = (hidden, weight, batch.targets, old_logprob, rewards, batch.cu_seqlens)
+    if cfg.algo == "pacs":
+        out = pacs_kernels.pacs_loss(*args, beta=cfg.beta, score=cfg.score, advantage=cfg.advantage,
+                                     class_balance=cfg.class_balance, **common)
+    else:
+        fn = pacs_kernels.grpo_loss if cfg.algo == "grpo" else pacs_kernels.rloo_loss
+        extra = dict(scale_rewards=cfg.scale_rewards) if cfg.algo == "grpo" else {}
+        out = fn(*args, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type, **extra,
+                 **common)
+    return out.loss, out
+
+
+@torch.no_grad()
+def old_logprobs(model, batch: PackedBatch, cfg: TrainConfig) -> torch.Tensor:
+    hidden = packed_hidden_states(model, batch)
+    weight, bias = lm_head_params(model)
+    backend = "reference" if cfg.loss_impl == "reference" else cfg.kernel_backend
+    return pacs_kernels.linear_logprob(hidden, weight, batch.targets, bias=bias, temperature=cfg.temperature,
+                                       backend=backend).logprob
+
+
+def auc_score(scores: list[float], labels: list[float]) -> float | None:
+    """ROC AUC (Mann-Whitney, ties count half); None when only one class is present."""
+    pos = [s for s, y in zip(scores, labels) if y > 0.5]
+    neg = [s for s, y in zip(scores, labels) if y <= 0.5]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rewards: list[float],
+                       cfg: TrainConfig, device) -> dict:
+    """Old log-probs, then one optimizer step per mini-batch of whole groups. Returns the step's statistics."""
+    G = cfg.group_size
+    n_groups = len(rollouts) // G
+    k = max(1, min(cfg.minibatches_per_rollout, n_groups))
+    bounds = [round(i * n_groups / k) for i in range(k + 1)]
+    minibatches = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        chunk = rollouts[a * G:b * G]
+        batch = pack_sequences([r.prompt_ids for r in chunk], [r.response_ids for r in chunk]).to(device)
+        r = torch.tensor(rewards[a * G:b * G], dtype=torch.float32, device=device)
+        minibatches.append((batch, r))
+    olds = [old_logprobs(model, batch, cfg) for batch, _ in minibatches]
+
+    stats = {"loss": [], "grad_norm": [], "skipped": 0, "entropy": [], "psi": [], "critic_prob": [],
+             "critic_label": [], "clip_fraction": [], "train_tokens": 0}
+    model.train()
+    for i, ((batch, r), old) in enumerate(zip(minibatches, olds)):
+        loss, out = policy_loss(model, batch, old, r, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        if math.isfinite(grad_norm):
+            optimizer.step()
+            scheduler.step()
+        else:
+            stats["skipped"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            logger.warning("non-finite gradient norm (%s): optimizer step skipped", grad_norm)
+        mask = batch.targets != -100
+        stats["loss"].append(loss.item())
+        stats["grad_norm"].append(grad_norm)
+        stats["train_tokens"] += batch.n_tokens
+        if out.entropy is not None and mask.any():
+            stats["entropy"].append(out.entropy[mask].mean().item())
+        if cfg.algo == "pacs":
+            stats["psi"].extend(out.score.tolist())
+            if i > 0:  # at mini-batch 1 theta = theta_old: psi = 0 and the critic says 0.5 by construction
+                stats["critic_prob"].extend(out.prob.tolist())
+                stats["critic_label"].extend(r.tolist())
+        else:
+            stats["clip_fraction"].append(out.clip_fraction.item())
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Supervised warm-up
+
+
+def sft_warmup(session: Session, log) -> None:
+    """Teacher-forced training on (prompt, gold answer + EOS) pairs with the fused log-prob op."""
+    cfg, model, tok = session.cfg, session.model, session.tokenizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed + 17)
+    model.train()
+    bar = tqdm(range(cfg.sft_steps), desc="supervised warm-up", dynamic_ncols=True)
+    for step in bar:
+        idx = [rng.randrange(len(session.train)) for _ in range(cfg.sft_batch)]
+        prompts = [session.train_prompts[i] for i in idx]
+        answers = [tok.encode(session.train[i].answer, add_bos=False) + [tok.eos_token_id] for i in idx]
+        batch = pack_sequences(prompts, answers).to(session.device)
+        hidden = packed_hidden_states(model, batch)
+        weight, bias = lm_head_params(model)
+        lp = pacs_kernels.linear_logprob(hidden, weight, batch.targets, bias=bias,
+                                         backend=cfg.kernel_backend).logprob
+        loss = -lp.sum() / (batch.targets != -100).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 10 == 0 or step == cfg.sft_steps - 1:
+            bar.set_postfix(nll=f"{loss.item():.3f}")
+            log({"phase": "sft", "sft_step": step, "nll": loss.item()})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_eval(session: Session, tag: str, log) -> dict:
+    cfg = session.cfg
+    result = evaluate(session.generator, session.tokenizer, session.test, session.test_prompts, n=cfg.eval_n,
+                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
+    result["tag"] = tag
+    save_result(result, session.run_dir / "eval" / f"{tag}.json")
+    tqdm.write(f"eval [{tag}] pass@k on {result['problems']} held-out problems (n={cfg.eval_n}, "
+               f"T={cfg.eval_temperature}):\n{format_table(result)}")
+    log({"phase": "eval", "tag": tag, **{f"pass@{k}": v for k, v in result["pass@k"].items()}})
+    return result
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and stops."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with their owner
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.stop = True
+        tqdm.write(f"signal {signum}: saving a checkpoint after this step, then stopping")
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal acts at once
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run training as configured; returns the run directory (metrics.jsonl, eval/, checkpoints/, plots/)."""
+    session = setup(cfg)
+    model, device, run_dir = session.model, session.device, session.run_dir
+    optimizer, scheduler = make_optimizer(model, cfg)
+    state = {"step": 0, "data_position": 0, "sft_done": False, "skipped_steps": 0}
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        logger.warning("--resume: no checkpoint in %s, starting from scratch", run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if ckpt is None:
+        metrics_path.write_text("")
+        (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), **session.info}, indent=2))
+    writer = _tensorboard(cfg, run_dir)
+
+    def log(row: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    writer.add_scalar(f"{row.get('phase', 'train')}/{key}", value, row.get("step", 0))
+
+    if ckpt is not None:
+        state.update(load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler))
+        tqdm.write(f"resumed from {ckpt} at step {state['step']}")
+    else:
+        if cfg.sft_steps > 0:
+            run_eval(session, "init", log)
+            sft_warmup(session, log)
+        state["sft_done"] = True
+        run_eval(session, "step_000000", log)
+
+    def checkpoint():
+        save_checkpoint(run_dir, state["step"], model=model, optimizer=optimizer, scheduler=scheduler,
+                        trainer_state={k: v for k, v in state.items() if k != "step"}, config=cfg.to_dict(),
+                        keep=cfg.keep_checkpoints)
+
+    sampling = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_new_tokens=cfg.max_new_tokens)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{cfg.algo} steps", dynamic_ncols=True)
+    with _StopFlag() as stop:
+        while state["step"] < cfg.steps and not stop.stop:
+            t0 = time.perf_counter()
+            idx = batch_indices(len(session.train), cfg.prompts_per_step, state["data_position"], cfg.seed)
+            rollouts = session.generator.generate([session.train_prompts[i] for i in idx], sampling)
+            t_gen = time.perf_counter() - t0
+            texts = [session.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
+            answers = [session.train[i].answer for i in idx for _ in range(cfg.group_size)]
+            rewards = math_reward(texts, answers)
+            t1 = time.perf_counter()
+            stats = update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, device)
+            t_update = time.perf_counter() - t1
+            state["step"] += 1
+            state["data_position"] += cfg.prompts_per_step
+            state["skipped_steps"] += stats["skipped"]
+            row = _step_row(state, stats, rollouts, rewards, t_gen, t_update, time.perf_counter() - t0,
+                            optimizer, device)
+            log(row)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
+            if cfg.save_every and state["step"] % cfg.save_every == 0 or stop.stop:
+                checkpoint()
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.steps:
+                run_eval(session, f"step_{state['step']:06d}", log)
+    bar.close()
+    if state["step"] >= cfg.steps:
+        if not (cfg.save_every and state["step"] % cfg.save_every == 0):
+            checkpoint()
+        run_eval(session, f"step_{state['step']:06d}", log)
+        if cfg.plot:
+            from .plot import plot_run
+
+            for path in plot_run(run_dir):
+                tqdm.write(f"wrote {path}")
+    if writer is not None:
+        writer.close()
+    return run_dir
+
+
+def _mean(xs):
+    return float(np.mean(xs)) if xs else None
+
+
+def _step_row(state, stats, rollouts, rewards, t_gen, t_update, t_total, optimizer, device) -> dict:
+    lengths = [len(r.response_ids) for r in rollouts]
+    psi = stats["psi"]
+    probs, labels = stats["critic_prob"], stats["critic_label"]
+    return {
+        "phase": "train",
+        "step": state["step"],
+        "reward": float(np.mean(rewards)),
+        "accuracy": float(np.mean([r >= 1.0 for r in rewards])),
+        "loss": _mean(stats["loss"]),
+        "psi_mean": _mean(psi),
+        "psi_std": float(np.std(psi)) if psi else None,
+        "critic_brier": float(np.mean([(p - y) ** 2 for p, y in zip(probs, labels)])) if probs else None,
+        "critic_auc": auc_score(probs, labels),
+        "clip_fraction": _mean(stats["clip_fraction"]),
+        "entropy": _mean(stats["entropy"]),
+        "grad_norm": _mean([g for g in stats["grad_norm"] if math.isfinite(g)]),
+        "skipped_steps": state["skipped_steps"],
+        "response_length": float(np.mean(lengths)),
+        "truncation_rate": float(np.mean([r.truncated for r in rollouts])),
+        "gen_tokens_per_s": sum(lengths) / max(t_gen, 1e-9),
+        "train_tokens_per_s": stats["train_tokens"] / max(t_update, 1e-9),
+        "step_seconds": t_total,
+        "lr": optimizer.param_groups[0]["lr"],
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def _tensorboard(cfg: TrainConfig, run_dir: Path):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.warning("--tensorboard needs the tensorboard package (pip install tensorboard); logging JSONL only")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

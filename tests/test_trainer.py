@@ -1,0 +1,299 @@
+"""The trainer's pieces: packing, pass@k, data loading, checkpoints, resume, fused-vs-reference convergence, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from pacs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pacs.config import TrainConfig, config_from_args
+from pacs.data import load_problems
+from pacs.evaluate import ks_for, pass_at_k
+from pacs.modeling import build_tiny_model, pack_sequences, packed_hidden_states, packed_logprobs
+from pacs.rollout import Rollout
+from pacs.tasks import CharTokenizer, make_synthetic_split
+from pacs.trainer import auc_score, batch_indices, make_optimizer, train, update_on_rollouts
+
+TINY = dict(hidden=32, layers=2, heads=2, intermediate=64, max_positions=64)
+
+
+def tiny_model(seed=0, attn="sdpa"):
+    return build_tiny_model(CharTokenizer(), seed=seed, attn_implementation=attn, **TINY)
+
+
+def random_sequences(n, seed, vocab, max_prompt=6, max_response=9):
+    rng = random.Random(seed)
+    prompts = [[1] + [rng.randrange(3, vocab) for _ in range(rng.randint(0, max_prompt))] for _ in range(n)]
+    responses = [[rng.randrange(3, vocab) for _ in range(rng.randint(0, max_response))] for _ in range(n)]
+    return prompts, responses
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Packing
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_equals_padded(attn):
+    """Log-probs from the padding-free packed pass equal those of an ordinary padded batch."""
+    model = tiny_model(attn=attn).eval()
+    vocab = model.config.vocab_size
+    prompts, responses = random_sequences(7, seed=1, vocab=vocab)
+    batch = pack_sequences(prompts, responses)
+    with torch.no_grad():
+        packed = packed_logprobs(model, batch, temperature=0.7, backend="torch").logprob
+        # Padded reference: right-padded batch with an attention mask, materialized logits.
+        seqs = [p + r for p, r in zip(prompts, responses)]
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.double() / 0.7
+        logp = torch.log_softmax(logits, -1)
+    expected = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        s = seqs[i]
+        for t in range(len(s)):
+            if len(p) - 1 <= t < len(s) - 1:
+                expected.append(logp[i, t, s[t + 1]].item())
+            else:
+                expected.append(0.0)
+    torch.testing.assert_close(packed.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+
+
+def test_packing_without_position_restart_would_leak():
+    """Negative control: with positions running on across sequences, the states differ (the test above can fail)."""
+    model = tiny_model().eval()
+    prompts, responses = random_sequences(4, seed=2, vocab=model.config.vocab_size)
+    batch = pack_sequences(prompts, responses)
+    with torch.no_grad():
+        good = packed_hidden_states(model, batch)
+        batch.position_ids = torch.arange(batch.n_tokens)[None]
+        leaky = packed_hidden_states(model, batch)
+    first = int(batch.cu_seqlens[1])
+    torch.testing.assert_close(good[:first], leaky[:first])  # the first sequence is unaffected
+    assert (good[first:] - leaky[first:]).abs().max() > 1e-3
+
+
+def test_pack_sequences_layout():
+    batch = pack_sequences([[1, 5], [1]], [[7, 8, 2], [9]])
+    assert batch.input_ids.tolist() == [[1, 5, 7, 8, 2, 1, 9]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1]]
+    assert batch.targets.tolist() == [-100, 7, 8, 2, -100, 9, -100]
+    assert batch.cu_seqlens.tolist() == [0, 5, 7]
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        pack_sequences([[]], [[3]])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pass@k and metrics
+
+
+def test_pass_at_k_matches_closed_form():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                exact = 1 - math.comb(n - c, k) / math.comb(n, k)
+                assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12), (n, c, k)
+    assert ks_for(8) == [1, 2, 4, 8] and ks_for(6) == [1, 2, 4, 6] and ks_for(1) == [1]
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 2, 5)
+
+
+def test_auc_score():
+    assert auc_score([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0]) == 1.0
+    assert auc_score([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
+    assert auc_score([0.5, 0.5], [1, 0]) == 0.5
+    assert auc_score([0.3, 0.4], [1, 1]) is None
+
+
+def test_batch_indices_are_resumable():
+    full = batch_indices(10, 25, 0, seed=3)
+    assert full[:10] != list(range(10)) and sorted(full[:10]) == list(range(10))
+    assert batch_indices(10, 12, 13, seed=3) == full[13:25]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def test_load_problems_and_errors(tmp_path):
+    good = tmp_path / "train.jsonl"
+    good.write_text('{"question": "1+1", "solution": "2"}\n\n{"question": "2*3", "solution": 6}\n')
+    problems = load_problems(good, problem_key="question", answer_key="solution")
+    assert [(p.prompt, p.answer) for p in problems] == [("1+1", "2"), ("2*3", "6")]
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['problem', 'answer'\].*question"):
+        load_problems(good)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "x"\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: not valid JSON"):
+        load_problems(bad)
+    (tmp_path / "x.csv").write_text("problem,answer\n")
+    with pytest.raises(ValueError, match="unsupported data file type"):
+        load_problems(tmp_path / "x.csv")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_problems(tmp_path / "missing.jsonl")
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    pq = tmp_path / "train.parquet"
+    pd.DataFrame({"problem": ["3+4"], "answer": ["7"]}).to_parquet(pq)
+    assert load_problems(pq)[0].answer == "7"
+
+
+def test_synthetic_split_is_disjoint_and_seeded():
+    train, test = make_synthetic_split("mixed", level=2, n_train=500, n_test=50, seed=7)
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    assert make_synthetic_split("mixed", level=2, n_train=500, n_test=50, seed=7) == (train, test)
+    for p in train[:50]:
+        if ";x=" not in p.prompt:
+            assert str(eval(p.prompt[:-1])) == p.answer
+    tok = CharTokenizer()
+    ids = tok.encode(train[0].prompt)
+    assert tok.decode(ids) == train[0].prompt
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        make_synthetic_split("poetry", level=1, n_train=1, n_test=1, seed=0)
+    with pytest.raises(ValueError, match="not in the tokenizer"):
+        tok.encode("1+1=?")
+
+
+def test_config_file_and_precedence(tmp_path):
+    from pacs.cli import build_parser
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("lr: 0.001\nsteps: 7\nalgo: grpo\n")
+    args = build_parser().parse_args(["train", "--preset", "demo", "--config", str(path), "--steps", "9"])
+    cfg = config_from_args(args)
+    assert (cfg.lr, cfg.steps, cfg.algo, cfg.model) == (0.001, 9, "grpo", "tiny")
+    (tmp_path / "bad.toml").write_text('learning_rate = 1\n')
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "bad.toml")])
+    with pytest.raises(ValueError, match="unknown key"):
+        config_from_args(args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+def test_killed_save_leaves_last_good_checkpoint(tmp_path, monkeypatch):
+    model = tiny_model()
+    cfg = TrainConfig()
+    optimizer, scheduler = make_optimizer(model, cfg)
+    save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler,
+                    trainer_state={"data_position": 4}, config={})
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        if str(f).endswith("training.pt"):
+            raise KeyboardInterrupt("killed during save")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler,
+                        trainer_state={"data_position": 8}, config={})
+    monkeypatch.setattr(torch, "save", real_save)
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step_000001"
+    fresh = tiny_model(seed=5)
+    opt2, sch2 = make_optimizer(fresh, cfg)
+    state = load_checkpoint(latest, model=fresh, optimizer=opt2, scheduler=sch2)
+    assert state == {"step": 1, "data_position": 4}
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, good[k])
+
+
+def small_run_config(out_dir, **overrides):
+    base = dict(model="tiny", tiny_hidden=32, tiny_layers=2, tiny_heads=2, tiny_intermediate=64, dtype="float32",
+                data="synthetic:arithmetic", level=1, n_train=60, n_test=4, prompts_per_step=4, group_size=4,
+                max_new_tokens=3, minibatches_per_rollout=2, lr=1e-2, eval_n=2, eval_problems=4, save_every=2,
+                plot=False, out_dir=str(out_dir), kernel_backend="torch")
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("algo", ["pacs", "grpo"])
+def test_resume_continues_exactly(tmp_path, algo):
+    straight = train(small_run_config(tmp_path / "a", steps=4, algo=algo))
+    train(small_run_config(tmp_path / "b", steps=2, algo=algo))
+    resumed = train(small_run_config(tmp_path / "b", steps=4, algo=algo, resume=True))
+    a = torch.load(latest_checkpoint(straight) / "model.pt")
+    b = torch.load(latest_checkpoint(resumed) / "model.pt")
+    assert latest_checkpoint(resumed).name == "step_000004"
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    loss_a = [r["loss"] for r in rows_a if r.get("phase") == "train"]
+    loss_b = [r["loss"] for r in rows_b if r.get("phase") == "train"]
+    assert loss_a == loss_b and len(loss_a) == 4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Convergence: fused loss vs materialized reference
+
+
+@pytest.mark.parametrize("algo", ["pacs", "grpo"])
+def test_fused_and_reference_losses_give_the_same_curve(algo):
+    """20 optimizer-step pairs on the same fixed rollouts: the loss curves agree within float32 tolerance."""
+    gen = random.Random(0)
+    vocab = CharTokenizer().vocab_size
+    batches = []
+    for step in range(10):
+        prompts, responses = random_sequences(16, seed=100 + step, vocab=vocab)
+        rollouts = [Rollout(p, r + [2], False) for p, r in zip(prompts, responses)]
+        rewards = [float(gen.random() < 0.5) for _ in rollouts]
+        batches.append((rollouts, rewards))
+    curves = {}
+    for impl in ("fused", "reference"):
+        torch.manual_seed(0)
+        model = tiny_model(seed=3)
+        cfg = TrainConfig(algo=algo, group_size=4, minibatches_per_rollout=2, lr=3e-3, weight_decay=0.0,
+                          loss_impl=impl, kernel_backend="torch", temperature=0.9)
+        optimizer, scheduler = make_optimizer(model, cfg)
+        losses = []
+        for rollouts, rewards in batches:
+            losses += update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, torch.device("cpu"))[
+                "loss"]
+        curves[impl] = losses
+    assert len(curves["fused"]) == 20
+    torch.testing.assert_close(torch.tensor(curves["fused"]), torch.tensor(curves["reference"]), atol=1e-5,
+                               rtol=1e-4)
+    assert max(curves["fused"]) - min(curves["fused"]) > 1e-3  # the model did move
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI end to end (tiny)
+
+
+def test_cli_train_eval_plot(tmp_path, capsys):
+    from pacs.cli import main
+
+    out = tmp_path / "run"
+    common = ["--model", "tiny", "--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2",
+              "--tiny-intermediate", "64", "--level", "1", "--n-train", "40", "--n-test", "4", "--eval-n", "2",
+              "--max-new-tokens", "3"]
+    assert main(["train", *common, "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
+                 "--sft-steps", "3", "--sft-batch", "4", "--out-dir", str(out), "--plot", "true"]) == 0
+    assert (out / "plots" / "training.png").exists() and (out / "plots" / "pass_at_k.png").exists()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["phase"] == "train"]
+    assert len(train_rows) == 2
+    for key in ("reward", "loss", "psi_mean", "psi_std", "critic_brier", "entropy", "grad_norm", "truncation_rate",
+                "gen_tokens_per_s", "peak_memory_mb", "response_length"):
+        assert key in train_rows[0]
+    assert {r["tag"] for r in rows if r["phase"] == "eval"} == {"init", "step_000000", "step_000002"}
+    assert main(["eval", "--run", str(out), "--eval-n", "2"]) == 0
+    assert (out / "eval" / "pacs_eval.json").exists()
+    assert main(["plot", str(out)]) == 0
+    assert "pass@k" in capsys.readouterr().out
