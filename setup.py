@@ -21,7 +21,8 @@ CORE_REQUIRES = [
 # The math verifier (pacs/verify.py): sympy-based parsing of LaTeX answers.
 VERIFY_REQUIRES = [
     "sympy>=1.12",
-    "latex2sympy2_extended>=1.10",
+    "latex2sympy2_extended>=1.11,<2",
+    "antlr4-python3-runtime==4.13.2",
 ]
 
 HF_REQUIRES = ["transformers>=4.50", "accelerate", "pyyaml", "matplotlib", "pandas", "pyarrow"]

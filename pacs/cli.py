@@ -1,4 +1,11 @@
-"""The `pacs` command line: `pacs verify ...` (more subcommands join as they are built)."""
+"""The `pacs` command line.
+
+    pacs train --preset demo                 # the out-of-the-box CPU job (tiny model, synthetic task)
+    pacs train --model Qwen/Qwen2.5-0.5B --data train.jsonl --algo pacs --beta 1.0
+    pacs eval --run runs/demo --eval-n 16    # pass@k of a run's latest checkpoint
+    pacs plot runs/demo                      # PNG curves
+    pacs verify --gold '1/2' --response '... \\boxed{0.5}'
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,150 @@ import argparse
 import sys
 
 
+def _run_verify(args: argparse.Namespace) -> int:
+    from pacs.verify import verify, verify_batch
+
+    if args.file is None:
+        if args.gold is None or args.response is None:
+            raise SystemExit("pacs verify: give --gold and --response, or --file")
+        verdict = verify(args.response, args.gold, timeout=args.timeout, last_number=not args.no_last_number)
+        print(verdict)
+        return 0 if verdict else 1
+
+    import json
+
+    with open(args.file, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    pairs = [(str(row[args.response_key]), str(row[args.gold_key])) for row in rows]
+    verdicts = verify_batch(
+        pairs, workers=args.workers, timeout=args.timeout, last_number=not args.no_last_number, progress=not args.quiet
+    )
+    correct = sum(verdicts)
+    accuracy = correct / len(verdicts) if verdicts else 0.0
+    print(f"accuracy: {accuracy:.4f} ({correct}/{len(verdicts)} correct, {len(verdicts) - correct} incorrect)")
+    return 0
+
+
+def _add_verify(subparsers: argparse._SubParsersAction) -> None:
+    cmd = subparsers.add_parser(
+        "verify",
+        help="check math answers against gold answers",
+        description="Print True/False for one pair (exit status 0/1), or the accuracy over a JSONL file.",
+    )
+    cmd.add_argument("--gold", help="gold answer, e.g. '1/2' or '\\frac{1}{2}'")
+    cmd.add_argument("--response", help="model response (its final answer is extracted)")
+    cmd.add_argument("--file", help="JSONL file with one response/gold pair per line")
+    cmd.add_argument("--response-key", default="response", help="JSONL key of the response (default: response)")
+    cmd.add_argument("--gold-key", default="gold", help="JSONL key of the gold answer (default: gold)")
+    cmd.add_argument("--timeout", type=float, default=5.0, help="seconds allowed per pair (default: 5)")
+    cmd.add_argument("--workers", type=int, default=None, help="worker processes for --file (default: CPU count)")
+    cmd.add_argument("--no-last-number", action="store_true", help="do not fall back to the last number")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmd.set_defaults(func=_run_verify)
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pacs.config import config_from_args
+    from pacs.trainer import train
+
+    _setup_logging(args.verbose)
+    run_dir = train(config_from_args(args))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from pacs.checkpoint import latest_checkpoint
+    from pacs.config import TrainConfig, config_from_args
+    from pacs.evaluate import evaluate, format_table, save_result
+    from pacs.trainer import setup
+
+    _setup_logging(args.verbose)
+    cfg = config_from_args(args)
+    ckpt = None
+    if args.run:
+        run = Path(args.run)
+        saved = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else None
+        if saved is None:
+            raise SystemExit(f"pacs eval: {run} has no config.json (not a run directory)")
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                    if getattr(args, f.name, None) is not None}
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in fields}, **explicit})
+        ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run)
+        if ckpt is None:
+            raise SystemExit(f"pacs eval: no checkpoint in {run}")
+    session = setup(cfg)
+    if ckpt is not None:
+        import torch
+
+        session.model.load_state_dict(torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True))
+    result = evaluate(session.generator, session.tokenizer, session.test, session.test_prompts, n=cfg.eval_n,
+                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
+    result["checkpoint"] = str(ckpt) if ckpt else cfg.model
+    print(format_table(result))
+    out = Path(args.output) if args.output else Path(args.run or cfg.out_dir) / "eval" / "pacs_eval.json"
+    save_result(result, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from pacs.plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    from pacs.config import add_train_arguments
+
+    cmd = subparsers.add_parser("train", help="train with PACS (or GRPO / RLOO)",
+                                description="Train a causal LM with PACS, GRPO or RLOO on verifiable rewards.")
+    add_train_arguments(cmd)
+    cmd.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    cmd.set_defaults(func=_run_train)
+
+
+def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+    from pacs.config import add_train_arguments
+
+    cmd = subparsers.add_parser("eval", help="pass@k of a model or of a run's checkpoint",
+                                description="Sample --eval-n answers per held-out problem and report unbiased "
+                                            "pass@k for k = 1, 2, 4, ..., n (table on screen, JSON on disk).")
+    cmd.add_argument("--run", help="run directory: its config and latest checkpoint (flags override the config)")
+    cmd.add_argument("--checkpoint", help="a specific checkpoint directory of --run")
+    cmd.add_argument("--output", help="where to write the JSON result (default: RUN/eval/pacs_eval.json)")
+    add_train_arguments(cmd)
+    cmd.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    cmd.set_defaults(func=_run_eval)
+
+
+def _add_plot(subparsers: argparse._SubParsersAction) -> None:
+    cmd = subparsers.add_parser("plot", help="PNG curves of a run", description="Write RUN_DIR/plots/*.png.")
+    cmd.add_argument("run_dir", help="a run directory (with metrics.jsonl)")
+    cmd.set_defaults(func=_run_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pacs", description=__doc__)
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="pacs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(subparsers)
+    _add_eval(subparsers)
+    _add_plot(subparsers)
+    _add_verify(subparsers)
     return parser
 
 
