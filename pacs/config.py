@@ -28,6 +28,8 @@ class TrainConfig:
     dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", "model")
     attn: str = opt("auto", "attention: auto (flash_attention_2 if installed and CUDA, else sdpa) | sdpa | eager | "
                     "flash_attention_2", "model")
+    init_checkpoint: str | None = opt(None, "start from the model weights of this checkpoint directory (e.g. a "
+                                      "previous run's RUN/checkpoints/step_000100)", "model")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward", "model")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", "model")
     # data

@@ -103,6 +103,11 @@ def setup(cfg: TrainConfig) -> Session:
                                  attn_implementation=attn).to(dtype)
     else:
         model, tokenizer = load_pretrained(cfg.model, dtype=dtype, attn_implementation=attn)
+    if cfg.init_checkpoint:
+        path = Path(cfg.init_checkpoint) / "model.pt"
+        if not path.exists():
+            raise ValueError(f"--init-checkpoint: {path} does not exist")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -341,10 +346,16 @@ def train(cfg: TrainConfig) -> Path:
         state["sft_done"] = True
         run_eval(session, "step_000000", log)
 
+    saved = {"step": state["step"] if ckpt is not None else None}
+
     def checkpoint():
         save_checkpoint(run_dir, state["step"], model=model, optimizer=optimizer, scheduler=scheduler,
                         trainer_state={k: v for k, v in state.items() if k != "step"}, config=cfg.to_dict(),
                         keep=cfg.keep_checkpoints)
+        saved["step"] = state["step"]
+
+    if ckpt is None and cfg.sft_steps > 0:
+        checkpoint()  # the warm-up is not redone on resume
 
     sampling = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=cfg.max_new_tokens)
@@ -375,9 +386,10 @@ def train(cfg: TrainConfig) -> Path:
                 run_eval(session, f"step_{state['step']:06d}", log)
     bar.close()
     if state["step"] >= cfg.steps:
-        if not (cfg.save_every and state["step"] % cfg.save_every == 0):
+        if saved["step"] != state["step"]:
             checkpoint()
-        run_eval(session, f"step_{state['step']:06d}", log)
+        if state["step"] > 0 or ckpt is not None:  # step 0 was evaluated before the loop
+            run_eval(session, f"step_{state['step']:06d}", log)
         if cfg.plot:
             from .plot import plot_run
 

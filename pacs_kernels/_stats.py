@@ -15,15 +15,15 @@ import torch
 
 
 def slice_stats(z: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(m, s, t) of each row of z [rows, cols]; t is None without entropy."""
+    """(m, s, t) of each row of z [rows, cols]; t is None without entropy. Overwrites z (one tile, no copies).
+
+    z must be finite (the torch backend clamps a -inf bias to -1e30 so that exp(z - m) * (z - m) is 0, not nan).
+    """
     m = z.amax(dim=-1)
-    shifted = z - m.unsqueeze(-1)
+    shifted = z.sub_(m.unsqueeze(-1))
     e = shifted.exp()
     s = e.sum(-1)
-    t = None
-    if with_entropy:
-        # exp(-inf) * -inf is nan: a -inf logit (e.g. a banned token's bias) contributes 0.
-        t = torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(-1)
+    t = e.mul_(shifted).sum(-1) if with_entropy else None
     return m, s, t
 
 
@@ -61,18 +61,18 @@ def logit_grad(
     entropy: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
 ) -> torch.Tensor:
-    """d(loss)/dz for one tile of logits z [rows, cols], without the target one-hot term.
+    """d(loss)/dz for one tile of logits z [rows, cols], without the target one-hot term. Overwrites z.
 
     With p = softmax(z) and log p = z - lse:
         dlogprob/dz_j = onehot_j - p_j
         dH/dz_j       = -p_j * (log p_j + H)
     so  dL/dz_j = g_lp * onehot_j - p_j * (g_lp + g_H * (log p_j + H)).  The caller adds g_lp at the target.
     """
-    logp = z - lse.unsqueeze(-1)
+    logp = z.sub_(lse.unsqueeze(-1))
     p = logp.exp()
-    coef = torch.zeros_like(logp)
+    if grad_entropy is None:
+        return p.mul_(-grad_logprob.unsqueeze(-1))
+    coef = logp.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1))
     if grad_logprob is not None:
-        coef = coef + grad_logprob.unsqueeze(-1)
-    if grad_entropy is not None:
-        coef = coef + grad_entropy.unsqueeze(-1) * (logp + entropy.unsqueeze(-1))
-    return torch.where(p > 0, -p * coef, torch.zeros_like(p))
+        coef.add_(grad_logprob.unsqueeze(-1))
+    return p.mul_(coef).neg_()

@@ -35,12 +35,36 @@ def _operand(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _finite_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias in the accumulation dtype with -inf (a banned token) clamped to -1e30: its probability is still 0,
+    and the statistics never form 0 * inf."""
+    if bias is None:
+        return None
+    return bias.to(_acc_dtype(bias.dtype)).clamp_min(-1e30)
+
+
 def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_temperature: float) -> torch.Tensor:
-    """z = (h @ w.T + b) * inv_temperature in the accumulation dtype; h is an already prepared operand."""
-    z = (h @ _operand(w).T).to(_acc_dtype(w.dtype))
-    if b is not None:
-        z = z + b.to(z.dtype)
-    return z * inv_temperature
+    """z = (h @ w.T + b) * inv_temperature as a fresh tile in the accumulation dtype; h is a prepared operand,
+    b a `_finite_bias` slice. The scale and the bias ride on the GEMM (addmm's alpha/beta) where dtypes allow."""
+    acc = _acc_dtype(w.dtype)
+    w_op = _operand(w)
+    if h.dtype == acc:
+        if b is not None:
+            return torch.addmm(b, h, w_op.T, beta=inv_temperature, alpha=inv_temperature)
+        z = h @ w_op.T
+    else:  # half-precision GEMM on an accelerator, float32 from there on
+        z = (h @ w_op.T).to(acc)
+        if b is not None:
+            z.add_(b)
+    return z if inv_temperature == 1.0 else z.mul_(inv_temperature)
+
+
+def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """out += alpha * (a @ b), in out's dtype."""
+    if a.dtype == b.dtype == out.dtype:
+        out.addmm_(a, b, alpha=alpha)
+    else:
+        out.add_((a @ b).to(out.dtype), alpha=alpha)
 
 
 def _merge_pair(a, b):
@@ -52,6 +76,7 @@ def chunked_forward(hidden, weight, bias, targets, inv_temperature, with_entropy
     """(logprob, entropy or None, lse) of every row of hidden [N, D] (all targets in [0, V))."""
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
+    bias = _finite_bias(bias)
     logprob = torch.empty(n_tokens, dtype=acc, device=hidden.device)
     lse = torch.empty_like(logprob)
     entropy = torch.empty_like(logprob) if with_entropy else None
@@ -84,6 +109,7 @@ def chunked_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, 
     need_h, need_w, need_b = needs
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
+    bias = _finite_bias(bias)
     d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
     w_acc = torch.float64 if acc == torch.float64 else weight_grad_dtype
     d_weight = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None
@@ -104,12 +130,12 @@ def chunked_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, 
                 hit = (y >= v0) & (y < v1)
                 local = (y - v0).clamp(0, v1 - v0 - 1)
                 dz.scatter_add_(1, local.unsqueeze(1), torch.where(hit, g_lp, 0.0).unsqueeze(1))
-            dz = dz * inv_temperature
+            # dL/d(h W^T + b) = dz * inv_temperature: the scale rides on the products below.
             dz_op = dz if h.dtype == dz.dtype else dz.to(h.dtype)
             if need_h:
-                d_hidden[rows] += (dz_op @ _operand(w)).to(acc)
+                _add_matmul(d_hidden[rows], dz_op, _operand(w), inv_temperature)
             if need_w:
-                d_weight[v0:v1] += (dz_op.T @ h).to(w_acc)
+                _add_matmul(d_weight[v0:v1], dz_op.T, h, inv_temperature)
             if need_b:
-                d_bias[v0:v1] += dz.sum(0)
+                d_bias[v0:v1].add_(dz.sum(0), alpha=inv_temperature)
     return d_hidden, d_weight, d_bias

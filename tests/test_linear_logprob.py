@@ -153,6 +153,30 @@ def test_huge_logit_scale_large_magnitudes(backend):
     torch.testing.assert_close(out.entropy.double(), ref[1], atol=5e-3, rtol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_banned_tokens_with_minus_inf_bias(backend):
+    # A bias of -inf bans tokens (a common trick): they get probability 0; outputs and gradients stay finite.
+    hidden, weight, bias, targets = random_problem(30, 16, 120, torch.float32, bias=True, seed=13)
+    banned = torch.zeros(120, dtype=torch.bool, device=DEVICE)
+    banned[::3] = True
+    bias = bias.masked_fill(banned, float("-inf"))
+    targets = torch.where(banned[targets], (targets + 1) % 120, targets)
+    g = torch.randn(30, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = linear_logprob(h, w, targets, bias=bias, with_entropy=True, backend=backend)
+    grads = torch.autograd.grad((out.logprob * g).sum() + (out.entropy * g).sum(), (h, w))
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = linear_logprob_reference(h64, w64, targets, bias=bias.double(), with_entropy=True,
+                                   compute_dtype=torch.float64)
+    ref_entropy = -(torch.log_softmax((h64 @ w64.T + bias.double()), -1).exp()
+                    * torch.log_softmax((h64 @ w64.T + bias.double()), -1).nan_to_num(neginf=0.0)).sum(-1)
+    refs = torch.autograd.grad((ref[0] * g.double()).sum() + (ref_entropy * g.double()).sum(), (h64, w64))
+    assert all(torch.isfinite(x).all() for x in (out.logprob, out.entropy, *grads))
+    assert max_err(out.logprob, ref[0]) < 1e-5 and max_err(out.entropy, ref_entropy) < 1e-5
+    for a, r in zip(grads, refs):
+        assert max_err(a, r) < 1e-5
+
+
 def _grads_of(fn, hidden, weight, bias, grad_lp, grad_ent):
     h, w, b = (x.detach().clone().requires_grad_() for x in (hidden, weight, bias))
     lp, ent = fn(h, w, b)

@@ -32,5 +32,6 @@ def logit_tile(
     if HAS_BIAS:
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += b[None, :]
-    z = acc * inv_temp
+    # A -inf bias (a banned token) becomes -1e30: probability still 0, and no 0 * inf = nan downstream.
+    z = tl.maximum(acc * inv_temp, -1.0e30)
     return tl.where(col_ok[None, :], z, float("-inf"))
