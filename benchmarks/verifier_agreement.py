@@ -1,8 +1,9 @@
 """Agreement of pacs.verify and math-verify with the expected labels of a gold/response pairs file.
 
-    python benchmarks/verifier_agreement.py [--pairs tests/data/verify_pairs.jsonl]
+    python benchmarks/verifier_agreement.py [--pairs tests/data/verify_pairs.jsonl] [--show]
 
-Prints a markdown table (agreement, exceptions, slowest pair) and a per-source breakdown. math-verify is called
+Prints a markdown table (agreement, exceptions, slowest pair) and a per-source breakdown (``--show`` also lists the
+pairs pacs disagrees on). math-verify is called
 as its users call it: ``verify(parse(gold), parse(response))`` with default configurations, and once more with
 bare gold answers wrapped in ``$...$`` (its documented requirement); it is needed only here
 (``pip install pacs[bench]``), never by pacs at runtime.
@@ -104,9 +105,18 @@ def agreement_table(rows: list[dict]) -> tuple[str, dict[str, dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=Path, default=DEFAULT_PAIRS)
+    parser.add_argument("--show", action="store_true", help="list the pairs pacs.verify disagrees on")
     args = parser.parse_args()
-    table, _ = agreement_table(load_pairs(args.pairs))
+    rows = load_pairs(args.pairs)
+    table, _ = agreement_table(rows)
     print(table)
+    if args.show:
+        judge = _pacs_judge()
+        print("\npacs.verify disagrees with the expected label on:")
+        for k, row in enumerate(rows, 1):
+            if judge(row["response"], row["gold"]) != row["expected"]:
+                print(f"- line {k} ({row['source']}): expected {row['expected']}, gold {row['gold'][:80]!r}, "
+                      f"response {row['response'][-80:]!r}")
 
 
 if __name__ == "__main__":

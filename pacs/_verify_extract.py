@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["extract_answer", "extract_gold", "find_boxed"]
+__all__ = ["extract_answer", "extract_choice", "extract_gold", "find_boxed"]
 
 # Answers longer than this are not meaningful final answers; the extractor truncates its view of them.
 MAX_ANSWER_CHARS = 2000
@@ -23,14 +23,22 @@ SHORT_RESPONSE_CHARS = 80
 SHORT_GOLD_CHARS = 300
 MAX_JOINED_BOXES = 20
 
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*")
+_BOX_RE = re.compile(r"\\{1,2}(?:boxed|fbox)\s*")
 _PHRASE_RE = re.compile(
-    r"(?:final\s+answer\s*(?:is|:)|the\s+answer\s+is|(?:correct\s+)?(?:choice|option)\s+is|answer\s+is\s*:?|answer\s*:|\*\*final\s+answer\*\*|^\s*####)\s*[:：]?",
+    r"(?:final\s+answer\s*(?:is|:)|the\s+answer\s+is|(?:correct\s+)?(?:choice|option)\s+is|answer\s+is\s*:?|answer\s*:|\*\*final\s+answer\*\*|^\s*####"
+    r"|r[ée]ponse\s*(?:est|:)|答案\s*(?:是|为|[:：])|最终答案\s*(?:是|为)?)\s*[:：]?",
     re.IGNORECASE | re.MULTILINE,
 )
 _NUMBER_RE = re.compile(
-    r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+,\d+|\d+(?:\.\d+)?(?:\s*/\s*\d+)?|\.\d+)(?:\s*(?:\\?%|percent))?(?![\d])"
+    r"-?\\[dt]?frac\{\d+\}\{\d+\}"
+    r"|(?<![A-Za-z0-9_.,])-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+,\d+|\d+(?:\.\d+)?(?:\s*/\s*\d+)?|\.\d+)(?:\s*(?:\\?%|percent))?(?![\d])"
 )
+_NON_ASCII_WORD_RE = re.compile(r"[^\W\d_A-Za-z]")
+# Inline math that spans lines is not math (``Answer $ \n 9 \n $``): its numbers are not answers either.
+_BROKEN_INLINE_RE = re.compile(
+    r"(?<![$\\])\$(?!\$)[^$\n]{0,300}\n[^$]{0,300}(?<![$\\])\$(?!\$)"
+    r"|\\\((?:(?!\\\))[^\n]){0,300}\n(?:(?!\\\))[\s\S]){0,300}\\\)"
+)  # bounded, so that a response full of unclosed ``\(`` stays linear
 _WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z']{2,}")
 _END_MARKERS = re.compile(r"<\|im_end\|>|<\|im_start\|>|<\|endoftext\|>|<\|eot_id\|>")
 _ANSWERISH_WORDS = {
@@ -79,9 +87,11 @@ def _boxes(text: str) -> list[tuple[int, int, int, int]]:
 
 
 def _joinable(between: str) -> bool:
-    """Text between two boxes that still lists one answer: punctuation, spacing, "and"/"or" (plus one word)."""
+    """Text between two boxes that still lists one answer: punctuation, spacing, rules such as ``++++``,
+    "and"/"or" (plus a few words)."""
     plain = re.sub(r"\\text\{([^{}]*)\}", r" \1 ", between)
-    plain = re.sub(r"\\q?quad|\\[()\[\]]|\\[,;! ]|[$,;.&]", " ", plain)
+    plain = re.sub(r"(?<![\\\w])[a-zA-Z](?:_\{?\w{1,3}\}?)?\s*=", " ", plain)  # labels: ``\) and \( y_2 =``
+    plain = re.sub(r"\\q?quad|\\[()\[\]]|\\[,;! ]|[$,;.&]|([+|~*-])\1{2,}", " ", plain)
     if re.search(r"[\d=\\{}]", plain):
         return False
     words = plain.split()
@@ -104,13 +114,14 @@ def find_boxed(text: str) -> str | None:
 def _iter_spans(text: str) -> list[tuple[int, int, str]]:
     """LaTeX math spans as (start, end, content) in order; inline ``$...$`` and ``\\(...\\)`` stay on one line."""
     spans: list[tuple[int, int, str]] = []
-    for pattern in (r"\$\$(.+?)\$\$", r"\\\[(.+?)\\\]"):
+    # a span's content never holds another opener, so an unclosed ``\[`` or ``\(`` costs linear time, not quadratic
+    for pattern in (r"\$\$(.+?)\$\$", r"\\\[((?:(?!\\\[|\\\]).)+)\\\]"):
         for m in re.finditer(pattern, text, re.DOTALL):
             spans.append((m.start(), m.end(), m.group(1)))
     masked = re.sub(r"\$\$.+?\$\$", lambda m: " " * len(m.group(0)), text, flags=re.DOTALL)
     for m in re.finditer(r"(?<!\\)\$((?:[^$\n\\]|\\.)+?)(?<!\\)\$", masked):
         spans.append((m.start(), m.end(), m.group(1)))
-    for m in re.finditer(r"\\\((.+?)\\\)", text):
+    for m in re.finditer(r"\\\(((?:(?!\\\(|\\\)).)+)\\\)", text):
         spans.append((m.start(), m.end(), m.group(1)))
     return sorted(spans)
 
@@ -131,7 +142,7 @@ def _answer_in_sentence(sentence: str) -> str | None:
     after = re.split(r"\b(?:is|are|equals|be)\b", sentence)[-1].strip()
     if after != sentence and after and _reads_like_answer(after):
         return after
-    return _last_span_or_number(sentence) or None
+    return _first_span_or_number(sentence) or None
 
 
 def _phrase_answer(text: str) -> tuple[str, int] | None:
@@ -139,7 +150,7 @@ def _phrase_answer(text: str) -> tuple[str, int] | None:
     matches = list(_PHRASE_RE.finditer(text))
     if not matches:
         return None
-    tail = re.split(r"I hope it is correct", text[matches[-1].end() :].lstrip(" *:\t"), maxsplit=1)[0]
+    tail = re.split(r"I hope it is correct", text[matches[-1].end() :].lstrip(" *:\t\n"), maxsplit=1)[0]
     boxed = find_boxed(tail)
     if boxed is not None:
         return boxed, matches[-1].start()
@@ -147,31 +158,62 @@ def _phrase_answer(text: str) -> tuple[str, int] | None:
     if spans and tail.startswith(("$", "\\(", "\\[")):
         return spans[0], matches[-1].start()
     line = tail.split("\n", 1)[0]
-    sentence = re.split(r"(?<!\\)\.(?:\s|$)", line, maxsplit=1)[0]
+    sentence = re.split(r"(?<!\\)\.(?:\s|$)|。", line, maxsplit=1)[0]
     found = _answer_in_sentence(sentence)
     return (found, matches[-1].start()) if found else None
 
 
 def _reads_like_answer(text: str) -> bool:
     """A short text with no prose (unit and percent words allowed), e.g. ``7,425,000``, ``28 pct``, ``x+1``."""
-    if len(text) > SHORT_RESPONSE_CHARS or "\n" in text.strip():
+    if len(text) > SHORT_GOLD_CHARS or "\n" in text.strip() or _NON_ASCII_WORD_RE.search(text):
         return False
     stripped = re.sub(r"\\(?:text|mbox|mathrm|textbf|textnormal)\{[^{}]*\}|\$[^$]*\$", " ", text)
+    stripped = re.sub(r"\\(?:begin|end)\{[a-zA-Z*]*\}", " ", stripped)
     words = [w.lower().strip("'") for w in _WORD_RE.findall(stripped)]
     prose = [w for w in words if w not in _ANSWERISH_WORDS]
+    if len(text) > SHORT_RESPONSE_CHARS:
+        return not words and bool(re.search(r"\\begin\{", text))  # a bare matrix / array
     return not prose or (len(prose) == 1 and len(prose[0]) <= 3 and len(words) == 1)
 
 
 def _last_span_or_number(text: str) -> str | None:
     """Whichever comes last: the last math span or the last number outside math spans."""
     spans = list(_iter_spans(text))
-    masked = text
+    masked = _BROKEN_INLINE_RE.sub(lambda m: " " * len(m.group(0)), text)
     for start, end, _ in spans:
         masked = masked[:start] + " " * (end - start) + masked[end:]
     numbers = list(_NUMBER_RE.finditer(masked))
     if numbers and (not spans or numbers[-1].start() > spans[-1][0]):
         return numbers[-1].group(0)
-    return spans[-1][2].strip() if spans else None
+    if not spans:
+        return None
+    content = spans[-1][2].strip()
+    if _is_prose(content):  # ``$? just about 1$``: a stray pair of dollar signs around prose
+        inner = list(_NUMBER_RE.finditer(content))
+        return inner[-1].group(0) if inner else None
+    return content
+
+
+def _first_span_or_number(text: str) -> str | None:
+    """Whichever comes first: the first math span or the first number outside math spans (the answer right after
+    an answer phrase: "Réponse: il paiera 220 $ en 12 mois" is 220)."""
+    spans = list(_iter_spans(text))
+    masked = text
+    for start, end, _ in spans:
+        masked = masked[:start] + " " * (end - start) + masked[end:]
+    number = _NUMBER_RE.search(masked)
+    if number and (not spans or number.start() < spans[0][0]):
+        return number.group(0)
+    return spans[0][2].strip() if spans else None
+
+
+def _is_prose(text: str) -> bool:
+    """Text with two or more plain words (outside ``\\text{}`` and commands) or with non-ASCII letters."""
+    if _NON_ASCII_WORD_RE.search(text):
+        return True
+    stripped = re.sub(r"\\(?:text\w*|mbox|math\w*|operatorname|begin|end)\s*\{[^{}]*\}", " ", text)
+    words = [w for w in re.findall(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", stripped) if w.lower() not in _ANSWERISH_WORDS]
+    return len(words) >= 2
 
 
 def extract_answer(response: str, *, last_number: bool = True) -> str | None:
@@ -202,6 +244,29 @@ def extract_answer(response: str, *, last_number: bool = True) -> str | None:
     return found.strip()[:MAX_ANSWER_CHARS] if found else None
 
 
+_LETTER_RE = re.compile(r"(?<![^\s(*])\(?([A-E])\)?(?=[\s).,:;!?*]|$)")
+_LEADING_LETTER_RE = re.compile(r"\s*(?:\*\*)?\(?([A-E])\)?(?:\*\*)?(?=[\s.:)。，,;]|[^\x00-\x7f]|$)")
+
+
+def extract_choice(response: str) -> str | None:
+    """The multiple-choice letter a response picks, for a gold that is a letter: a response that opens with a
+    letter ("D. it can't be A or B", "B。不是 A"), else the first letter after the last answer phrase ("the answer
+    is for sure D, not A"), else the last standalone capital A-E."""
+    if not isinstance(response, str) or not response.strip():
+        return None
+    text = _END_MARKERS.split(response[-20 * MAX_ANSWER_CHARS :])[0]
+    lead = _LEADING_LETTER_RE.match(text)
+    if lead:
+        return lead.group(1)
+    phrases = list(_PHRASE_RE.finditer(text))
+    if phrases:
+        after = _LETTER_RE.search(text[phrases[-1].end() :].split("\n\n", 1)[0])
+        if after:
+            return after.group(1)
+    letters = list(_LETTER_RE.finditer(text))
+    return letters[-1].group(1) if letters else None
+
+
 def extract_gold(gold: str) -> str | None:
     """The reference answer: its box or phrase when present, otherwise the whole (short) gold string."""
     if not isinstance(gold, str) or not gold.strip():
@@ -209,6 +274,10 @@ def extract_gold(gold: str) -> str | None:
     boxed = find_boxed(gold)
     if boxed is not None and boxed.strip():
         return boxed.strip()[:MAX_ANSWER_CHARS]
+    if _PHRASE_RE.search(gold):
+        phrase = _phrase_answer(gold)
+        if phrase is not None and phrase[0].strip():
+            return phrase[0].strip()[:MAX_ANSWER_CHARS]
     if len(gold) <= SHORT_GOLD_CHARS:
         return gold.strip()
     return extract_answer(gold)

@@ -90,7 +90,9 @@ _UNIT_WORDS = (
 )
 _TRAILING_UNIT = re.compile(rf"(?<=[\d}})\s])\s*(?:\\text\{{\s*)?(?:{_UNIT_WORDS})(?:\s*\^\s*\{{?[23]\}}?|[²³])?\}}?\s*$")
 _TRIG = re.compile(r"\\(?:sin|cos|tan|cot|sec|csc)")
-_CHOICE_RE = re.compile(r"^(?:\\text\{)?\(?\s*([A-Ea-e])\s*\)?\}?(?:\s*[.:]?\s*$|\s*\)\s*.*$)")
+_CHOICE_RE = re.compile(
+    r"^(?:\\text\{)?\(?\s*([A-Ea-e])\s*\)?\}?(?:\s*[.:]?\s*$|\s*\)\s*.*$|[.:]\s+.*$|\s+[A-Z][a-z]+(?:\s+\S+){0,3}$)"
+)
 _CHOICE_PAREN_RE = re.compile(r"^\(\s*([A-Ea-e])\s*\)")
 
 
@@ -122,6 +124,7 @@ def _repeating_decimal(m: re.Match) -> str:
 
 def normalize(s: str) -> str:
     """Canonical LaTeX for an answer string: styling, spacing and delimiters removed; units and prose kept."""
+    s = _repair_escapes(s)
     s = _strip_math_delims(s.strip().strip("*").strip())
     if "matrix" not in s and "array" not in s:
         s = re.sub(r"(?<!\\)\\\\(?=[a-zA-Z])", r"\\", s)
@@ -149,8 +152,17 @@ def normalize(s: str) -> str:
     s = re.sub(r"\\varnothing|\\empty(?:set)?(?![a-zA-Z])|^\\\{\s*\\\}$", r"\\emptyset", s)
     s = re.sub(r"^(-?)(\d+)\s+(\d+)\s*/\s*(\d+)$", r"\1\2\\frac{\3}{\4}", s)
     s = re.sub(r"\s+", " ", s).strip()
+    s = re.sub(r"(?<!\\)\\$", "", s).strip()  # a stray trailing backslash: ``185\``
     s = re.sub(r"[\s.,;:]+$", "", s)
     return s
+
+
+def _repair_escapes(s: str) -> str:
+    """LaTeX written in a non-raw string literal: ``"\frac"`` arrives as a form feed + ``rac``; put the backslash
+    back (control characters only: a tab stays whitespace, so ``"\text{13}"`` is not repaired)."""
+    if not re.search(r"[\x07\x08\x0b\x0c]", s):
+        return s
+    return s.replace("\x07", "\\a").replace("\x08", "\\b").replace("\x0b", "\\v").replace("\x0c", "\\f")
 
 
 def _split_top(s: str, seps: tuple[str, ...]) -> list[str]:
@@ -315,7 +327,9 @@ def parse_normalized(s: str, depth: int = 0) -> list[Node]:
     builder = re.fullmatch(r"\\\{\s*[a-zA-Z]\s*(?:\||\\mid|:)\s*(.+)\\\}", s)
     if builder:
         s = builder.group(1).strip()
-    s = re.sub(r"\\text\{\s*(or|and)\s*\}|\s+(?:or|and)\s+|(?<=[\d)])\s*(?:or|and)\s*(?=[A-Z(])", ",", s)
+    joined = re.sub(r"\\text\{\s*(or|and)\s*\}|\s+(?:or|and)\s+|(?<=[\d)])\s*(?:or|and)\s*(?=[A-Z(])", ";", s)
+    groups = _split_top(joined, (";",))
+    s = joined.replace(";", ",") if len(groups) == 1 or not all("=" in g and "," in g for g in groups) else joined
     groups = _split_top(s, (";",))
     if len(groups) > 1 and all("=" in g and "," in g for g in groups):
         return [Seq("", "", tuple(Seq("(", ")", tuple(_node(_strip_lhs(i), depth + 1) for i in _split_top(g, (",",))))

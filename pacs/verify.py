@@ -25,8 +25,8 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
-from pacs._verify_extract import extract_answer, extract_gold
-from pacs._verify_normalize import parse_answer, quick_equal
+from pacs._verify_extract import extract_answer, extract_choice, extract_gold
+from pacs._verify_normalize import Choice, parse_answer, quick_equal
 
 __all__ = ["verify", "verify_batch", "extract_answer", "math_reward", "shutdown"]
 
@@ -46,9 +46,15 @@ def judge(response: str, gold: str, last_number: bool = True) -> bool:
 def _trees(response: str, gold: str, last_number: bool) -> tuple[list, list]:
     gold_answer = extract_gold(gold)
     pred_answer = extract_answer(response, last_number=last_number)
-    if gold_answer is None or pred_answer is None:
+    if gold_answer is None:
         return [], []
-    return parse_answer(gold_answer), parse_answer(pred_answer)
+    golds = parse_answer(gold_answer)
+    preds = parse_answer(pred_answer) if pred_answer is not None else []
+    if any(isinstance(g, Choice) for g in golds) and not any(isinstance(p, Choice) for p in preds):
+        letter = extract_choice(response)  # a letter gold: find the letter the response picks
+        if letter is not None:
+            preds = [Choice(letter)]
+    return (golds, preds) if preds else ([], [])
 
 
 def _quick_verdict(response: str, gold: str, last_number: bool) -> bool | None:

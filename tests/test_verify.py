@@ -88,6 +88,28 @@ CATEGORY_PAIRS = [
     ("symbolic", "\\tan^2(y)+1", "\\boxed{\\sec^2(y)}", True),
     ("symbolic", "x^2-1", "\\boxed{(x-1)(x+1)}", True),
     ("symbolic", "x+2n+1", "\\boxed{x+1}", False),
+    ("choice-prose", "D", "The answer is for sure D, it can't be A or B", True),
+    ("choice-prose", "B", "Let's think step by step. It's not A because it doesn't make sense, therefore I think it's B", True),
+    ("choice-prose", "D", "D. it can't be A or B", True),
+    ("choice-prose", "B", "B。不是 A", True),
+    ("choice-prose", "C", "réponse est C non A", True),
+    ("choice-prose", "C Cecile", "C", True),
+    ("choice-prose", "Alina and the answer is\n(C) Cecile", "C", True),
+    ("choice-prose", "(A) Cecile", "C", False),
+    ("choice-prose", "E", "\\mathrm{E}*2", False),
+    ("choice-prose", "C", "C. x = 42", True),
+    ("multilingual", "99", "**结论**：Haley总共有99颗弹珠。", True),
+    ("multilingual", "4000", " 地块面积 = 72000 / 18 = 4000千克", True),
+    ("multilingual", "2/5", "答案：每份应该是 (\\frac{2}{5}) 吨。", True),
+    ("multilingual", "220", "Réponse: Janeth aura encore 220 $ à payer d'ici 12 mois.", True),
+    ("multilingual", "12", "Réponse: Janeth aura encore 220 $ à payer d'ici 12 mois.", False),
+    ("escapes", "\\frac{\\sqrt{17}}{17}", "$\x0crac{\\sqrt{17}}{17}$", True),
+    ("escapes", "185", "185\\", True),
+    ("escapes", "\\text{13}", "$\text{13}$", False),
+    ("equation-groups", "\\boxed{ p = 5, q = 2 \\quad \\text{and} \\quad p = 7, q = 2}", "$p=5,q=2;p=7,q=2$", True),
+    ("equation-groups", "\\boxed{ p = 5, q = 2 \\quad \\text{and} \\quad p = 7, q = 2}", "$p=5,q=2;p=7,q=3$", False),
+    ("matrix-bare", "\\begin{pmatrix}0&0\\\\0&1\\end{pmatrix}", "\\begin{bmatrix} 0 & 0 \\\\ 0 & 1 \\end{bmatrix}", True),
+    ("matrix-bare", "\\begin{pmatrix}0&0\\\\0&1\\end{pmatrix}", "\\begin{bmatrix} 0 & 1 \\\\ 0 & 0 \\end{bmatrix}", False),
 ]
 
 
@@ -114,6 +136,9 @@ def test_every_category_has_true_and_false_pairs() -> None:
         ("so the total is 41 apples", "41"),
         ("#### 18", "18"),
         ("nothing to see here", None),
+        ("Answer $ \n 9 \n $", None),  # inline math may not span lines
+        ("how many $? just about 1$", "1"),
+        ("\\boxed{35} ++++++ \\boxed{4}", "35, 4"),
         ("", None),
     ],
 )
@@ -137,6 +162,8 @@ PATHOLOGICAL = [
     "\\boxed{\\frac{1}{2",
     "}}}{{{\\frac{\\sqrt{",
     "\\boxed{\\sum_{n=1}^{10^{12}} n^{n}}",
+    "\\(" * 13000,  # unclosed openers: extraction (in the calling process) must stay linear
+    "\\[" * 13000,
 ]
 
 
