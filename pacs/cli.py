@@ -78,37 +78,27 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from pacs.checkpoint import latest_checkpoint
     from pacs.config import TrainConfig, config_from_args
-    from pacs.evaluate import evaluate, format_table, save_result
-    from pacs.trainer import setup
+    from pacs.trainer import run_eval, setup
 
     _setup_logging(args.verbose)
     cfg = config_from_args(args)
-    ckpt = None
     if args.run:
         run = Path(args.run)
-        saved = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else None
-        if saved is None:
+        if not (run / "config.json").exists():
             raise SystemExit(f"pacs eval: {run} has no config.json (not a run directory)")
+        saved = json.loads((run / "config.json").read_text())
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                     if getattr(args, f.name, None) is not None}
-        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in fields}, **explicit})
         ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run)
         if ckpt is None:
             raise SystemExit(f"pacs eval: no checkpoint in {run}")
-    session = setup(cfg)
-    if ckpt is not None:
-        import torch
-
-        session.model.load_state_dict(torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True))
-    result = evaluate(session.generator, session.tokenizer, session.test, session.test_prompts, n=cfg.eval_n,
-                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
-    result["checkpoint"] = str(ckpt) if ckpt else cfg.model
-    print(format_table(result))
-    out = Path(args.output) if args.output else Path(args.run or cfg.out_dir) / "eval" / "pacs_eval.json"
-    save_result(result, out)
-    print(f"wrote {out}")
-    return 0
+        # The run's config, its weights from the checkpoint, flags on top; results go into the run directory.
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in fields}, **explicit,
+                             "init_checkpoint": str(ckpt), "out_dir": str(run)})
+    result = run_eval(setup(cfg), args.tag, log=lambda row: None)
+    print(f"wrote {Path(cfg.out_dir) / 'eval' / (args.tag + '.json')}")
+    return 0 if result["problems"] else 1
 
 
 def _run_plot(args: argparse.Namespace) -> int:
@@ -137,7 +127,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
                                             "pass@k for k = 1, 2, 4, ..., n (table on screen, JSON on disk).")
     cmd.add_argument("--run", help="run directory: its config and latest checkpoint (flags override the config)")
     cmd.add_argument("--checkpoint", help="a specific checkpoint directory of --run")
-    cmd.add_argument("--output", help="where to write the JSON result (default: RUN/eval/pacs_eval.json)")
+    cmd.add_argument("--tag", default="pacs_eval", help="name of the result: OUT_DIR/eval/TAG.json (default: pacs_eval)")
     add_train_arguments(cmd)
     cmd.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     cmd.set_defaults(func=_run_eval)

@@ -78,6 +78,8 @@ class TrainConfig:
     sft_steps: int = opt(0, "supervised warm-up steps on (problem, gold answer) before RL (0 = none)", "warmup")
     sft_batch: int = opt(64, "supervised warm-up batch size", "warmup")
     sft_lr: float = opt(1e-3, "supervised warm-up learning rate", "warmup")
+    sft_noise: float = opt(0.0, "fraction of warm-up answers replaced by a near miss (integer answers +-1 or +-2): "
+                           "an imperfect demonstrator whose slips RL must then unlearn", "warmup")
     # evaluation
     eval_every: int = opt(0, "evaluate every E rollout steps (0 = only at start and end)", "eval")
     eval_n: int = opt(4, "samples per held-out problem", "eval")

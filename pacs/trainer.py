@@ -240,8 +240,18 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
 # Supervised warm-up
 
 
+def near_miss(answer: str, rng: random.Random) -> str:
+    """An integer answer off by 1 or 2 (a plausible slip); other answers unchanged."""
+    try:
+        value = int(answer)
+    except ValueError:
+        return answer
+    return str(abs(value + rng.choice((-2, -1, 1, 2))))
+
+
 def sft_warmup(session: Session, log) -> None:
-    """Teacher-forced training on (prompt, gold answer + EOS) pairs with the fused log-prob op."""
+    """Teacher-forced training on (prompt, gold answer + EOS) pairs with the fused log-prob op; with
+    `sft_noise`, that fraction of the answers is a near miss instead."""
     cfg, model, tok = session.cfg, session.model, session.tokenizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     rng = random.Random(cfg.seed + 17)
@@ -250,7 +260,9 @@ def sft_warmup(session: Session, log) -> None:
     for step in bar:
         idx = [rng.randrange(len(session.train)) for _ in range(cfg.sft_batch)]
         prompts = [session.train_prompts[i] for i in idx]
-        answers = [tok.encode(session.train[i].answer, add_bos=False) + [tok.eos_token_id] for i in idx]
+        golds = [session.train[i].answer for i in idx]
+        golds = [near_miss(a, rng) if rng.random() < cfg.sft_noise else a for a in golds]
+        answers = [tok.encode(a, add_bos=False) + [tok.eos_token_id] for a in golds]
         batch = pack_sequences(prompts, answers).to(session.device)
         hidden = packed_hidden_states(model, batch)
         weight, bias = lm_head_params(model)
