@@ -25,7 +25,7 @@ VERIFY_REQUIRES = [
     "antlr4-python3-runtime==4.13.2",
 ]
 
-HF_REQUIRES = ["transformers>=4.50", "accelerate", "pyyaml", "matplotlib", "pandas", "pyarrow"]
+HF_REQUIRES = ["transformers>=4.56", "accelerate", "pyyaml", "matplotlib", "pandas", "pyarrow"]
 BENCH_REQUIRES = ["pytest-benchmark", "matplotlib", "psutil", "liger-kernel", "cut-cross-entropy", "math-verify"]
 DEV_REQUIRES = ["pytest", "pytest-benchmark", "hypothesis", "psutil", "math-verify"] + HF_REQUIRES
 FLASH_REQUIRES = ["flash-attn>=2.6"]

@@ -102,10 +102,13 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from pacs.plot import plot_run
+    from pacs.plot import compare_runs, plot_run
 
-    for path in plot_run(args.run_dir):
-        print(f"wrote {path}")
+    for run_dir in args.run_dirs:
+        for path in plot_run(run_dir):
+            print(f"wrote {path}")
+    if args.compare:
+        print(f"wrote {compare_runs(args.run_dirs, args.compare)}")
     return 0
 
 
@@ -134,8 +137,10 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_plot(subparsers: argparse._SubParsersAction) -> None:
-    cmd = subparsers.add_parser("plot", help="PNG curves of a run", description="Write RUN_DIR/plots/*.png.")
-    cmd.add_argument("run_dir", help="a run directory (with metrics.jsonl)")
+    cmd = subparsers.add_parser("plot", help="PNG curves of runs", description="Write RUN_DIR/plots/*.png for each "
+                                "run, and with --compare one PNG of their pass@1 and reward curves side by side.")
+    cmd.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
+    cmd.add_argument("--compare", metavar="PNG", help="also write a comparison of the runs to this file")
     cmd.set_defaults(func=_run_plot)
 
 

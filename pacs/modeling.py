@@ -49,10 +49,19 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("the pacs trainer needs Hugging Face transformers: pip install -e '.[hf]'") from None
+    return transformers
+
+
 def build_tiny_model(tokenizer, *, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int,
                      seed: int, attn_implementation: str = "sdpa"):
     """A random-init Qwen2-architecture causal LM sized for CPU demos (tied embeddings)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    transformers = _transformers()
+    Qwen2Config, Qwen2ForCausalLM = transformers.Qwen2Config, transformers.Qwen2ForCausalLM
 
     config = Qwen2Config(
         vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
@@ -68,12 +77,12 @@ def build_tiny_model(tokenizer, *, hidden: int, layers: int, heads: int, interme
 
 
 def load_pretrained(name_or_path: str, *, dtype: torch.dtype, attn_implementation: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    transformers = _transformers()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
+    model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
+                                                              attn_implementation=attn_implementation)
     return model, tokenizer
 
 

@@ -85,3 +85,36 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def compare_runs(run_dirs: list[str | Path], out_path: str | Path) -> Path:
+    """One PNG comparing runs: held-out pass@1 against step (left) and training reward (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, run_dir in enumerate(map(Path, run_dirs)):
+        name = run_dir.name
+        evals = []
+        for path in (run_dir / "eval").glob("step_*.json"):
+            result = json.loads(path.read_text())
+            evals.append((int(path.stem.split("_")[1]), 100 * result["pass@k"]["1"]))
+        if evals:
+            steps, values = zip(*sorted(evals))
+            left.plot(steps, values, marker="o", color=f"C{i}", label=name)
+        rows = [r for r in read_metrics(run_dir) if r.get("phase") == "train"]
+        if rows:
+            right.plot([r["step"] for r in rows], _smooth([r["reward"] for r in rows], 10), color=f"C{i}", label=name)
+    left.set(xlabel="RL step", ylabel="held-out pass@1 (%)", title="held-out pass@1")
+    right.set(xlabel="RL step", ylabel="mean reward (10-step mean)", title="training reward")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -51,6 +51,7 @@ from .modeling import (
     load_pretrained,
     pack_sequences,
     packed_hidden_states,
+    packed_logprobs,
     pick_device,
     pick_dtype,
 )
@@ -151,11 +152,16 @@ def batch_indices(n_items: int, batch: int, position: int, seed: int) -> list[in
 # Loss on one packed mini-batch
 
 
+def kernel_backend(cfg: TrainConfig) -> str:
+    """pacs_kernels backend: the configured one, or the materialized reference with --loss-impl reference."""
+    return "reference" if cfg.loss_impl == "reference" else cfg.kernel_backend
+
+
 def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor, rewards: torch.Tensor, cfg: TrainConfig):
     """The configured loss on one packed mini-batch of whole groups; returns (loss, output of pacs_kernels)."""
     hidden = packed_hidden_states(model, batch)
     weight, bias = lm_head_params(model)
-    backend = "reference" if cfg.loss_impl == "reference" else cfg.kernel_backend
+    backend = kernel_backend(cfg)
     common = dict(group_size=cfg.group_size, temperature=cfg.temperature, bias=bias, entropy_coef=cfg.entropy_coef,
                   with_entropy=True, backend=backend)
     args = (hidden, weight, batch.targets, old_logprob, rewards, batch.cu_seqlens)
@@ -172,11 +178,7 @@ def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor, rewards: t
 
 @torch.no_grad()
 def old_logprobs(model, batch: PackedBatch, cfg: TrainConfig) -> torch.Tensor:
-    hidden = packed_hidden_states(model, batch)
-    weight, bias = lm_head_params(model)
-    backend = "reference" if cfg.loss_impl == "reference" else cfg.kernel_backend
-    return pacs_kernels.linear_logprob(hidden, weight, batch.targets, bias=bias, temperature=cfg.temperature,
-                                       backend=backend).logprob
+    return packed_logprobs(model, batch, temperature=cfg.temperature, backend=kernel_backend(cfg)).logprob
 
 
 def auc_score(scores: list[float], labels: list[float]) -> float | None:
@@ -246,7 +248,8 @@ def near_miss(answer: str, rng: random.Random) -> str:
         value = int(answer)
     except ValueError:
         return answer
-    return str(abs(value + rng.choice((-2, -1, 1, 2))))
+    delta = rng.choice((-2, -1, 1, 2))
+    return str(value + delta if value + delta >= 0 else value - delta)
 
 
 def sft_warmup(session: Session, log) -> None:
@@ -264,10 +267,7 @@ def sft_warmup(session: Session, log) -> None:
         golds = [near_miss(a, rng) if rng.random() < cfg.sft_noise else a for a in golds]
         answers = [tok.encode(a, add_bos=False) + [tok.eos_token_id] for a in golds]
         batch = pack_sequences(prompts, answers).to(session.device)
-        hidden = packed_hidden_states(model, batch)
-        weight, bias = lm_head_params(model)
-        lp = pacs_kernels.linear_logprob(hidden, weight, batch.targets, bias=bias,
-                                         backend=cfg.kernel_backend).logprob
+        lp = packed_logprobs(model, batch, temperature=1.0, backend=cfg.kernel_backend).logprob
         loss = -lp.sum() / (batch.targets != -100).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

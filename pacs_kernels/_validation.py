@@ -64,7 +64,7 @@ def check_linear_inputs(
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if hidden.dim() < 1:
-        raise ValueError(f"hidden must have shape [..., D], got a 0-d tensor")
+        raise ValueError("hidden must have shape [..., D], got a 0-d tensor")
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape [V, D], got {tuple(weight.shape)}")
     vocab, dim = weight.shape

@@ -114,6 +114,17 @@ def test_auc_score():
     assert auc_score([0.3, 0.4], [1, 1]) is None
 
 
+def test_near_miss_is_a_different_nonnegative_integer():
+    from pacs.trainer import near_miss
+
+    rng = random.Random(0)
+    for answer in ("0", "1", "85", "1000"):
+        for _ in range(20):
+            slip = near_miss(answer, rng)
+            assert slip != answer and 0 <= int(slip) and abs(int(slip) - int(answer)) <= 2
+    assert near_miss("x+1", rng) == "x+1"
+
+
 def test_batch_indices_are_resumable():
     full = batch_indices(10, 25, 0, seed=3)
     assert full[:10] != list(range(10)) and sorted(full[:10]) == list(range(10))
@@ -295,5 +306,6 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     assert {r["tag"] for r in rows if r["phase"] == "eval"} == {"init", "step_000000", "step_000002"}
     assert main(["eval", "--run", str(out), "--eval-n", "2"]) == 0
     assert (out / "eval" / "pacs_eval.json").exists()
-    assert main(["plot", str(out)]) == 0
+    assert main(["plot", str(out), str(out), "--compare", str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").exists()
     assert "pass@k" in capsys.readouterr().out
