@@ -153,10 +153,10 @@ def linear_logprob(
         with_entropy: also return the entropy (differentiable, e.g. for an entropy bonus).
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked pure PyTorch), "reference"
             (materialized logits, for tests and small inputs) or "auto" (triton on CUDA tensors, torch otherwise).
-        weight_grad_dtype: dtype of the [V, D] buffer in which the weight gradient is accumulated over tokens:
-            float32 by default (V * D * 4 bytes, 2 GiB at V=131072, D=4096); then cast to weight's dtype. Pass
-            `weight.dtype` to halve that buffer at the cost of rounding every partial sum (torch backend only;
-            the triton backend accumulates with float32 atomics).
+        weight_grad_dtype: dtype in which the weight gradient is accumulated over tokens: float32 by default,
+            then cast to weight's dtype. The torch backend keeps a [V, D] buffer of it (2 GiB in float32 at
+            V=131072, D=4096); pass `weight.dtype` to halve it at the cost of rounding every partial sum. The
+            triton backend always accumulates in float32, one vocabulary slice at a time (no [V, D] buffer).
 
     Returns:
         LogprobOutput(logprob, entropy): float32 tensors of shape [...] (float64 for float64 inputs on the torch
@@ -166,7 +166,8 @@ def linear_logprob(
     Memory: besides the inputs and outputs, the forward keeps 2 floats per token (log-sum-exp, entropy) for
     backward, which recomputes the logits tile by tile. The triton backend holds [128 x 128] tiles in registers
     plus 16 * N * splits bytes of statistics; the torch backend one float32 [1024 x 8192] tile (32 MiB) and a few
-    elementwise temporaries of it. Backward allocates float32 dH [N, D] and dW [V, D] accumulators.
+    elementwise temporaries of it. Backward allocates a float32 dH [N, D] accumulator and accumulates dW in
+    float32: per 8192-row vocabulary slice on the triton backend (CUDA), over all of V on the torch backend.
 
     Raises:
         ValueError: target ids outside [0, V) other than ignore_index, mismatched shapes, dtypes or devices,

@@ -208,8 +208,8 @@ def test_triton_block_and_split_invariance():
     results = []
     configs = [
         (KernelConfig(128, 512, 64), KernelConfig(128, 512, 64)),
-        (KernelConfig(16, 16, 16, n_splits=21), KernelConfig(16, 32, 16, group_n=3)),
-        (KernelConfig(32, 64, 32, n_splits=3), KernelConfig(64, 16, 32, group_n=1)),
+        (KernelConfig(16, 16, 16, n_splits=21), KernelConfig(16, 32, 16, group_n=3, v_slice=64)),
+        (KernelConfig(32, 64, 32, n_splits=3), KernelConfig(64, 16, 32, group_n=1, v_slice=100)),
     ]
     for fwd, bwd in configs:
         params = LogprobParams("triton", 1 / 0.9, True, forward_config=fwd, backward_config=bwd)

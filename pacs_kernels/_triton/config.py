@@ -35,6 +35,7 @@ class KernelConfig:
     block_d: int
     n_splits: int = 1  # forward only: vocabulary ranges processed by separate programs, merged afterwards
     group_n: int = 8  # backward only: token blocks that sweep the vocabulary together
+    v_slice: int = 0  # backward only: vocabulary rows per launch (bounds the float32 dW buffer); 0 = all
     num_warps: int = 8
     num_stages: int = 3
 
@@ -83,5 +84,6 @@ def backward_config(n_tokens: int, vocab: int, dim: int, device: torch.device) -
             block_d=_pow2_clamp(dim, 16, 256),
         )
     else:
-        config = KernelConfig(block_n=128, block_v=128, block_d=64, group_n=8, num_warps=8, num_stages=3)
+        config = KernelConfig(block_n=128, block_v=128, block_d=64, group_n=8, num_warps=8, num_stages=3,
+                              v_slice=8192)
     return _override(config)

@@ -7,8 +7,8 @@ slice of D accumulates, with float32 atomics,
     dH[rows, d] += dz @ W[cols, d]        (2*BN*BV*BD FLOPs)
     dW[cols, d] += dz.T @ H[rows, d]      (2*BN*BV*BD FLOPs)
 
-Total 6*N*D*V FLOPs (8*N*D*V with the forward), no workspace beyond the float32 dH [N, D] and dW [V, D]
-accumulators. Atomic traffic: 4*N*V*D*(1/BV + 1/BN) bytes, 1/64 of the FLOP count at 128 x 128 tiles.
+Total 6*N*D*V FLOPs (8*N*D*V with the forward), no workspace beyond the float32 dH [N, D] accumulator and a
+float32 dW accumulator for one slice of the vocabulary (see `logprob_backward`). Atomic traffic: 4*N*V*D*(1/BV + 1/BN) bytes, 1/64 of the FLOP count at 128 x 128 tiles.
 Programs are grouped (GROUP_N token blocks sweep the vocabulary together) so W tiles are reused from L2.
 """
 
@@ -114,32 +114,48 @@ def logprob_backward(
     needs: tuple[bool, bool, bool],
     config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """float32 (d_hidden [N, D], d_weight [V, D], d_bias [V]), each None when not in `needs`."""
+    """(d_hidden [N, D] float32, d_weight [V, D] in weight's dtype, d_bias [V] float32), None when not in `needs`.
+
+    The vocabulary is processed in slices of `config.v_slice` rows (0: all at once), one launch each: the weight
+    gradient of a slice is complete when its launch ends, so it is accumulated in a float32 buffer of the slice's
+    size only and then written to the output in weight's dtype (one rounding, as with a whole-vocabulary buffer).
+    Extra memory: float32 dH [N, D] + float32 [v_slice, D], e.g. 256 + 128 MiB at N=16k, D=4096, v_slice=8192,
+    instead of a 2 GiB float32 [V, D] at V=131072. FLOPs and atomics are the same as in one launch.
+    """
     need_h, need_w, need_b = needs
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     hidden = hidden.contiguous()
     weight = weight.contiguous()
+    targets = targets.contiguous()
     if config is None:
         config = backward_config(n_tokens, vocab, dim, hidden.device)
     f32 = dict(dtype=torch.float32, device=hidden.device)
+    v_slice = min(config.v_slice or vocab, vocab)
     d_hidden = torch.zeros((n_tokens, dim), **f32) if need_h else None
-    d_weight = torch.zeros((vocab, dim), **f32) if need_w else None
+    d_weight = torch.empty_like(weight) if need_w else None
+    dw_slice = torch.empty((v_slice, dim), **f32) if need_w else None
     d_bias = torch.zeros((vocab,), **f32) if need_b else None
     dummy = lse  # any float32 tensor stands in for absent pointers (the flags keep them unread)
     upcast, precision = dot_flags(hidden.dtype)
-    grid = (triton.cdiv(n_tokens, config.block_n) * triton.cdiv(vocab, config.block_v),)
-    _logprob_backward_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets.contiguous(), lse,
-        entropy if grad_entropy is not None else dummy,
-        grad_logprob.contiguous().float() if grad_logprob is not None else dummy,
-        grad_entropy.contiguous().float() if grad_entropy is not None else dummy,
-        d_hidden if need_h else dummy, d_weight if need_w else dummy, d_bias if need_b else dummy,
-        n_tokens, vocab, dim, hidden.stride(0), weight.stride(0), inv_temperature,
-        HAS_BIAS=bias is not None, HAS_GLP=grad_logprob is not None, HAS_GENT=grad_entropy is not None,
-        COMPUTE_DH=need_h, COMPUTE_DW=need_w, COMPUTE_DB=need_b,
-        UPCAST=upcast, DOT_PRECISION=precision,
-        BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d, GROUP_N=config.group_n,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    g_lp = grad_logprob.contiguous().float() if grad_logprob is not None else dummy
+    g_ent = grad_entropy.contiguous().float() if grad_entropy is not None else dummy
+    for v0 in range(0, vocab, v_slice):
+        v1 = min(v0 + v_slice, vocab)
+        dw = dw_slice[:v1 - v0].zero_() if need_w else dummy
+        grid = (triton.cdiv(n_tokens, config.block_n) * triton.cdiv(v1 - v0, config.block_v),)
+        _logprob_backward_kernel[grid](
+            hidden, weight[v0:v1], bias[v0:v1] if bias is not None else hidden,
+            targets - v0 if v0 else targets,  # ids outside the slice match no column of it
+            lse, entropy if grad_entropy is not None else dummy, g_lp, g_ent,
+            d_hidden if need_h else dummy, dw, d_bias[v0:v1] if need_b else dummy,
+            n_tokens, v1 - v0, dim, hidden.stride(0), weight.stride(0), inv_temperature,
+            HAS_BIAS=bias is not None, HAS_GLP=grad_logprob is not None, HAS_GENT=grad_entropy is not None,
+            COMPUTE_DH=need_h, COMPUTE_DW=need_w, COMPUTE_DB=need_b,
+            UPCAST=upcast, DOT_PRECISION=precision,
+            BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d, GROUP_N=config.group_n,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        if need_w:
+            d_weight[v0:v1].copy_(dw)
     return d_hidden, d_weight, d_bias
