@@ -8,7 +8,7 @@ G answers, labels each with the verifier (R = 1 correct, 0 not), and scores each
 turns psi into a leave-one-out advantage within the group, psihat_i = psi_i - mean_{j != i} psi_j, and minimises a
 class-balanced binary cross-entropy between sigmoid(psihat_i) and R_i. sigmoid(psihat_i) is the policy's own
 prediction that answer i is correct: the critic lives inside the actor, and the gradient is REINFORCE with a
-leave-one-out baseline weighted by w_i (R_i - sigmoid(psihat_i)) (see ../shared/pacs-math.md).
+leave-one-out baseline weighted by w_i (R_i - sigmoid(psihat_i)) (see docs/pacs-math.md).
 
 How it differs from GRPO: GRPO maximises a clipped importance-ratio surrogate per token with the group-normalised
 reward as a fixed advantage; PACS has no ratio clipping and no per-token advantage: the reward is a label, the

@@ -1,6 +1,6 @@
 """PACS loss end to end: per-token log-probs -> sequence scores -> group advantage -> weighted sigmoid BCE.
 
-The math is ../shared/pacs-math.md (PACS, arXiv 2509.02522). In short, for S packed sequences in groups of G:
+The math is docs/pacs-math.md (PACS, arXiv 2509.02522). In short, for S packed sequences in groups of G:
 
     psi_i    = beta * sum_t m_it (l_it - l^old_it)          score="logratio_sum"
              = beta * sum_t m_it l_it / sum_t m_it           score="logprob_mean"
@@ -180,7 +180,7 @@ def pacs_loss_from_logprobs(
         cu_seqlens: [S+1] int32 boundaries of the S packed sequences (0 first, N last).
         group_size: G, consecutive sequences answering the same prompt; divides S.
         mask: [N] bool, True at response tokens (default: every token).
-        beta, score, advantage, class_balance: see the module docstring / ../shared/pacs-math.md.
+        beta, score, advantage, class_balance: see the module docstring / docs/pacs-math.md.
         entropy, entropy_coef: optional entropy bonus: loss -= entropy_coef * mean of entropy over response tokens.
         backend: sequence part in "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch", or "auto".
 
@@ -251,7 +251,7 @@ def pacs_loss(
 ) -> PACSOutput:
     """The PACS loss straight from hidden states and the lm_head weight, without [tokens x vocab] logits.
 
-    Computes (../shared/pacs-math.md)::
+    Computes (docs/pacs-math.md)::
 
         l     = linear_logprob(hidden, weight, targets, temperature=T)             # [N]
         psi   = beta * segment_sum(m * (l - old_logprob), cu_seqlens)             # [S]

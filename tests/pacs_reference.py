@@ -1,4 +1,4 @@
-"""Float64 reference of the PACS loss, written line by line from ../shared/pacs-math.md with plain autograd.
+"""Float64 reference of the PACS loss, written line by line from docs/pacs-math.md with plain autograd.
 
 Independent of pacs_kernels' implementation: loops over groups and sequences, materialized logits.
 """

@@ -8,7 +8,7 @@ score / advantage / critic probability / class weight, and one float per token:
            = beta * m_t * dL/dpsi_seq(t) / n_resp(seq(t))                 (logprob_mean)
 
 so that the backward of the whole loss is one gradient pass of the log-prob kernel with these upstream gradients.
-The math (and its notation) is ../shared/pacs-math.md; `pacs_kernels.pacs_loss.sequence_terms_torch` is the same
+The math (and its notation) is docs/pacs-math.md; `pacs_kernels.pacs_loss.sequence_terms_torch` is the same
 computation in PyTorch.
 """
 
