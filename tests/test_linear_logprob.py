@@ -1,6 +1,6 @@
 """linear_logprob against the float64 materialized reference, for every backend.
 
-Tolerance rule (see ../shared/style.md, "judge error relative to a baseline"): a backend's error against the
+Tolerance rule ("judge error relative to a baseline"): a backend's error against the
 float64 reference must be at most 2x the error of the same-precision naive PyTorch path (materialized logits in the
 input dtype, float32 softmax, autograd), plus an absolute floor for the cases where the naive path happens to be
 near-exact. The floor is a few ulps of float32 for float32 inputs (1e-5 relative to the largest value) and for
