@@ -180,6 +180,8 @@ def linear_logprob(
         out = linear_logprob(hidden[:, :-1], weight, input_ids[:, 1:], with_entropy=True)
         loss = -(out.logprob * advantages[:, None]).mean() - 0.01 * out.entropy.mean()
     """
+    if not isinstance(hidden, torch.Tensor):
+        raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     backend = resolve_backend(backend, hidden.device)
     inv_temperature = 1.0 / check_temperature(temperature)
     problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend)

@@ -354,6 +354,7 @@ def _bad_cases():
         "unknown backend": (dict(hidden=h, weight=w, targets=t, backend="cuda"), "backend"),
         "empty vocabulary": (dict(hidden=h, weight=w[:0], targets=t), "empty vocabulary"),
         "integer hidden": (dict(hidden=h.long(), weight=w.long(), targets=t), "dtype"),
+        "hidden not a tensor": (dict(hidden=h.tolist(), weight=w, targets=t), "torch.Tensor"),
     }
 
 
