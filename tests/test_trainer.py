@@ -309,3 +309,53 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     assert main(["plot", str(out), str(out), "--compare", str(tmp_path / "cmp.png")]) == 0
     assert (tmp_path / "cmp.png").exists()
     assert "pass@k" in capsys.readouterr().out
+
+
+def _save_local_hf_model(path):
+    """A tiny Qwen2 model and a character-level Hugging Face tokenizer saved like a hub checkpoint (no download)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = string.ascii_letters + string.digits + string.punctuation + " "
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + list(chars))}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                     unk_token="<unk>")
+    config = Qwen2Config(vocab_size=len(specials) + len(chars), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    hf_tok.save_pretrained(path)
+
+
+def test_train_a_local_hugging_face_model_on_a_jsonl_file(tmp_path):
+    """The real-model path: AutoModel/AutoTokenizer from a directory, file data with custom keys, the PACS prompt."""
+    model_dir = tmp_path / "model"
+    _save_local_hf_model(model_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{a}+{b}", "solution": str(a + b)}) + "\n"
+                            for a in range(4) for b in range(4)))
+    cfg = TrainConfig(model=str(model_dir), data=str(data), problem_key="question", answer_key="solution",
+                      steps=2, prompts_per_step=2, group_size=2, minibatches_per_rollout=1, max_new_tokens=3,
+                      eval_n=1, eval_problems=2, lr=1e-3, plot=False, out_dir=str(tmp_path / "run"))
+    run = train(cfg)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["phase"] == "train"] == [1, 2]
+    assert latest_checkpoint(run).name == "step_000002"
+    from pacs.data import PROMPT_SUFFIX, format_prompt
+    from pacs.tasks import Problem
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = format_prompt(tok, Problem("1+2", "3"), synthetic=False)
+    assert ids == tok.encode(f"1+2 {PROMPT_SUFFIX}")  # no chat template: the problem and the authors' suffix
+    tok.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    ids = format_prompt(tok, Problem("1+2", "3"), synthetic=False)
+    assert ids == tok.encode(f"<s>1+2 {PROMPT_SUFFIX}</s>A:", add_special_tokens=False)
+    assert format_prompt(tok, Problem("1+2", "3"), synthetic=False, use_chat_template=False) == tok.encode(
+        f"1+2 {PROMPT_SUFFIX}")
