@@ -385,3 +385,23 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     h, w, _, t = _good()
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         linear_logprob(h.cpu(), w.cpu(), t.cpu(), backend="triton")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_cuda_kernel_configs(monkeypatch):
+    """The pinned GPU configs (selected here without a GPU): vocabulary splits fill the SMs, dW is sliced."""
+    from pacs_kernels._triton import config
+
+    monkeypatch.setattr(config, "interpreting", lambda: False)
+    monkeypatch.setattr(config, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    fwd = config.forward_config(16384, 131072, 4096, cuda)
+    assert (fwd.block_n, fwd.block_v, fwd.block_d) == (128, 128, 64) and fwd.n_splits == 3  # 128 blocks x 3 >= 264
+    assert config.forward_config(64, 131072, 4096, cuda).n_splits == 264  # few tokens: split the vocabulary
+    bwd = config.backward_config(16384, 131072, 4096, cuda)
+    assert bwd.v_slice == 8192 and bwd.v_slice % bwd.block_v == 0
+    monkeypatch.setenv("PACS_KERNELS_CONFIG", "64,256,32")
+    assert config.backward_config(16384, 131072, 4096, cuda).block_v == 256
+    monkeypatch.setenv("PACS_KERNELS_CONFIG", "64,256")
+    with pytest.raises(ValueError, match="PACS_KERNELS_CONFIG"):
+        config.forward_config(16384, 131072, 4096, cuda)
