@@ -359,3 +359,34 @@ def test_train_a_local_hugging_face_model_on_a_jsonl_file(tmp_path):
     assert ids == tok.encode(f"<s>1+2 {PROMPT_SUFFIX}</s>A:", add_special_tokens=False)
     assert format_prompt(tok, Problem("1+2", "3"), synthetic=False, use_chat_template=False) == tok.encode(
         f"1+2 {PROMPT_SUFFIX}")
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    """SIGTERM mid-run: the current step ends, a checkpoint is written, the process exits cleanly; --resume ends it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "pacs.cli", "train", "--model", "tiny", "--tiny-hidden", "32", "--tiny-layers",
+            "1", "--tiny-heads", "2", "--tiny-intermediate", "64", "--level", "1", "--n-train", "40", "--n-test", "2",
+            "--eval-n", "1", "--max-new-tokens", "3", "--prompts-per-step", "2", "--group-size", "2",
+            "--save-every", "0", "--plot", "false", "--out-dir", str(out)]
+    proc = subprocess.Popen([*args, "--steps", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"phase": "train"' in metrics.read_text():
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    ckpt = latest_checkpoint(out)
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"phase": "train"' in x]
+    assert ckpt is not None and ckpt.name == f"step_{steps[-1]:06d}"
+    resumed = subprocess.run([*args, "--steps", str(steps[-1] + 1), "--resume", "true"], capture_output=True,
+                             timeout=120)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert latest_checkpoint(out).name == f"step_{steps[-1] + 1:06d}"
