@@ -42,6 +42,7 @@ from pacs._verify_normalize import (
 __all__ = ["nodes_equal", "trees_equal"]
 
 MAX_LATEX_CHARS = 600
+MAX_NESTING = 40
 MAX_LOG10 = 5000.0  # numbers beyond 10**5000 are never evaluated
 MAX_FACTORIAL = 2000
 RANDOM_POINTS = 4
@@ -88,6 +89,12 @@ def _guard(expr):
 def _to_sympy(latex: str, degrees: bool):
     if len(latex) > MAX_LATEX_CHARS:
         raise TooLarge("answer too long")
+    depth = deepest = 0
+    for ch in latex:  # the grammar is slow on deep nesting (``((((...``); no real answer nests this deep
+        depth += (ch in "([{") - (ch in ")]}")
+        deepest = max(deepest, depth)
+    if deepest > MAX_NESTING:
+        raise TooLarge("nested too deep")
     latex = re.sub(r"(\d(?:\.\d+)?)[eE]([+-]?\d+)(?![\w])", r"\1\\times 10^{\2}", latex)
     latex = latex.replace("°", "^{\\circ}")
     expr = latex2sympy(latex, convert_degrees=degrees, conversion_config=_CONVERSION)
@@ -361,7 +368,7 @@ def _interval_from_relation(node: Expr) -> Seq | None:
     return None
 
 
-_RELATIONS = {"<": sympy.Lt, ">": sympy.Gt, "\\le": sympy.Le, "\\ge": sympy.Ge}
+_RELATIONS = {"<": sympy.Lt, ">": sympy.Gt, "\\le": sympy.Le, "\\ge": sympy.Ge, "\\ne": sympy.Ne}
 
 
 def _relation_set(node: Expr) -> sympy.Set | None:
@@ -451,7 +458,11 @@ def _time_as_expr(node: Time) -> Expr:
 def nodes_equal(gold: Node, pred: Node) -> bool:
     """Whether the response tree means the same answer as the gold tree."""
     if isinstance(gold, Time) != isinstance(pred, Time) and isinstance(gold, Expr) != isinstance(pred, Expr):
-        gold, pred = (_time_as_expr(n) if isinstance(n, Time) else n for n in (gold, pred))
+        time = gold if isinstance(gold, Time) else pred
+        other = pred if time is gold else gold
+        if math.gcd(time.hours, time.minutes) != 1 and ":" not in other.latex:
+            return False  # ``20:34``, ``12:00``: a clock time (a ratio would be in lowest terms), never ``10/17``
+        gold, pred = (_time_as_expr(n) if isinstance(n, Time) else n for n in (gold, pred))  # ``7:32`` may be a ratio
     quick = quick_equal(gold, pred)
     if quick is not None:
         return quick

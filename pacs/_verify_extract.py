@@ -31,7 +31,8 @@ _PHRASE_RE = re.compile(
 )
 _NUMBER_RE = re.compile(
     r"-?\\[dt]?frac\{\d+\}\{\d+\}"
-    r"|(?<![A-Za-z0-9_.,])-?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+,\d+|\d+(?:\.\d+)?(?:\s*/\s*\d+)?|\.\d+)(?:\s*(?:\\?%|percent))?(?![\d])"
+    r"|(?<![A-Za-z0-9_.,:])\d{1,2}:\d{2}(?:\s*(?:[ap]\.m\.|[ap]m\b|[AP]\.M\.|[AP]M\b))?(?![\d:])"
+    r"|(?<![A-Za-z0-9_.,])-?(?:\d{1,3}(?:(?:,|\{,\})\d{3})+(?:\.\d+)?|\d+,\d+|\d+ \d+/\d+(?![\d/])|\d+(?:\.\d+)?(?:\s*/\s*\d+)?|\.\d+)(?:\s*(?:\\?%|percent))?(?![\d])"
 )
 _NON_ASCII_WORD_RE = re.compile(r"[^\W\d_A-Za-z]")
 # Inline math that spans lines is not math (``Answer $ \n 9 \n $``): its numbers are not answers either.
@@ -40,6 +41,12 @@ _BROKEN_INLINE_RE = re.compile(
     r"|\\\((?:(?!\\\))[^\n]){0,300}\n(?:(?!\\\))[\s\S]){0,300}\\\)"
 )  # bounded, so that a response full of unclosed ``\(`` stays linear
 _WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z']{2,}")
+# one word after an answer phrase that is not itself an answer ("the answer is below", "... is wrong")
+_NOT_ANSWER_WORDS = {
+    "below", "above", "follows", "following", "wrong", "unclear", "clear", "obvious", "simple", "straightforward",
+    "therefore", "thus", "hence", "so", "as", "this", "that", "then", "given", "shown", "boxed", "not", "still",
+    "actually", "probably", "likely", "indeed",
+}
 _END_MARKERS = re.compile(r"<\|im_end\|>|<\|im_start\|>|<\|endoftext\|>|<\|eot_id\|>")
 _ANSWERISH_WORDS = {
     "percent", "percentage", "pct", "degrees", "degree", "units", "unit", "meters", "miles", "inches", "feet",
@@ -139,6 +146,9 @@ def _answer_in_sentence(sentence: str) -> str | None:
     choice = re.match(r"\(([A-E])\)|([A-E])(?=[.:)]?(?:\s|$))", sentence)
     if choice:
         return choice.group(0)
+    word = re.fullmatch(r"(?:\\text\{)?([A-Za-z][A-Za-z'-]*)\}?", sentence)
+    if word and word.group(1).lower() not in _NOT_ANSWER_WORDS:  # a one-word answer: "The answer is Tuesday."
+        return sentence
     after = re.split(r"\b(?:is|are|equals|be)\b", sentence)[-1].strip()
     if after != sentence and after and _reads_like_answer(after):
         return after

@@ -77,11 +77,12 @@ class Time:
 Node = TUnion[Choice, Text, Expr, Seq, Union, Matrix, Time]
 
 _SPACING = re.compile(
-    r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|Biggl|Biggr|big|Big|bigg|Bigg)(?![a-zA-Z])"
+    r"\\(?:left|right)\.|\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|Biggl|Biggr|big|Big|bigg|Bigg)(?![a-zA-Z])"
     r"|\\(?:displaystyle|textstyle|scriptstyle|limits|nolimits|mathstrut)(?![a-zA-Z])"
+    r"|\\(?:tiny|scriptsize|footnotesize|small|normalsize|large|Large|LARGE|huge|Huge|scriptscriptstyle)(?![a-zA-Z])"
     r"|(?<!\\)\\[,;: ]|\\q?quad|~|\\hfill|\\phantom\{[^{}]*\}"
 )
-_TEXT_CMDS = re.compile(r"\\(?:mbox|textbf|textit|textnormal|textrm|mathrm|mathbf|mathit|mathsf|operatorname|texttt|hbox)\s*\{")
+_TEXT_CMDS = re.compile(r"\\(?:mbox|textbf|textit|textnormal|textrm|mathrm|mathbf|mathit|mathsf|operatorname|texttt|hbox|boldsymbol|bm|pmb|mathbfit)\s*\{")
 _UNIT_WORDS = (
     "cm|mm|km|m|meters?|metres?|kilometers?|centimeters?|inches|inch|in|ft|feet|foot|yards?|yd|miles?|mi|mph|"
     "kg|g|grams?|kilograms?|lbs?|pounds?|ounces?|oz|tons?|s|sec|seconds?|min|minutes?|hr|hrs|hours?|days?|weeks?|"
@@ -130,6 +131,9 @@ def normalize(s: str) -> str:
         s = re.sub(r"(?<!\\)\\\\(?=[a-zA-Z])", r"\\", s)
     s = s.replace("\\$", "").replace("\\%", "%").replace("％", "%").replace('\\"', "").replace('"', "")
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = re.sub(r"\\(?:text)?color\s*\{[^{}]*\}", "", s)  # ``\\color{red}{5}``
+    # the imaginary unit and Euler's number set upright (``3\\mathrm{i}``) are symbols, not trailing units
+    s = re.sub(r"\\(?:mathrm|text|textrm|textit|mathit|operatorname)\s*\{\s*([ei])\s*\}", r" \1", s)
     s = _TEXT_CMDS.sub(lambda _: "\\text{", s)
     s = re.sub(r"(\d),\s*\\!\s*(?=\d{3})", r"\1,", s)
     s = re.sub(r"(?<!\\)\\!", "", s)
@@ -143,7 +147,9 @@ def normalize(s: str) -> str:
     s = re.sub(r"\\leq?(?:slant)?(?![a-zA-Z])|<=|≤", r"\\le ", s)
     s = re.sub(r"\\geq?(?:slant)?(?![a-zA-Z])|>=|≥", r"\\ge ", s)
     s = re.sub(r"\\neq?(?![a-zA-Z])|!=|≠", r"\\ne ", s)
-    s = re.sub(r"\\infinity|∞", r"\\infty", s)
+    s = re.sub(r"\\infinity|∞|\\text\{\s*infinity\s*\}|^infinity$", r"\\infty", s)
+    s = re.sub(r"\\langle(?![a-zA-Z])|⟨", "(", s)  # a vector ``\\langle 1, 2 \\rangle`` is the tuple ``(1, 2)``
+    s = re.sub(r"\\rangle(?![a-zA-Z])|⟩", ")", s)
     s = s.replace("−", "-").replace("×", "\\times ").replace("·", "\\cdot ").replace("π", "\\pi ")
     s = _fix_loose_args(s)
     s = re.sub(r"\^\s*\{?\s*(?:\\text\{\s*)?(?:st|nd|rd|th)\s*\}?\s*\}?|\\(?:text|mathrm)\{(?:st|nd|rd|th)\}", "", s)
@@ -213,6 +219,7 @@ def _enclosing(s: str) -> tuple[str, str, str] | None:
 def _strip_units_and_flags(s: str) -> tuple[str, bool, bool]:
     """Remove trailing units / prose; return (expression, percent, degree)."""
     percent = degree = False
+    s = re.sub(r"^\\text\{\s*(-?\d[\d.,]*)\s+([A-Za-z][^{}]*)\}$", r"\1 \\text{ \2}", s.strip())  # ``\\text{20 meters}``
     for _ in range(3):
         s = s.strip()
         new = re.sub(r"\s*(?:%|\\text\{\s*%\s*\}|\bpercent(?:age)?\b|\bpct\b)\s*$", "", s)
@@ -223,7 +230,7 @@ def _strip_units_and_flags(s: str) -> tuple[str, bool, bool]:
             degree, s = True, s[:-1]
             continue
         new = _TRAILING_UNIT.sub("", s)
-        if new != s and new.strip():
+        if new != s and new.strip() and new.count("{") == new.count("}"):  # not half of ``\\text{ per year}``
             s = new
             continue
         new = re.sub(r"(?<=\S)\s*\\text\{[^{}]*\}\s*(?:\^\s*\{?[23]\}?)?$", "", s)
@@ -288,7 +295,7 @@ def _matrix(s: str) -> Matrix | None:
     return Matrix(cells, "\\begin{pmatrix}" + " \\\\ ".join(" & ".join(c.strip() for c in row.split("&")) for row in rows) + "\\end{pmatrix}")
 
 
-_TIME_RE = re.compile(r"(\d{1,2}):(\d{2})(?::\d{2})?\s*(am|pm|a\.m\.|p\.m\.)?", re.IGNORECASE)
+_TIME_RE = re.compile(r"(\d{1,2}):(\d{2})(?::\d{2})?\s*(am|pm|a\.m\.?|p\.m\.?)?", re.IGNORECASE)
 
 
 def _time(s: str) -> Time | None:
