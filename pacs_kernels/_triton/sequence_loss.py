@@ -90,8 +90,11 @@ def _pacs_sequence_kernel(
 
     # Weighted BCE with logits: softplus(x) - R x, written to stay finite for |x| ~ 1e4.
     x = psihat
-    e = tl.exp(-tl.abs(x))  # in (0, 1]: no overflow for any x
-    bce = tl.maximum(x, 0.0) - reward * x + tl.log(1.0 + e)
+    # exp and log in float32 (ample for the loss and the sigmoid; the float64 is for the Jacobian's cancellation),
+    # which keeps the kernel on float64 add/mul/div/sqrt only.
+    e32 = tl.exp(-tl.abs(x).to(tl.float32))  # in (0, 1]: no overflow for any x
+    e = e32.to(tl.float64)
+    bce = tl.maximum(x, 0.0) - reward * x + tl.log(1.0 + e32).to(tl.float64)
     tl.store(loss_ptr + group, (tl.sum(tl.where(g_ok, weight * bce, 0.0), axis=0) * inv_num_seqs).to(tl.float32))
     prob = tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
 
