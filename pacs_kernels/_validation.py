@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._segments import segment_ids, segment_sum
+
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # float64 is accepted by the pure-PyTorch paths (handy for gradcheck) but not by the Triton kernels.
@@ -196,11 +198,8 @@ def check_packed_sequences(
         ((r != 0) & (r != 1)).sum(),
     ]
     if need_response_token:
-        counts = torch.zeros(n_seqs, dtype=torch.long, device=device)
-        lengths = cu.diff().clamp_min(0)
-        if lengths.sum() == n_tokens:  # only meaningful for a valid layout; reported below otherwise
-            seq_of_token = torch.repeat_interleave(torch.arange(n_seqs, device=device), lengths)
-            counts.index_add_(0, seq_of_token, response_mask.long())
+        # Meaningful only for a valid layout, which is checked first below; no extra synchronisation either way.
+        counts = segment_sum(response_mask.long(), segment_ids(cu_seqlens, n_tokens), n_seqs)
         checks.append((counts == 0).sum())
     first, last, decreasing, out_of_range, non_binary, *empty = torch.stack(checks).tolist()
     if first != 0 or last != n_tokens or decreasing:

@@ -29,6 +29,7 @@ from ._validation import (
     check_finite_number,
     check_packed_sequences,
 )
+from ._segments import response_mean, segment_ids, segment_sum
 from .linear_logprob import linear_logprob, resolve_backend
 
 
@@ -55,13 +56,6 @@ class SequenceParams:
     backend: str  # "triton" | "torch"
 
 
-def segment_ids(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Sequence index of each of the n_tokens packed tokens ([N] int64)."""
-    lengths = cu_seqlens.long().diff()
-    seqs = torch.arange(lengths.numel(), device=cu_seqlens.device)
-    return torch.repeat_interleave(seqs, lengths, output_size=n_tokens)
-
-
 def sequence_terms_torch(logprob, old_logprob, mask, rewards, cu_seqlens, *, group_size, beta, score, advantage,
                          class_balance):
     """PyTorch twin of the Triton sequence kernel: (loss, psi, psihat, prob, weight, coef [N]), closed forms.
@@ -76,9 +70,8 @@ def sequence_terms_torch(logprob, old_logprob, mask, rewards, cu_seqlens, *, gro
         lp = lp - old_logprob.to(acc)
     per_token = torch.where(mask, lp, torch.zeros_like(lp))  # never reads old values at ignored positions
     seq = segment_ids(cu_seqlens, n_tokens)
-    sums = torch.zeros(n_seqs, dtype=acc, device=lp.device).index_add_(0, seq, per_token)
-    counts = torch.zeros(n_seqs, dtype=acc, device=lp.device).index_add_(0, seq, mask.to(acc))
-    sums, counts = sums.double(), counts.double()
+    sums = segment_sum(per_token, seq, n_seqs).double()
+    counts = segment_sum(mask.to(acc), seq, n_seqs).double()
     psi = beta * sums if score == "logratio_sum" else beta * sums / counts.clamp_min(1)
 
     grouped = psi.view(-1, G)
@@ -148,12 +141,6 @@ class PACSSequenceLoss(torch.autograd.Function):
         return (grad_loss * coef).to(grad_loss.dtype), None, None, None, None, None
 
 
-def _entropy_bonus(entropy, mask, entropy_coef):
-    """-entropy_coef * mean entropy over response tokens (0 when there are none)."""
-    n_resp = mask.sum().clamp_min(1)
-    return -entropy_coef * torch.where(mask, entropy, torch.zeros_like(entropy)).sum() / n_resp
-
-
 def pacs_loss_from_logprobs(
     logprob: torch.Tensor,
     old_logprob: torch.Tensor | None,
@@ -210,7 +197,7 @@ def pacs_loss_from_logprobs(
     loss, psi, psihat, prob, weight = PACSSequenceLoss.apply(logprob, old_logprob, mask, rewards, cu_seqlens, params)
     bce = loss.detach()
     if entropy_coef:
-        loss = loss + _entropy_bonus(entropy, mask, entropy_coef)
+        loss = loss - entropy_coef * response_mean(entropy, mask)
     return PACSOutput(loss, psi, psihat, prob, weight, logprob.detach(),
                       None if entropy is None else entropy.detach(), bce)
 

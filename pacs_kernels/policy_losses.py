@@ -25,9 +25,9 @@ from typing import NamedTuple
 
 import torch
 
+from ._segments import response_mean, segment_ids, segment_sum
 from ._validation import check_choice, check_finite_number, check_packed_sequences
 from .linear_logprob import linear_logprob
-from .pacs_loss import _entropy_bonus, segment_ids
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -107,18 +107,15 @@ def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens
 
     n_seqs = rewards.numel()
     if loss_type == "grpo":
-        lengths = torch.zeros(n_seqs, dtype=lp.dtype, device=lp.device).index_add_(0, seq, maskf)
-        sums = torch.zeros(n_seqs, dtype=lp.dtype, device=lp.device).index_add_(0, seq, per_token)
-        loss = (sums / lengths.clamp_min(1)).mean()
+        loss = (segment_sum(per_token, seq, n_seqs) / segment_sum(maskf, seq, n_seqs).clamp_min(1)).mean()
     elif loss_type in ("bnpo", "dapo"):
         loss = per_token.sum() / n_resp
     else:  # dr_grpo
         if max_len is None:
-            max_len = int(torch.zeros(n_seqs, dtype=torch.long, device=lp.device)
-                          .index_add_(0, seq, mask.long()).max().clamp_min(1))
+            max_len = int(segment_sum(mask.long(), seq, n_seqs).max().clamp_min(1))
         loss = per_token.sum() / (n_seqs * max_len)
     if entropy_coef:
-        loss = loss + _entropy_bonus(out.entropy, mask, entropy_coef)
+        loss = loss - entropy_coef * response_mean(out.entropy, mask)
     is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
     clip_fraction = (is_clipped & mask).sum() / n_resp
     return PolicyLossOutput(loss, adv_seq, lp.detach(), None if out.entropy is None else out.entropy.detach(),

@@ -67,6 +67,12 @@ def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: floa
         out.add_((a @ b).to(out.dtype), alpha=alpha)
 
 
+def _targets_in_slice(y: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whether each target lies in columns [v0, v1), its column there as an [n, 1] index, clamped when not)."""
+    hit = (y >= v0) & (y < v1)
+    return hit, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
+
+
 def _merge_pair(a, b):
     m, s, t = (None if x is None else torch.stack((x, y)) for x, y in zip(a, b))
     return merge_stats(m, s, t)
@@ -89,9 +95,8 @@ def chunked_forward(hidden, weight, bias, targets, inv_temperature, with_entropy
         for v0 in range(0, vocab, chunk_v):
             v1 = min(v0 + chunk_v, vocab)
             z = _logits(h, weight[v0:v1], None if bias is None else bias[v0:v1], inv_temperature)
-            hit = (y >= v0) & (y < v1)
-            local = (y - v0).clamp(0, v1 - v0 - 1)
-            target_logit += torch.where(hit, z.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
+            hit, local = _targets_in_slice(y, v0, v1)
+            target_logit += torch.where(hit, z.gather(1, local).squeeze(1), 0.0)
             tile = slice_stats(z, with_entropy)
             stats = tile if stats is None else _merge_pair(stats, tile)
         lse_c, ent_c = finalize_stats(*stats)
@@ -127,9 +132,8 @@ def chunked_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, 
             z = _logits(h, w, None if bias is None else bias[v0:v1], inv_temperature)
             dz = logit_grad(z, lse[rows], g_lp, ent, g_ent)
             if g_lp is not None:
-                hit = (y >= v0) & (y < v1)
-                local = (y - v0).clamp(0, v1 - v0 - 1)
-                dz.scatter_add_(1, local.unsqueeze(1), torch.where(hit, g_lp, 0.0).unsqueeze(1))
+                hit, local = _targets_in_slice(y, v0, v1)
+                dz.scatter_add_(1, local, torch.where(hit, g_lp, 0.0).unsqueeze(1))
             # dL/d(h W^T + b) = dz * inv_temperature: the scale rides on the products below.
             dz_op = dz if h.dtype == dz.dtype else dz.to(h.dtype)
             if need_h:

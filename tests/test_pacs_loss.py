@@ -327,3 +327,15 @@ def test_sequence_kernel_matches_torch_twin_on_many_groups():
             tol = 1e-5 if advantage != "grpo" else 5e-5
             for x, ref in zip(got, exact):
                 assert max_err(x, ref) <= tol, (score, advantage, cb)
+
+
+def test_segment_ids_with_empty_sequences():
+    from pacs_kernels._segments import segment_ids, segment_sum
+
+    lengths = torch.tensor([3, 0, 0, 2, 1, 0])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int()
+    seq = segment_ids(cu, 6)
+    assert seq.tolist() == torch.repeat_interleave(torch.arange(6), lengths).tolist() == [0, 0, 0, 3, 3, 4]
+    assert segment_sum(torch.ones(6), seq, 6).tolist() == lengths.float().tolist()
+    bad = torch.tensor([0, 9, 2], dtype=torch.int32)  # malformed: indices stay in range
+    assert segment_ids(bad, 6).max() < 2 and segment_ids(bad, 6).min() >= 0
