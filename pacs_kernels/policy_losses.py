@@ -3,12 +3,28 @@
 The spec is TRL's GRPOTrainer (`trl/trainer/grpo_trainer.py`, `_compute_loss`), written here for packed sequences:
 
     ratio_t     = exp(l_t - l^old_t)
+    kl_t        = exp(l^ref_t - l_t) - (l^ref_t - l_t) - 1                        # k3 estimator of KL(pi || ref)
+                  * ratio_t                                                       # use_bias_correction_kl (default)
     L_t         = -min(ratio_t * A_seq(t), clip(ratio_t, 1 - epsilon, 1 + epsilon_high) * A_seq(t))
-                  + kl_coef * (exp(l^ref_t - l_t) - (l^ref_t - l_t) - 1)          # k3 estimator, when kl_coef > 0
+                  + kl_coef * kl_t                                                # when kl_coef > 0
     loss_type "grpo":    mean_i ( sum_t m_it L_it / sum_t m_it )                  # per-sequence token mean, then mean
               "bnpo":    sum_it m_it L_it / sum_it m_it
               "dr_grpo": sum_it m_it L_it / (S * max_len)                         # max_len: max_completion_length
-              "dapo":    sum_it m_it L_it / sum_it m_it                           # token mean over the (global) batch
+              "dapo":    sum_it m_it L_it / normalizer                            # default: sum_it m_it
+
+The KL bias correction (TRL's `use_bias_correction_kl=True`, its default) multiplies the k3 term by the unclipped,
+differentiable ratio, so that its gradient is the unbiased reverse-KL gradient under samples from pi_old; the
+logged `kl` is the mean of the corrected term, as TRL logs it. `use_bias_correction_kl=False` gives the plain k3.
+
+Normalizers, as TRL has them with one process and one optimizer step per mini-batch (what pacs/trainer.py does):
+`max_len` is TRL's `max_completion_length` (the trainer passes `max_new_tokens`); None falls back to the longest
+response in this batch, which is *not* TRL's behaviour. dapo's `normalizer` is TRL's `num_items_in_batch`
+(response tokens of the whole generation batch) * gradient_accumulation_steps / (num_processes *
+steps_per_generation): for the trainer, the rollout batch's response tokens / its number of mini-batches, so
+every mini-batch step has the same scale; None falls back to this batch's response tokens (then dapo = bnpo).
+
+TRL's default loss_type is "dapo"; ours is "grpo" (per-sequence mean), kept so that existing results stay
+reproducible: pass loss_type="dapo" for TRL's default.
 
 Advantages (TRL): grpo_loss uses A_i = R_i - mean_group(R), divided by (std_group(R) + 1e-4) when
 scale_rewards="group" (TRL's default; unbiased std), by the batch std when "batch", not at all when "none"
@@ -41,7 +57,7 @@ class PolicyLossOutput(NamedTuple):
     logprob: torch.Tensor  # [N], 0 at ignored positions
     entropy: torch.Tensor | None  # [N] when computed
     clip_fraction: torch.Tensor  # share of response tokens whose ratio was clipped (in the direction that matters)
-    kl: torch.Tensor | None  # mean k3 KL to the reference over response tokens, when ref_logprob is given
+    kl: torch.Tensor | None  # mean (bias-corrected) k3 KL to the reference over response tokens, with ref_logprob
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, kind: str, scale_rewards: str = "group") -> torch.Tensor:
@@ -58,9 +74,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, kind: str, scale_re
     return adv.reshape(-1).to(torch.float32)
 
 
+def _bias_corrected(kl, delta, ratio, lp):
+    """kl * ratio (TRL's use_bias_correction_kl: the unclipped ratio, not detached), with its exact derivative.
+
+    d(kl * ratio)/dl = (1 - e^delta) ratio + kl ratio = -delta * ratio: the e^delta terms of the two products
+    cancel. Autograd would form them separately (catastrophic cancellation when the policy is far from the
+    reference), so the derivative is applied directly: value kl * ratio, gradient -delta * ratio per token.
+    """
+    value = (kl * ratio).detach()
+    return value + (-(delta * ratio).detach()) * (lp - lp.detach())
+
+
 def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon,
-                 epsilon_high, loss_type, scale_rewards, kl_coef, ref_logprob, max_len, temperature, ignore_index,
-                 bias, entropy_coef, with_entropy, backend):
+                 epsilon_high, loss_type, scale_rewards, kl_coef, ref_logprob, use_bias_correction_kl, max_len,
+                 normalizer, temperature, ignore_index, bias, entropy_coef, with_entropy, backend):
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
     epsilon = check_finite_number("epsilon", epsilon, nonnegative=True)
@@ -79,8 +106,19 @@ def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens
     n_tokens = targets.numel() if isinstance(targets, torch.Tensor) else 0
     check_packed_sequences(n_tokens, cu_seqlens, rewards, group_size, device=hidden.device, binary_rewards=False,
                            unit_rewards=False, per_token={"old_logprob": old_logprob, "ref_logprob": ref_logprob})
-    if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
         raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
+    if normalizer is not None:
+        if loss_type != "dapo":
+            raise ValueError(f"normalizer applies to loss_type='dapo' only, got loss_type={loss_type!r}")
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.numel() != 1:
+                raise ValueError(f"normalizer must be a number or a one-element tensor, got shape "
+                                 f"{tuple(normalizer.shape)}")
+            normalizer = normalizer.item()
+        normalizer = check_finite_number("normalizer", normalizer, positive=True)
+    if not isinstance(use_bias_correction_kl, bool):
+        raise ValueError(f"use_bias_correction_kl must be True or False, got {use_bias_correction_kl!r}")
 
     out = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
                          with_entropy=with_entropy or entropy_coef != 0.0, backend=backend)
@@ -99,7 +137,9 @@ def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens
     n_resp = maskf.sum().clamp_min(1)
     if ref_logprob is not None:
         delta = torch.where(mask, ref_logprob.to(lp.dtype) - lp, torch.zeros_like(lp))
-        kl = delta.exp() - delta - 1
+        kl = torch.expm1(delta) - delta
+        if use_bias_correction_kl:
+            kl = _bias_corrected(kl, delta, ratio, lp)
         kl_mean = (kl * maskf).sum().detach() / n_resp
         if kl_coef:
             per_token = per_token + kl_coef * kl
@@ -108,8 +148,10 @@ def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens
     n_seqs = rewards.numel()
     if loss_type == "grpo":
         loss = (segment_sum(per_token, seq, n_seqs) / segment_sum(maskf, seq, n_seqs).clamp_min(1)).mean()
-    elif loss_type in ("bnpo", "dapo"):
+    elif loss_type == "bnpo" or (loss_type == "dapo" and normalizer is None):
         loss = per_token.sum() / n_resp
+    elif loss_type == "dapo":
+        loss = per_token.sum() / normalizer
     else:  # dr_grpo
         if max_len is None:
             max_len = int(segment_sum(mask.long(), seq, n_seqs).max().clamp_min(1))
@@ -124,14 +166,22 @@ def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens
 
 def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon=0.2,
               epsilon_high=None, loss_type="grpo", scale_rewards="group", kl_coef=0.0, ref_logprob=None,
-              max_len=None, temperature=1.0, ignore_index=-100, bias=None, entropy_coef=0.0, with_entropy=False,
-              backend="auto") -> PolicyLossOutput:
+              use_bias_correction_kl=True, max_len=None, normalizer=None, temperature=1.0, ignore_index=-100,
+              bias=None, entropy_coef=0.0, with_entropy=False, backend="auto") -> PolicyLossOutput:
     """GRPO clipped-surrogate loss from hidden states, TRL GRPOTrainer's definitions (see the module docstring).
 
-    Args are those of `pacs_loss` plus: epsilon / epsilon_high (clip range [1 - epsilon, 1 + epsilon_high],
-    epsilon_high defaults to epsilon), loss_type ("grpo" | "bnpo" | "dr_grpo" | "dapo"), scale_rewards
-    ("group" | "batch" | "none"), kl_coef with ref_logprob [N] (k3 KL, TRL's `beta`), max_len (dr_grpo's
-    max_completion_length; default: the longest response in the batch). Rewards are any finite numbers.
+    Args are those of `pacs_loss` plus:
+        epsilon / epsilon_high: clip range [1 - epsilon, 1 + epsilon_high]; epsilon_high defaults to epsilon.
+        loss_type: "grpo" (default here) | "bnpo" | "dr_grpo" | "dapo" (TRL's default).
+        scale_rewards: "group" | "batch" | "none".
+        kl_coef, ref_logprob [N]: k3 KL to the reference, TRL's `beta` (ref_logprob alone: the KL is only logged).
+        use_bias_correction_kl: multiply the k3 KL by the (unclipped, differentiable) ratio, TRL's default True.
+        max_len: dr_grpo's divisor, TRL's max_completion_length (the trainer passes max_new_tokens).
+            None: the longest response in this batch, which differs from TRL unless a response reached it.
+        normalizer: dapo's divisor, TRL's num_items_in_batch rescaled to one optimizer step (the rollout batch's
+            response tokens / mini-batches per rollout); a number or one-element tensor. None: this batch's
+            response tokens. Only with loss_type="dapo".
+    Rewards are any finite numbers.
 
     Example::
 
@@ -141,20 +191,21 @@ def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, grou
     """
     return _policy_loss("grpo", hidden, weight, targets, old_logprob, rewards, cu_seqlens, group_size=group_size,
                         epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type, scale_rewards=scale_rewards,
-                        kl_coef=kl_coef, ref_logprob=ref_logprob, max_len=max_len, temperature=temperature,
-                        ignore_index=ignore_index, bias=bias, entropy_coef=entropy_coef, with_entropy=with_entropy,
-                        backend=backend)
+                        kl_coef=kl_coef, ref_logprob=ref_logprob, use_bias_correction_kl=use_bias_correction_kl,
+                        max_len=max_len, normalizer=normalizer, temperature=temperature, ignore_index=ignore_index,
+                        bias=bias, entropy_coef=entropy_coef, with_entropy=with_entropy, backend=backend)
 
 
 def rloo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon=0.2,
-              epsilon_high=None, loss_type="grpo", kl_coef=0.0, ref_logprob=None, max_len=None, temperature=1.0,
-              ignore_index=-100, bias=None, entropy_coef=0.0, with_entropy=False, backend="auto") -> PolicyLossOutput:
+              epsilon_high=None, loss_type="grpo", kl_coef=0.0, ref_logprob=None, use_bias_correction_kl=True,
+              max_len=None, normalizer=None, temperature=1.0, ignore_index=-100, bias=None, entropy_coef=0.0,
+              with_entropy=False, backend="auto") -> PolicyLossOutput:
     """REINFORCE leave-one-out: advantage R_i - mean_{j != i} R_j (TRL RLOOTrainer), GRPO's clipped surrogate.
 
     Same arguments as `grpo_loss` (no reward scaling).
     """
     return _policy_loss("rloo", hidden, weight, targets, old_logprob, rewards, cu_seqlens, group_size=group_size,
                         epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type, scale_rewards="none",
-                        kl_coef=kl_coef, ref_logprob=ref_logprob, max_len=max_len, temperature=temperature,
-                        ignore_index=ignore_index, bias=bias, entropy_coef=entropy_coef, with_entropy=with_entropy,
-                        backend=backend)
+                        kl_coef=kl_coef, ref_logprob=ref_logprob, use_bias_correction_kl=use_bias_correction_kl,
+                        max_len=max_len, normalizer=normalizer, temperature=temperature, ignore_index=ignore_index,
+                        bias=bias, entropy_coef=entropy_coef, with_entropy=with_entropy, backend=backend)
