@@ -5,29 +5,54 @@
     pacs eval --run runs/demo --eval-n 16    # pass@k of a run's latest checkpoint
     pacs plot runs/demo                      # PNG curves
     pacs verify --gold '1/2' --response '... \\boxed{0.5}'
+
+A user error (bad option, missing file, a configuration the losses reject) ends in `pacs COMMAND: error: ...` and
+exit status 2, before any work; -v shows its traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+
+# What a subcommand raises for a user error: bad values, missing or malformed files, a missing optional package.
+USER_ERRORS = (ValueError, OSError, ImportError)
 
 
 def _run_verify(args: argparse.Namespace) -> int:
     from pacs.verify import verify, verify_batch
 
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.file is None:
         if args.gold is None or args.response is None:
-            raise SystemExit("pacs verify: give --gold and --response, or --file")
+            raise ValueError("give --gold and --response, or --file")
         verdict = verify(args.response, args.gold, timeout=args.timeout, last_number=not args.no_last_number)
         print(verdict)
         return 0 if verdict else 1
 
     import json
 
+    from pathlib import Path
+
+    if not Path(args.file).is_file():
+        raise ValueError(f"--file {args.file} does not exist")
+    pairs = []
     with open(args.file, encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    pairs = [(str(row[args.response_key]), str(row[args.gold_key])) for row in rows]
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{args.file}:{lineno}: not valid JSON ({err.msg})") from None
+            missing = [k for k in (args.response_key, args.gold_key) if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise ValueError(f"{args.file}:{lineno}: missing key(s) {missing} (set --response-key / --gold-key)")
+            pairs.append((str(row[args.response_key]), str(row[args.gold_key])))
     verdicts = verify_batch(
         pairs, workers=args.workers, timeout=args.timeout, last_number=not args.no_last_number, progress=not args.quiet
     )
@@ -52,6 +77,7 @@ def _add_verify(subparsers: argparse._SubParsersAction) -> None:
     cmd.add_argument("--workers", type=int, default=None, help="worker processes for --file (default: CPU count)")
     cmd.add_argument("--no-last-number", action="store_true", help="do not fall back to the last number")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmd.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
     cmd.set_defaults(func=_run_verify)
 
 
@@ -65,8 +91,9 @@ def _run_train(args: argparse.Namespace) -> int:
     from pacs.config import config_from_args
     from pacs.trainer import train
 
+    cfg = config_from_args(args).validate()  # before logging, models or data: errors come first
     _setup_logging(args.verbose)
-    run_dir = train(config_from_args(args))
+    run_dir = train(cfg)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -80,30 +107,42 @@ def _run_eval(args: argparse.Namespace) -> int:
     from pacs.config import TrainConfig, config_from_args
     from pacs.trainer import run_eval, setup
 
-    _setup_logging(args.verbose)
     cfg = config_from_args(args)
     if args.run:
         run = Path(args.run)
         if not (run / "config.json").exists():
-            raise SystemExit(f"pacs eval: {run} has no config.json (not a run directory)")
+            raise ValueError(f"--run {run} has no config.json (not a run directory)")
         saved = json.loads((run / "config.json").read_text())
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                     if getattr(args, f.name, None) is not None}
         ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run)
         if ckpt is None:
-            raise SystemExit(f"pacs eval: no checkpoint in {run}")
+            raise ValueError(f"--run {run} holds no checkpoint")
         # The run's config, its weights from the checkpoint, flags on top; results go into the run directory.
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in fields}, **explicit,
                              "init_checkpoint": str(ckpt), "out_dir": str(run)})
+    elif args.checkpoint:
+        raise ValueError("--checkpoint needs --run (or use --init-checkpoint)")
+    cfg.validate()
+    if not args.tag or Path(args.tag).name != args.tag:
+        raise ValueError(f"--tag must be a plain file name, got {args.tag!r}")
+    _setup_logging(args.verbose)
     result = run_eval(setup(cfg), args.tag, log=lambda row: None)
     print(f"wrote {Path(cfg.out_dir) / 'eval' / (args.tag + '.json')}")
     return 0 if result["problems"] else 1
 
 
 def _run_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from pacs.plot import compare_runs, plot_run
 
+    for run_dir in args.run_dirs:  # all of them before any plot
+        if not (Path(run_dir) / "metrics.jsonl").is_file():
+            raise ValueError(f"{run_dir} has no metrics.jsonl: is it a run directory?")
+    if args.compare and not Path(args.compare).resolve().parent.is_dir():
+        raise ValueError(f"--compare {args.compare}: directory {Path(args.compare).parent} does not exist")
     for run_dir in args.run_dirs:
         for path in plot_run(run_dir):
             print(f"wrote {path}")
@@ -118,7 +157,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     cmd = subparsers.add_parser("train", help="train with PACS (or GRPO / RLOO)",
                                 description="Train a causal LM with PACS, GRPO or RLOO on verifiable rewards.")
     add_train_arguments(cmd)
-    cmd.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    cmd.add_argument("-v", "--verbose", action="store_true", help="debug logging; the traceback of an error")
     cmd.set_defaults(func=_run_train)
 
 
@@ -132,7 +171,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     cmd.add_argument("--checkpoint", help="a specific checkpoint directory of --run")
     cmd.add_argument("--tag", default="pacs_eval", help="name of the result: OUT_DIR/eval/TAG.json (default: pacs_eval)")
     add_train_arguments(cmd)
-    cmd.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    cmd.add_argument("-v", "--verbose", action="store_true", help="debug logging; the traceback of an error")
     cmd.set_defaults(func=_run_eval)
 
 
@@ -141,6 +180,7 @@ def _add_plot(subparsers: argparse._SubParsersAction) -> None:
                                 "run, and with --compare one PNG of their pass@1 and reward curves side by side.")
     cmd.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
     cmd.add_argument("--compare", metavar="PNG", help="also write a comparison of the runs to this file")
+    cmd.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
     cmd.set_defaults(func=_run_plot)
 
 
@@ -156,12 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; its exit status (2 for a user error, reported like argparse reports bad flags)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{parser.prog} {args.command}: error: {str(err) or type(err).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
 """Training configuration: one dataclass whose fields are the command-line flags and the config-file keys.
 
 Precedence: dataclass defaults < `--preset NAME` < `--config FILE` (YAML or TOML, keys = field names) < flags.
+`TrainConfig.validate()` checks every option's range and the combinations the losses reject, before any work
+(the CLI and `pacs.trainer.train` call it): a bad configuration raises one ValueError naming every problem.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,17 +30,18 @@ class TrainConfig:
     tiny_layers: int = opt(4, "tiny model: layers", "model")
     tiny_heads: int = opt(4, "tiny model: attention heads", "model")
     tiny_intermediate: int = opt(512, "tiny model: MLP size", "model")
-    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", "model")
+    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", "model",
+                     choices=("auto", "float32", "bfloat16", "float16"))
     attn: str = opt("auto", "attention: auto (flash_attention_2 if installed and CUDA, else sdpa) | sdpa | eager | "
-                    "flash_attention_2", "model")
+                    "flash_attention_2", "model", choices=("auto", "sdpa", "eager", "flash_attention_2"))
     init_checkpoint: str | None = opt(None, "start from the model weights of this checkpoint directory (e.g. a "
                                       "previous run's RUN/checkpoints/step_000100)", "model")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward", "model")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", "model")
     # data
     data: str = opt("synthetic:arithmetic", "synthetic:arithmetic|linear|mixed, or a .jsonl/.parquet file", "data")
-    test_data: str | None = opt(None, "held-out file (default: 10% of --data; synthetic tasks have their own split)",
-                                "data")
+    test_data: str | None = opt(None, "held-out data file for a file --data (unset: the first 10% of --data is "
+                                "held out; synthetic tasks have their own split)", "data")
     problem_key: str = opt("problem", "field holding the problem text in data files", "data")
     answer_key: str = opt("answer", "field holding the gold answer in data files", "data")
     level: int = opt(2, "synthetic difficulty level (1 = one-digit operands, 2 = two digits, ...)", "data")
@@ -53,21 +59,26 @@ class TrainConfig:
     # algorithm
     algo: str = opt("pacs", "pacs | grpo | rloo", "algorithm", choices=("pacs", "grpo", "rloo"))
     beta: float = opt(1.0, "PACS: score scale beta", "algorithm")
-    score: str = opt("logratio_sum", "PACS: logratio_sum | logprob_mean", "algorithm")
-    advantage: str = opt("rloo", "PACS: rloo | grpo | naive", "algorithm")
+    score: str = opt("logratio_sum", "PACS: logratio_sum | logprob_mean", "algorithm",
+                     choices=("logratio_sum", "logprob_mean"))
+    advantage: str = opt("rloo", "PACS: rloo | grpo | naive (rloo and grpo need --group-size >= 2)", "algorithm",
+                         choices=("rloo", "grpo", "naive"))
     class_balance: bool = opt(True, "PACS: class-balanced BCE weights", "algorithm")
     epsilon: float = opt(0.2, "GRPO/RLOO: clip range low", "algorithm")
     epsilon_high: float | None = opt(None, "GRPO/RLOO: clip range high (default: epsilon)", "algorithm")
-    loss_type: str = opt("grpo", "GRPO/RLOO: grpo | bnpo | dr_grpo | dapo", "algorithm")
-    scale_rewards: str = opt("group", "GRPO: group | batch | none", "algorithm")
+    loss_type: str = opt("grpo", "GRPO/RLOO: grpo (per-sequence token mean) | bnpo | dr_grpo (divides by "
+                         "--max-new-tokens) | dapo (token mean over the rollout batch); TRL's GRPOTrainer defaults "
+                         "to dapo", "algorithm", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    scale_rewards: str = opt("group", "GRPO: group | batch | none", "algorithm", choices=("group", "batch", "none"))
     entropy_coef: float = opt(0.0, "entropy bonus coefficient", "algorithm")
-    kernel_backend: str = opt("auto", "pacs_kernels backend: auto | triton | torch", "algorithm")
+    kernel_backend: str = opt("auto", "pacs_kernels backend: auto | triton | torch", "algorithm",
+                              choices=("auto", "triton", "torch"))
     loss_impl: str = opt("fused", "fused (pacs_kernels, no logits) | reference (materialized logits; for checks)",
                          "algorithm", choices=("fused", "reference"))
     # optimization
     steps: int = opt(100, "rollout batches (each gives minibatches_per_rollout optimizer steps)", "optim")
-    minibatches_per_rollout: int = opt(4, "optimizer steps per rollout batch (mini-batches of whole groups)",
-                                       "optim")
+    minibatches_per_rollout: int = opt(4, "optimizer steps per rollout batch (mini-batches of whole groups; at "
+                                       "most one per prompt)", "optim")
     lr: float = opt(1e-6, "AdamW learning rate", "optim")
     weight_decay: float = opt(0.01, "AdamW weight decay", "optim")
     adam_beta1: float = opt(0.9, "AdamW beta1", "optim")
@@ -83,14 +94,14 @@ class TrainConfig:
     # evaluation
     eval_every: int = opt(0, "evaluate every E rollout steps (0 = only at start and end)", "eval")
     eval_n: int = opt(4, "samples per held-out problem", "eval")
-    eval_temperature: float = opt(0.6, "evaluation temperature", "eval")
+    eval_temperature: float = opt(0.6, "evaluation temperature (0 = greedy)", "eval")
     eval_top_p: float = opt(0.95, "evaluation top_p", "eval")
     eval_problems: int = opt(0, "held-out problems to evaluate (0 = all)", "eval")
     # run
     out_dir: str = opt("runs/pacs", "run directory (logs, checkpoints, eval results, plots)", "run")
     seed: int = opt(0, "random seed", "run")
     save_every: int = opt(50, "checkpoint every K rollout steps (0 = only at the end)", "run")
-    keep_checkpoints: int = opt(2, "checkpoints kept on disk", "run")
+    keep_checkpoints: int = opt(2, "checkpoints kept on disk (0 = all)", "run")
     resume: bool = opt(False, "continue from the latest checkpoint in out_dir", "run")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)", "run")
     plot: bool = opt(True, "write PNG plots at the end", "run")
@@ -101,6 +112,14 @@ class TrainConfig:
     @property
     def synthetic(self) -> bool:
         return self.data.startswith("synthetic:")
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming every option out of range and every combination the losses reject; cheap
+        (no model, no data read), so it runs before any work. Returns self."""
+        problems = _problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 PRESETS: dict[str, dict] = {
@@ -116,6 +135,145 @@ PRESETS: dict[str, dict] = {
         eval_every=25, eval_n=8, eval_problems=200, save_every=50, out_dir="runs/demo",
     ),
 }
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_kind(f: dataclasses.Field) -> type:
+    """bool | int | float | str: the type of a field's values (None aside)."""
+    if f.default is not None:
+        return type(f.default)
+    return float if "float" in str(f.type) else str
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+
+
+def _problems(cfg: TrainConfig) -> list[str]:
+    out: list[str] = []
+    bad_type = set()
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), _field_kind(f)
+        if value is None and f.default is None:
+            continue
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, str))
+        if not ok:
+            what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+            out.append(f"{flag(f.name)} must be {what}, got {value!r}")
+            bad_type.add(f.name)
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            out.append(f"{flag(f.name)} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+            bad_type.add(f.name)
+
+    def check(name, ok, requirement):
+        if name not in bad_type and not ok(getattr(cfg, name)):
+            out.append(f"{flag(name)} must be {requirement}, got {getattr(cfg, name)!r}")
+            bad_type.add(name)
+
+    finite = lambda x: x is None or math.isfinite(x)
+    for name in ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "level", "n_train", "n_test",
+                 "prompts_per_step", "group_size", "max_new_tokens", "generation_batch", "minibatches_per_rollout",
+                 "sft_batch", "eval_n"):
+        check(name, lambda x: x >= 1, ">= 1")
+    for name in ("steps", "warmup_steps", "sft_steps", "eval_every", "eval_problems", "save_every",
+                 "keep_checkpoints"):
+        check(name, lambda x: x >= 0, ">= 0")
+    for name in ("temperature", "lr", "sft_lr", "beta"):
+        check(name, lambda x: finite(x) and x > 0, "a finite number > 0")
+    for name in ("epsilon", "epsilon_high", "weight_decay", "grad_clip", "eval_temperature"):
+        check(name, lambda x: x is None or finite(x) and x >= 0, "a finite number >= 0")
+    check("entropy_coef", finite, "a finite number")
+    for name in ("top_p", "eval_top_p"):
+        check(name, lambda x: 0 < x <= 1, "in (0, 1]")
+    for name in ("adam_beta1", "adam_beta2"):
+        check(name, lambda x: 0 <= x < 1, "in [0, 1)")
+    check("sft_noise", lambda x: 0 <= x <= 1, "in [0, 1]")
+    check("seed", lambda x: 0 <= x < 2**32, "in [0, 2**32)")
+    check("split_seed", lambda x: 0 <= x < 2**32, "in [0, 2**32)")
+    for name in ("model", "problem_key", "answer_key", "out_dir"):
+        check(name, lambda x: x.strip() != "", "non-empty")
+    check("device", lambda x: _DEVICE.fullmatch(x) is not None, "auto, cpu, cuda or cuda:N")
+    # The checks below combine options: each runs when the options it reads are well-formed.
+    good = lambda *names: not bad_type.intersection(names)
+    if cfg.model == "tiny" and good("tiny_hidden", "tiny_heads"):
+        head_dim, rest = divmod(cfg.tiny_hidden, cfg.tiny_heads)
+        if rest or head_dim % 2:
+            out.append(f"--tiny-hidden / --tiny-heads ({cfg.tiny_hidden} / {cfg.tiny_heads}), the attention head "
+                       "size, must be an even integer (rotary embeddings)")
+    if good("init_checkpoint") and cfg.init_checkpoint is not None:
+        weights = Path(cfg.init_checkpoint) / "model.pt"
+        if not weights.is_file():
+            out.append(f"--init-checkpoint: {weights} does not exist")
+    if good("device", "attn", "kernel_backend"):
+        out += _hardware_problems(cfg)
+    if good("data", "test_data"):
+        out += _data_problems(cfg)
+    if good("group_size", "algo", "advantage") and cfg.group_size < 2:
+        if cfg.algo in ("grpo", "rloo"):
+            out.append(f"--group-size must be >= 2 for --algo {cfg.algo} (the advantage is relative to the other "
+                       f"answers of the group), got {cfg.group_size}")
+        elif cfg.advantage != "naive":
+            out.append(f"--group-size must be >= 2 for PACS with --advantage {cfg.advantage} (a baseline from the "
+                       f"other answers of the group; --advantage naive takes 1), got {cfg.group_size}")
+    if good("out_dir") and Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        out.append(f"--out-dir {cfg.out_dir} is a file, not a directory")
+    return out
+
+
+def _hardware_problems(cfg: TrainConfig) -> list[str]:
+    """CUDA asked for where there is none; flash-attention or Triton where they cannot run."""
+    cuda = cfg.device.startswith("cuda")
+    if not (cuda or cfg.kernel_backend == "triton" or cfg.attn == "flash_attention_2"):
+        return []
+    import torch
+
+    out = []
+    if cuda and not torch.cuda.is_available():
+        out.append(f"--device {cfg.device}: CUDA is not available here (use --device cpu or auto)")
+    elif cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
+        out.append(f"--device {cfg.device}: there are {torch.cuda.device_count()} CUDA device(s)")
+    on_gpu = cuda or cfg.device == "auto" and torch.cuda.is_available()
+    if cfg.attn == "flash_attention_2" and (not on_gpu or importlib.util.find_spec("flash_attn") is None):
+        out.append("--attn flash_attention_2 needs the flash_attn package and a CUDA device")
+    if cfg.kernel_backend == "triton":  # the warm-up uses it even with --loss-impl reference
+        from pacs_kernels.linear_logprob import resolve_backend
+
+        try:
+            resolve_backend("triton", torch.device("cuda" if on_gpu else "cpu"))
+        except ValueError as err:
+            out.append(f"--kernel-backend triton: {err}")
+    return out
+
+
+def _data_problems(cfg: TrainConfig) -> list[str]:
+    """An unknown synthetic task, a data file that is missing or of an unknown type, --test-data without a file."""
+    out = []
+    if cfg.synthetic:
+        from .tasks import TASKS
+
+        task = cfg.data.split(":", 1)[1]
+        if task not in TASKS:
+            out.append(f"--data {cfg.data}: unknown synthetic task {task!r}; choose one of "
+                       f"{', '.join('synthetic:' + t for t in TASKS)}")
+        if cfg.test_data is not None:
+            out.append("--test-data applies to file data only: synthetic tasks have their own held-out split "
+                       "(--n-test)")
+    for name in ("test_data",) if cfg.synthetic else ("data", "test_data"):
+        path = getattr(cfg, name)
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            out.append(f"{flag(name)}: data file {path} does not exist")
+        elif Path(path).suffix.lower() not in DATA_SUFFIXES:
+            out.append(f"{flag(name)}: unsupported data file type {Path(path).suffix!r} for {path}: use "
+                       f"{', '.join(DATA_SUFFIXES)}")
+    return out
 
 
 def _load_file(path: str) -> dict:
@@ -136,9 +294,18 @@ def _load_file(path: str) -> dict:
     else:
         raise ValueError(f"config file must be .yaml, .yml, .toml or .json, got {p}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a mapping of TrainConfig keys, got {type(data).__name__}")
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown key(s) in {p}: {unknown}")
+    for f in dataclasses.fields(TrainConfig):
+        value = data.get(f.name)
+        if isinstance(value, str) and _field_kind(f) is float:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                data[f.name] = float(value)
+            except ValueError:
+                pass  # validate() names it
     return data
 
 
@@ -158,17 +325,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
         group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
-        flag = "--" + f.name.replace("_", "-")
         default = f.default
-        kind = type(default) if default is not None else (float if "float" in str(f.type) else str)
-        kwargs = dict(default=None, help=f"{f.metadata['help']} (default: {default})", dest=f.name)
+        kind = _field_kind(f)
+        # argparse %-formats help strings: a literal % must reach it as %%
+        text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
+        kwargs = dict(default=None, help=text, dest=f.name)
         if kind is bool:
             kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         else:
             kwargs.update(type=kind)
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        group.add_argument(flag, **kwargs)
+        group.add_argument(flag(f.name), **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
