@@ -88,6 +88,7 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: TrainConfig) -> Session:
+    cfg.validate()
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -157,8 +158,14 @@ def kernel_backend(cfg: TrainConfig) -> str:
     return "reference" if cfg.loss_impl == "reference" else cfg.kernel_backend
 
 
-def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor, rewards: torch.Tensor, cfg: TrainConfig):
-    """The configured loss on one packed mini-batch of whole groups; returns (loss, output of pacs_kernels)."""
+def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor, rewards: torch.Tensor, cfg: TrainConfig,
+                dapo_normalizer: float | None = None):
+    """The configured loss on one packed mini-batch of whole groups; returns (loss, output of pacs_kernels).
+
+    GRPO/RLOO get TRL's normalizers: dr_grpo divides by max_new_tokens (TRL's max_completion_length), dapo by
+    `dapo_normalizer` (the rollout batch's response tokens / its mini-batches: TRL's num_items_in_batch over
+    steps_per_generation), so every mini-batch step of a rollout has the same scale.
+    """
     hidden = packed_hidden_states(model, batch)
     weight, bias = lm_head_params(model)
     backend = kernel_backend(cfg)
@@ -171,8 +178,10 @@ def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor, rewards: t
     else:
         fn = pacs_kernels.grpo_loss if cfg.algo == "grpo" else pacs_kernels.rloo_loss
         extra = dict(scale_rewards=cfg.scale_rewards) if cfg.algo == "grpo" else {}
-        out = fn(*args, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type, **extra,
-                 **common)
+        if cfg.loss_type == "dapo":
+            extra["normalizer"] = dapo_normalizer
+        out = fn(*args, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                 max_len=cfg.max_new_tokens, **extra, **common)
     return out.loss, out
 
 
@@ -205,12 +214,14 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
         r = torch.tensor(rewards[a * G:b * G], dtype=torch.float32, device=device)
         minibatches.append((batch, r))
     olds = [old_logprobs(model, batch, cfg) for batch, _ in minibatches]
+    response_tokens = sum(int((batch.targets != -100).sum()) for batch, _ in minibatches)
+    dapo_normalizer = max(response_tokens, 1) / len(minibatches)
 
     stats = {"loss": [], "grad_norm": [], "skipped": 0, "entropy": [], "psi": [], "critic_prob": [],
              "critic_label": [], "clip_fraction": [], "train_tokens": 0}
     model.train()
     for i, ((batch, r), old) in enumerate(zip(minibatches, olds)):
-        loss, out = policy_loss(model, batch, old, r, cfg)
+        loss, out = policy_loss(model, batch, old, r, cfg, dapo_normalizer)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -326,8 +337,11 @@ class _StopFlag:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run training as configured; returns the run directory (metrics.jsonl, eval/, checkpoints/, plots/)."""
-    session = setup(cfg)
+    """Run training as configured; returns the run directory (metrics.jsonl, eval/, checkpoints/, plots/).
+
+    A bad configuration raises ValueError (`TrainConfig.validate`) before anything is built.
+    """
+    session = setup(cfg)  # validates first
     model, device, run_dir = session.model, session.device, session.run_dir
     optimizer, scheduler = make_optimizer(model, cfg)
     state = {"step": 0, "data_position": 0, "sft_done": False, "skipped_steps": 0}

@@ -283,6 +283,51 @@ def test_fused_and_reference_losses_give_the_same_curve(algo):
     assert max(curves["fused"]) - min(curves["fused"]) > 1e-3  # the model did move
 
 
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo", "grpo"])
+def test_grpo_and_rloo_get_trls_normalizers(monkeypatch, algo, loss_type):
+    """dr_grpo divides by max_new_tokens (TRL's max_completion_length); dapo by the rollout batch's response tokens
+    over its mini-batches (TRL's num_items_in_batch / steps_per_generation), the same for every mini-batch."""
+    import pacs_kernels
+
+    calls = []
+    real = getattr(pacs_kernels, f"{algo}_loss")
+
+    def spy(*args, **kwargs):
+        calls.append((int((args[2] != -100).sum()), kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pacs_kernels, f"{algo}_loss", spy)
+    prompts, responses = random_sequences(16, seed=9, vocab=CharTokenizer().vocab_size)
+    rollouts = [Rollout(p, r + [2], False) for p, r in zip(prompts, responses)]
+    rewards = [float(i % 3 == 0) for i in range(16)]
+    model = tiny_model()
+    cfg = TrainConfig(algo=algo, loss_type=loss_type, group_size=4, minibatches_per_rollout=3, max_new_tokens=12,
+                      kernel_backend="torch")
+    optimizer, scheduler = make_optimizer(model, cfg)
+    update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, torch.device("cpu"))
+    assert len(calls) == 3
+    counts = [n for n, _ in calls]
+    assert sum(counts) == sum(len(r.response_ids) for r in rollouts) and len(set(counts)) > 1
+    for _, kwargs in calls:
+        assert kwargs["max_len"] == 12 and kwargs["loss_type"] == loss_type
+        if loss_type == "dapo":
+            assert kwargs["normalizer"] == sum(counts) / 3
+        else:
+            assert "normalizer" not in kwargs
+
+
+def test_train_validates_before_building_anything(tmp_path, monkeypatch):
+    import pacs.trainer
+
+    monkeypatch.setattr(pacs.trainer, "build_tiny_model", lambda *a, **k: pytest.fail("model built"))
+    for bad, message in ((dict(group_size=1), "--group-size must be >= 2"), (dict(lr=-1.0), "--lr must be"),
+                         (dict(data=str(tmp_path / "missing.jsonl")), "does not exist")):
+        with pytest.raises(ValueError, match=message):
+            train(small_run_config(tmp_path / "run", **bad))
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # CLI end to end (tiny)
 
