@@ -5,8 +5,8 @@
 
 Sizes (N tokens, hidden D, vocabulary V):
 - CUDA: 16384 x 4096 x 131072 in bfloat16 (Liger's benchmark shape; `8*N*D*V` = 70 TFLOP per forward+backward);
-- CPU: 256 x 128 x 8192 in float32, and 64 x 64 x 2048 for the Triton backend, which runs in Triton's interpreter
-  there (see conftest.py).
+- CPU: 256 x 128 x 8192 in float32, and 64 x 64 x 2048 for the Triton backend (ours_triton, ours_sliced,
+  ours_fused), which runs in Triton's interpreter there (see conftest.py).
 Implementations whose library is missing, or which cannot run on this device or compute the entropy, are skipped
 with the reason. The full comparison (memory, errors, every shape) is `python -m benchmarks.suite`.
 """
@@ -34,7 +34,7 @@ def bench_size(impl: str) -> tuple[int, int, int]:
         return n, d, v
     if CUDA:
         return 16384, 4096, 131072
-    return (64, 64, 2048) if impl == "ours_triton" else (256, 128, 8192)
+    return (64, 64, 2048) if "interp" in IMPLS[impl].devices else (256, 128, 8192)  # interpreted Triton: tiny
 
 
 def settings() -> Settings:

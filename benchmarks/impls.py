@@ -5,13 +5,18 @@ entropy [N] | None)``, differentiable w.r.t. hidden and weight. Loss libraries t
 entropy (reduction="none") give logprob = -loss; that is exactly what an RL trainer does with them. An
 implementation that cannot produce the entropy is skipped in the entropy modes (with a note), never emulated.
 
-Optional libraries (liger-kernel, cut-cross-entropy) are imported on first use; a missing one turns its rows into
-"skipped" rows that say so.
+Optional libraries (liger-kernel, cut-cross-entropy, trl) are imported on first use; a missing one turns its rows
+into "skipped" rows that say so. So does an option of pacs_kernels that this checkout does not have yet
+(`forward_impl`).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
+import os
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,18 +70,33 @@ class Impl:
     package: str | None = None  # distribution whose version goes into the row
 
 
+class Unavailable(Exception):
+    """An implementation that cannot run in this checkout or environment; the message is the row's note."""
+
+
 # --------------------------------------------------------------------------------------------- our backends
 
 
-def _ours(backend: str) -> Callable[[], LogprobFn]:
+def _ours(backend: str, forward_impl: str | None = None) -> Callable[[], LogprobFn]:
+    """linear_logprob(backend=...), with forward_impl="sliced" / "fused" for the Triton backend's two forwards."""
+
     def load():
         from pacs_kernels import linear_logprob
 
+        kwargs = {}
+        if forward_impl is not None:
+            if "forward_impl" not in inspect.signature(linear_logprob).parameters:
+                raise Unavailable("this pacs_kernels' linear_logprob has no forward_impl option")
+            kwargs["forward_impl"] = forward_impl
+
         def fn(h, w, y, with_entropy):
-            out = linear_logprob(h, w, y, with_entropy=with_entropy, backend=backend)
+            out = linear_logprob(h, w, y, with_entropy=with_entropy, backend=backend, **kwargs)
             return out.logprob, out.entropy
 
         fn.pacs_backend = backend  # pacs_loss mode calls pacs_kernels.pacs_loss with this backend
+        fn.pacs_kwargs = kwargs  # ... and these options, where pacs_loss takes them
+        budget = os.environ.get("PACS_KERNELS_MEMORY_BUDGET")
+        fn.state = {"note": f"PACS_KERNELS_MEMORY_BUDGET={budget}" if budget else ""}
         return fn
 
     return load
@@ -122,24 +142,42 @@ def _liger_flce():
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
-    return lambda h, w, y, with_entropy: (-loss(w, h, y), None)
+
+    def fn(h, w, y, with_entropy):
+        return -loss(w, h, y), None
+
+    chosen = os.environ.get("LIGER_KERNEL_IMPL", "")
+    fn.state = {"note": f"LIGER_KERNEL_IMPL={chosen}" if chosen else "Liger's Triton kernel (the default path)"}
+    return fn
 
 
 def _liger_scaled():
     """Liger's fused per-token NLL + entropy (LigerFusedLinearScaledCrossEntropyFunction).
 
-    On sm90 it dispatches to a CuTe-DSL kernel that needs nvidia-cutlass-dsl; where that import fails, Liger's own
-    chunked PyTorch implementation of the same function is used and the row's note says so.
+    Liger's dispatcher (`_resolve_implementation`, liger-kernel 0.8.5) sends compute capability 9.0 to a CuTe-DSL
+    kernel (it needs nvidia-cutlass-dsl) and everything else, CPU included, to `_FusedLinearPPOFallbackFunction`
+    (PyTorch, 512-token chunks, float32 softmax per chunk). Where the sm90 kernel does not import, the same fallback
+    is called directly. The row's note names the path taken on that device.
     """
     from liger_kernel.ops import fused_linear_scaled_cross_entropy as mod
 
     state = {"note": ""}
 
+    def path_of(device) -> str:
+        if device.type != "cuda":
+            return f"path: Liger's PyTorch fallback ({device.type}: only CUDA sm90 has a kernel)"
+        cap = torch.cuda.get_device_capability(device)
+        if cap != (9, 0):
+            return f"path: Liger's PyTorch fallback (sm{cap[0]}{cap[1]}: Liger dispatches only sm90 to CuTe-DSL)"
+        return "path: the sm90 CuTe-DSL kernel (LigerFusedScaledCrossEntropySM90Function)"
+
     def call(h, w, y, with_entropy):
+        if not state["note"]:
+            state["note"] = path_of(h.device)
         try:
             out = mod.LigerFusedLinearScaledCrossEntropyFunction.apply(h, w, y, return_entropy=with_entropy)
         except ImportError as err:
-            state["note"] = f"Liger's PyTorch fallback (sm90 kernel unavailable: {err})"
+            state["note"] = f"path: Liger's PyTorch fallback (the sm90 CuTe-DSL kernel does not import: {err})"
             out = mod._FusedLinearPPOFallbackFunction.apply(h, w, y, 1.0, -100, with_entropy)
         nll, ent = out if with_entropy else (out, None)
         return -nll, ent
@@ -174,6 +212,42 @@ def _cce(impl: str, filter_eps):
     return load
 
 
+def _trl_chunked():
+    """TRL's ChunkedLogProbFunction (trl.kernels, TRL >= 1.16; the log-prob under its GRPO trainer's fused LM head).
+
+    4096-token x 32768-column tiles (TRL's `_CHUNKED_LOGPROB_CHUNK_SIZE`) of cuBLAS logits, folded by a Triton
+    kernel on CUDA (torch ops elsewhere) into online log-sum-exp statistics; the backward recomputes each tile,
+    turns it into dZ in place and accumulates dH/dW in float32 (addmm with out_dtype=float32 on CUDA). Entropy
+    with its gradient. Its backward imports `trl.trainer.utils` (accelerate, datasets, pandas) for
+    `maybe_gather_lm_head_ctx`, a no-op without DeepSpeed ZeRO-3; where that module does not import, a stub with
+    the same no-op stands in and the note says so.
+    """
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    state = {"note": ""}
+    try:
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+    except ImportError as err:
+        import contextlib
+
+        import trl.trainer
+
+        stub = types.ModuleType("trl.trainer.utils")
+        stub.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+        sys.modules["trl.trainer.utils"] = stub
+        trl.trainer.__dict__["utils"] = stub
+        chunk = 32768
+        state["note"] = f"trl.trainer.utils does not import ({err}); its ZeRO-3 gather, a no-op here, stubbed"
+
+    def fn(h, w, y, with_entropy):
+        outputs = ("entropy",) if with_entropy else ()
+        lp, ent, *_ = ChunkedLogProbFunction.apply(h, w, None, y, 1.0, chunk, None, 1.0, outputs)
+        return lp, ent
+
+    fn.state = state
+    return fn
+
+
 def _bare_gemm():
     """Not a log-prob: the matrix products alone (see `gemm_call` in suite.py), the floor of every row."""
     return None
@@ -184,6 +258,10 @@ IMPLS = {
     for i in (
         Impl("ours_triton", "pacs triton", "ours", _ours("triton"), devices=("cuda", "interp"), entropy=True,
              package="pacs"),
+        Impl("ours_sliced", "pacs triton sliced", "ours", _ours("triton", "sliced"), devices=("cuda", "interp"),
+             entropy=True, package="pacs"),
+        Impl("ours_fused", "pacs triton fused", "ours", _ours("triton", "fused"), devices=("cuda", "interp"),
+             entropy=True, package="pacs"),
         Impl("ours_torch", "pacs torch", "ours", _ours("torch"), entropy=True, package="pacs"),
         Impl("naive", "naive (logits+log_softmax)", "baseline", _naive, entropy=True, package="torch"),
         Impl("compiled_chunked", "torch.compile chunked", "baseline", _compiled_chunked, entropy=True,
@@ -193,6 +271,7 @@ IMPLS = {
         Impl("liger_scaled", "Liger scaled CE (+entropy)", "baseline", _liger_scaled, entropy=True,
              package="liger-kernel"),
         Impl("liger_selective", "Liger selective logprob", "baseline", _liger_selective, package="liger-kernel"),
+        Impl("trl_chunked", "TRL chunked logprob", "baseline", _trl_chunked, entropy=True, package="trl"),
         Impl("cce", "CCE cce", "baseline", _cce("cce", "high"), devices=("cuda",), package="cut-cross-entropy"),
         Impl("cce_exact", "CCE cce_exact", "baseline", _cce("cce", None), devices=("cuda",),
              package="cut-cross-entropy"),
@@ -238,5 +317,7 @@ def load_impl(impl: Impl) -> tuple[LogprobFn | None, str | None]:
     """(fn, None) or (None, reason) when its library is missing."""
     try:
         return impl.load(), None
+    except Unavailable as err:
+        return None, str(err)
     except (ImportError, AttributeError) as err:
         return None, f"not installed ({type(err).__name__}: {err})"

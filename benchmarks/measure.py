@@ -7,6 +7,7 @@ on CPU). Memory: the peak above what was allocated before the call, minus the by
 - CPU: the process's peak resident set (VmHWM in /proc/self/status, reset by writing 5 to /proc/self/clear_refs)
   minus its resident set before the call. The suite runs each implementation in its own process, so one
   implementation's allocator state never shows in another's number.
+Determinism (bitwise_repeat): two more calls on the same inputs; whether their log-probs, dH and dW are bitwise equal.
 """
 
 from __future__ import annotations
@@ -114,6 +115,21 @@ def measure(call: Callable[[], tuple], device: str, warmup: int, reps: int) -> d
         "peak_extra_mib": extra / MiB,
         "output_mib": out_bytes / MiB,
     }
+
+
+def bitwise_repeat(call: Callable[[], tuple]) -> dict:
+    """Run `call` twice; {"bitwise_repeat": dH and dW (and the log-probs) of both calls bitwise equal, "repeat_equal":
+    per output, "repeat_max_diff": the largest difference where they differ}."""
+    first = call()
+    second = call()
+    equal, diff = {}, 0.0
+    for name, a, b in zip(("logprob", "entropy", "dh", "dw"), first, second):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            equal[name] = bool(torch.equal(a, b))
+            if not equal[name]:
+                diff = max(diff, (a.detach().double() - b.detach().double()).abs().max().item())
+    del first, second
+    return {"bitwise_repeat": all(equal.values()), "repeat_equal": equal, "repeat_max_diff": diff}
 
 
 def max_abs_err(x: torch.Tensor | None, ref: torch.Tensor | None) -> float | None:

@@ -2,11 +2,14 @@
 
 Files written into OUT (eight at most, so that a GPU machine's output folder comes back whole):
 results.jsonl (the rows, with one `_meta` record per run), results.json (rows + machine/versions), results.csv,
-results.md (the tables) and plot.png (time and peak extra memory against tokens, per implementation).
+results.md (the tables) and plot.png (time and peak extra memory against tokens, per implementation). A
+ceilings.json in OUT (benchmarks/ceilings.py) is shown in the section too.
 
-Derived columns, per (device, dtype, shape, mode, tokens):
+Derived columns, per (device, dtype, shape, logit distribution, mode, tokens):
 - pct_gemm = time(bare GEMM) / time(row): the fraction of the bare matrix-multiply rate the row reaches;
+- vs_anchor = time / the fastest anchor's (the fastest "baseline" row, i.e. not pacs and not the bare GEMM);
 - mem_vs_naive = peak extra memory / the naive path's, time_vs_naive = time / the naive path's.
+The goals (GOALS) are checked on the measured rows, each PASS/FAIL with its numbers (goal_table).
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
-KEY = ("device", "dtype", "impl", "mode", "shape", "n")
-GROUP = ("device", "dtype", "shape", "mode", "n")
+# PACS_RESULTS_MD: another file to put the sections in (gpu_check.sh --dry-run keeps the tree's RESULTS.md untouched)
+RESULTS_MD = Path(os.environ.get("PACS_RESULTS_MD") or ROOT / "benchmarks" / "RESULTS.md").resolve()
+KEY = ("device", "dtype", "impl", "mode", "shape", "dist", "n")
+GROUP = ("device", "dtype", "shape", "dist", "mode", "n")
 MODE_ORDER = ["fwd_bwd", "fwd_bwd_entropy", "pacs_loss", "logprob", "logprob_entropy"]
 CSV_FIELDS = [
-    "device", "device_name", "dtype", "mode", "shape", "d", "v", "n", "impl", "label", "family", "status",
-    "time_ms", "time_ms_min", "tflops", "pct_gemm", "peak_extra_mib", "output_mib", "mem_vs_naive",
-    "time_vs_naive", "err_logprob", "err_entropy", "err_dh", "err_dw", "acc_tokens", "flops", "warmup", "reps",
+    "device", "device_name", "dtype", "mode", "shape", "d", "v", "dist", "n", "impl", "label", "family", "status",
+    "time_ms", "time_ms_min", "tflops", "pct_gemm", "vs_anchor", "fastest_anchor", "peak_extra_mib", "output_mib",
+    "mem_vs_naive", "time_vs_naive", "bitwise_repeat", "repeat_max_diff", "err_logprob", "err_entropy", "err_dh", "err_dw", "acc_tokens", "flops", "warmup", "reps",
     "version", "preset", "date", "note",
 ]
 
@@ -45,8 +49,12 @@ def _records(path: Path) -> list[dict]:
 
 
 def load_rows(path: Path) -> list[dict]:
-    """The measured rows of a results.jsonl (not the `_meta` records), in file order."""
-    return [r for r in _records(path) if "_meta" not in r]
+    """The measured rows of a results.jsonl (not the `_meta` records), in file order; rows written before the logit
+    distribution was a dimension are "random"."""
+    rows = [r for r in _records(path) if "_meta" not in r]
+    for row in rows:
+        row.setdefault("dist", "random")
+    return rows
 
 
 def load_meta(path: Path) -> list[dict]:
@@ -66,14 +74,22 @@ def latest(rows: list[dict]) -> list[dict]:
 
 
 def derive(rows: list[dict]) -> list[dict]:
-    """Add pct_gemm, mem_vs_naive and time_vs_naive to the ok rows (see the module docstring)."""
+    """Add pct_gemm, vs_anchor, mem_vs_naive and time_vs_naive to the ok rows (see the module docstring)."""
     ok = {tuple(r[k] for k in GROUP) + (r["impl"],): r for r in rows if r.get("status") == "ok"}
+    anchors: dict[tuple, dict] = {}  # group -> its fastest baseline row
+    for row in ok.values():
+        group = tuple(row[k] for k in GROUP)
+        if row.get("family") == "baseline" and row["time_ms"] < anchors.get(group, {}).get("time_ms", float("inf")):
+            anchors[group] = row
     for row in rows:
         if row.get("status") != "ok":
             continue
         group = tuple(row[k] for k in GROUP)
         gemm, naive = ok.get(group + ("gemm",)), ok.get(group + ("naive",))
         row["pct_gemm"] = 100 * gemm["time_ms"] / row["time_ms"] if gemm and row["impl"] != "gemm" else None
+        anchor = anchors.get(group)
+        if anchor and row["impl"] != "gemm":
+            row["vs_anchor"], row["fastest_anchor"] = row["time_ms"] / anchor["time_ms"], anchor["label"]
         if naive and row["impl"] not in ("naive", "gemm"):
             row["naive_time_ms"], row["naive_peak_extra_mib"] = naive["time_ms"], naive["peak_extra_mib"]
             row["time_vs_naive"] = row["time_ms"] / naive["time_ms"]
@@ -86,8 +102,10 @@ def _order(rows: list[dict]) -> list[dict]:
 
     impl_rank = {name: i for i, name in enumerate(IMPLS)}
     mode_rank = {name: i for i, name in enumerate(MODE_ORDER)}
-    return sorted(rows, key=lambda r: (r["device"], r["dtype"], mode_rank.get(r["mode"], 99), r["d"], r["v"],
-                                       r["n"], impl_rank.get(r["impl"], 99)))
+    dist_rank = {"random": 0, "peaked": 1}
+    return sorted(rows, key=lambda r: (r["device"], r["dtype"], mode_rank.get(r["mode"], 99),
+                                       dist_rank.get(r["dist"], 9), r["d"], r["v"], r["n"],
+                                       impl_rank.get(r["impl"], 99)))
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -114,16 +132,17 @@ def _ratio(x) -> str:
 def headline(rows: list[dict]) -> list[str]:
     """Memory and time ratios of our backends to the naive path, at the largest V and N of each mode."""
     lines = []
-    largest: dict[tuple, tuple] = {}  # (device, dtype, mode) -> the largest (V, N) with a naive row
+    largest: dict[tuple, tuple] = {}  # (device, dtype, mode, dist) -> the largest (V, N) with a naive row
     for row in rows:
         if row.get("naive_time_ms") is not None:
-            key = (row["device"], row["dtype"], row["mode"])
+            key = (row["device"], row["dtype"], row["mode"], row["dist"])
             largest[key] = max(largest.get(key, (0, 0)), (row["v"], row["n"]))
     for row in rows:
         if (row.get("family") == "ours" and row.get("naive_time_ms") is not None
-                and largest[(row["device"], row["dtype"], row["mode"])] == (row["v"], row["n"])):
+                and largest[(row["device"], row["dtype"], row["mode"], row["dist"])] == (row["v"], row["n"])):
             lines.append(
-                f"- {row['label']} vs naive, {row['mode']}, D={row['d']} V={row['v']} N={row['n']} ({row['dtype']}): "
+                f"- {row['label']} vs naive, {row['mode']}, D={row['d']} V={row['v']} N={row['n']} ({row['dtype']}, "
+                f"{row['dist']} logits): "
                 f"peak extra memory {_sig(row['peak_extra_mib'])} MiB vs {_sig(row['naive_peak_extra_mib'])} MiB "
                 f"(ratio {_sig(row.get('mem_vs_naive'))}), time {_sig(row['time_ms'])} ms vs "
                 f"{_sig(row['naive_time_ms'])} ms (ratio {_sig(row['time_vs_naive'])})"
@@ -131,25 +150,41 @@ def headline(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _dist_line(dist: str, stats: dict | None) -> str:
+    if not stats:
+        return f"{dist} logits"
+    return (f"{dist} logits: mean entropy {stats['entropy']:.3g} nats, top-1 probability {stats['top1']:.3g}, "
+            f"top-100 mass {stats['top100_mass']:.3g}, probability of the target {stats['p_target']:.3g} "
+            "(first 256 positions of the timing problem)")
+
+
 def markdown_tables(rows: list[dict]) -> str:
-    """One table per (device, dtype, mode); skipped rows summarized underneath."""
+    """One table per (device, dtype, mode, logit distribution); skipped rows summarized underneath."""
     out = []
     shown = [r for r in rows if r.get("status") != "skipped"]
-    header = ("| shape (D x V) | N | implementation | ms | TFLOPS | % bare GEMM | peak extra MiB | mem / naive "
-              "| time / naive | err logprob | err entropy | err dH | err dW | note |")
+    header = ("| shape (D x V) | N | implementation | ms | TFLOPS | % bare GEMM | / fastest anchor | peak extra MiB "
+              "| mem / naive | time / naive | bitwise repeat | err logprob | err entropy | err dH | err dW | note |")
     groups: dict[tuple, list[dict]] = {}
     for row in shown:
-        groups.setdefault((row["device"], row["dtype"], row["mode"]), []).append(row)
-    for (device, dtype, mode), group in groups.items():
-        out += [f"#### {mode} ({device}, {dtype})", "", header, "|" + "---|" * 14]
+        groups.setdefault((row["device"], row["dtype"], row["mode"], row["dist"]), []).append(row)
+    for (device, dtype, mode, dist), group in groups.items():
+        stats = next((r.get("dist_stats") for r in reversed(group) if r.get("dist_stats")), None)
+        out += [f"#### {mode} ({device}, {dtype}, {dist} logits)", "", _dist_line(dist, stats), "", header,
+                "|" + "---|" * 16]
         for r in group:
             ok = r["status"] == "ok"
             note = r.get("note", "") if ok else f"**{r['status']}**: {r.get('note', '')}"
+            anchor = r.get("vs_anchor")
+            anchor_text = "–" if anchor is None else (
+                f"{anchor:.3g}x" + ("" if r.get("family") == "baseline" else f" ({r.get('fastest_anchor')})"))
+            bitwise = r.get("bitwise_repeat")
             out.append("| " + " | ".join([
                 f"{r['shape']} ({r['d']} x {r['v']})", str(r["n"]), r["label"],
                 _sig(r.get("time_ms")) if ok else "–", _sig(r.get("tflops")) if ok else "–",
-                _sig(r.get("pct_gemm"), 2) if ok else "–", _sig(r.get("peak_extra_mib")) if ok else "–",
+                _sig(r.get("pct_gemm"), 2) if ok else "–", anchor_text,
+                _sig(r.get("peak_extra_mib")) if ok else "–",
                 _ratio(r.get("mem_vs_naive")), _ratio(r.get("time_vs_naive")),
+                "–" if bitwise is None else ("yes" if bitwise else f"**no** ({r.get('repeat_max_diff', 0):.1e})"),
                 _exp(r.get("err_logprob")), _exp(r.get("err_entropy")), _exp(r.get("err_dh")),
                 _exp(r.get("err_dw")), note.replace("|", "/"),
             ]) + " |")
@@ -166,15 +201,147 @@ def markdown_tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------------------------- the goals
+
+# The shape the goals are stated at (H100/H200, bf16): N=16384 tokens, D=4096, V=131072.
+GOAL_SHAPE = {"d": 4096, "v": 131072, "n": 16384, "dtype": "bf16"}
+GOAL_IMPLS = ("ours_triton", "ours_sliced", "ours_fused")
+MIB = 1 << 20
+GOAL_EXTRA_MIB = 1024  # extra memory allowed beyond the fp32 [N, D] dH and the per-token statistics
+STATS_BYTES_PER_TOKEN = 16  # per-token statistics allowed on top: up to 4 float32 per token (lse, entropy, ...)
+N_SPREAD_MIB = 64  # "independent of N": the excess at the largest N at most this much above that at the smallest
+
+
+def memory_excess_mib(row: dict) -> float:
+    """Peak extra memory beyond an fp32 [N, D] dH and STATS_BYTES_PER_TOKEN per token, MiB."""
+    return row["peak_extra_mib"] - row["n"] * (4 * row["d"] + STATS_BYTES_PER_TOKEN) / MIB
+
+
+def goal_rows(rows: list[dict]) -> tuple[dict, dict[tuple, dict]]:
+    """(the shape the goals are checked at, {(impl, dist, mode): row}). The stated shape when it was measured, else
+    (a CPU or dry run) the largest fwd_bwd shape with a pacs row, so that the checks still run end to end."""
+    ok = [r for r in rows if r.get("status") == "ok" and r["impl"] in GOAL_IMPLS and r["mode"] in ("fwd_bwd",
+                                                                                                   "logprob")]
+    if not ok:
+        return {}, {}
+    stated = [r for r in ok if all(r[k] == v for k, v in GOAL_SHAPE.items())]
+    if stated:
+        shape = dict(GOAL_SHAPE, device=stated[0]["device"])
+    else:
+        top = max(ok, key=lambda r: (r["mode"] == "fwd_bwd", r["d"] * r["v"], r["n"]))
+        shape = {k: top[k] for k in ("d", "v", "n", "dtype", "device")}
+    picked = {}
+    for r in ok:
+        if all(r[k] == v for k, v in shape.items()):
+            picked[(r["impl"], r["dist"], r["mode"])] = r
+    return shape, picked
+
+
+def _verdict(passed: bool | None, text: str) -> str:
+    return {True: "PASS", False: "**FAIL**", None: "n/a"}[passed] + (f": {text}" if text else "")
+
+
+def goal_table(rows: list[dict]) -> list[str]:
+    """The goals, PASS/FAIL per pacs implementation and logit distribution, from the measured rows alone."""
+    shape, picked = goal_rows(rows)
+    if not picked:
+        return []
+    columns = sorted({(impl, dist) for impl, dist, _ in picked},
+                     key=lambda c: (GOAL_IMPLS.index(c[0]), c[1] != "random"))
+    labels = {impl: next(r["label"] for (i, _, _), r in picked.items() if i == impl) for impl, _ in columns}
+    ok_rows = [r for r in rows if r.get("status") == "ok"]
+
+    def memory(impl, dist):
+        row = picked.get((impl, dist, "fwd_bwd"))
+        if row is None:
+            return None, "no fwd_bwd row"
+        excess = memory_excess_mib(row)
+        same = sorted((r for r in ok_rows if r["impl"] == impl and r["dist"] == dist and r["mode"] == "fwd_bwd"
+                       and r["device"] == row["device"] and r["dtype"] == row["dtype"] and r["d"] == row["d"]
+                       and r["v"] == row["v"]), key=lambda r: r["n"])
+        text = f"{excess:,.0f} MiB beyond dH+stats at N={row['n']}"
+        passed = excess <= GOAL_EXTRA_MIB
+        if len(same) > 1:
+            lo, hi = memory_excess_mib(same[0]), memory_excess_mib(same[-1])
+            text += f"; {lo:,.0f} MiB at N={same[0]['n']}, {hi:,.0f} at N={same[-1]['n']}"
+            passed = passed and hi <= lo + N_SPREAD_MIB
+        else:
+            text += "; one N measured, N-independence unchecked"
+        return passed, text
+
+    def pct(impl, dist, mode):
+        row = picked.get((impl, dist, mode))
+        if row is None or row.get("pct_gemm") is None:
+            return None, f"no {mode} row with its bare GEMM"
+        return row["pct_gemm"] >= 85, f"{row['pct_gemm']:.1f}% ({row['time_ms']:.4g} ms)"
+
+    def anchor(impl, dist):
+        row = picked.get((impl, dist, "fwd_bwd"))
+        if row is None or row.get("vs_anchor") is None:
+            return None, "no anchor measured"
+        return row["vs_anchor"] <= 0.95, f"{row['vs_anchor']:.3g}x {row['fastest_anchor']}"
+
+    def determinism(impl, dist):
+        row = picked.get((impl, dist, "fwd_bwd"))
+        if row is None or row.get("bitwise_repeat") is None:
+            return None, "not run"
+        eq = row.get("repeat_equal", {})
+        passed = bool(eq.get("dh")) and bool(eq.get("dw"))
+        return passed, "dH, dW bitwise equal" if passed else f"differ by up to {row.get('repeat_max_diff', 0):.2e}"
+
+    goals = [
+        ("fwd+bwd >= 85% of the bare-GEMM rate (8NDV)", lambda i, d: pct(i, d, "fwd_bwd")),
+        ("fwd+bwd <= 0.95x the fastest anchor", anchor),
+        ("forward >= 85% of the bare-GEMM rate (2NDV)", lambda i, d: pct(i, d, "logprob")),
+        (f"extra memory beyond fp32 dH + per-token stats <= {GOAL_EXTRA_MIB} MiB, independent of N "
+         f"(within {N_SPREAD_MIB} MiB)", memory),
+        ("dH/dW bitwise equal across two runs", determinism),
+    ]
+    where = (f"D={shape['d']} V={shape['v']} N={shape['n']} {shape['dtype']} ({shape['device']})"
+             + ("" if all(shape[k] == v for k, v in GOAL_SHAPE.items()) else
+                ": not the stated shape (D=4096 V=131072 N=16384 bf16), so these verdicts prove nothing about it"))
+    lines = [f"Goals at {where}; each verdict is computed from the rows below:", "",
+             "| goal | " + " | ".join(f"{labels[i]}, {d} logits" for i, d in columns) + " |",
+             "|" + "---|" * (len(columns) + 1)]
+    for name, check in goals:
+        lines.append(f"| {name} | " + " | ".join(_verdict(*check(i, d)) for i, d in columns) + " |")
+    return lines + [""]
+
+
+def ceilings_lines(ceilings: dict | None) -> list[str]:
+    """The ceilings measured by benchmarks/ceilings.py in the same session (GEMM rates, HBM copy, GEMM probe)."""
+    if not ceilings:
+        return []
+    lines = [f"Ceilings measured in the same session (benchmarks/ceilings.py, {ceilings.get('device_name', '?')}):", ""]
+    for item in ceilings.get("gemm", []):
+        rate = (f"{item['tflops']:.4g} TFLOP/s ({item['ms']:.4g} ms)" if item.get("tflops") is not None
+                else item.get("error", "not run"))
+        lines.append(f"- GEMM {item['name']}: {item['shape']}, {item['dtype']}: {rate}")
+    for item in ceilings.get("copy", []):
+        rate = (f"{item['gbps']:.4g} GB/s ({item['ms']:.4g} ms, read + write)" if item.get("gbps") is not None
+                else item.get("error", "not run"))
+        lines.append(f"- copy {item['mib']:,} MiB: {rate}")
+    probe = ceilings.get("probe")
+    if probe is not None:
+        lines.append(f"- pacs_kernels._gemm.probe: `{json.dumps(probe, default=str)[:1500]}`")
+    return lines + [""]
+
+
 def describe_meta(meta: dict) -> list[str]:
     """Machine and versions lines of a run."""
     return [
-        f"- machine: {meta.get('device_name')} ({meta.get('device')}, torch threads {meta.get('torch_threads')})",
+        f"- machine: {meta.get('device_name')} ({meta.get('device')}"
+        + (f", compute capability {meta['capability']}, {meta.get('sms')} SMs, {meta.get('gpu_memory_gib')} GiB"
+           if meta.get("capability") else "")
+        + f", torch threads {meta.get('torch_threads')})",
         f"- versions: Python {meta.get('python')}, torch {meta.get('torch')}"
         + (f" (CUDA {meta['cuda']})" if meta.get("cuda") else "")
         + f", triton {meta.get('triton')}, liger-kernel {meta.get('liger-kernel')}, "
-        f"cut-cross-entropy {meta.get('cut-cross-entropy')}, pacs {meta.get('pacs')}"
-        + (f" (commit {meta['commit']})" if meta.get("commit") else ""),
+        f"cut-cross-entropy {meta.get('cut-cross-entropy')}, trl {meta.get('trl', '?')}, pacs {meta.get('pacs')}"
+        + (f" (commit {meta['commit']})" if meta.get("commit") else "")
+        + ("" if "pacs_forward_impl" not in meta else
+           f"; linear_logprob forward_impl option: {'yes' if meta['pacs_forward_impl'] else 'not in this checkout'}")
+        + (f"; PACS_KERNELS_MEMORY_BUDGET={meta['memory_budget']}" if meta.get("memory_budget") else ""),
         f"- date: {meta.get('date')}; dtype {meta.get('dtype')}; {meta.get('warmup')} warm-up call(s) discarded, "
         f"median of {meta.get('reps')} timed calls; errors on {meta.get('acc_tokens')} tokens against float64",
         f"- command: `{meta.get('command')}`",
@@ -215,14 +382,14 @@ def plot(rows: list[dict], path: Path, max_panels: int = 6) -> str | None:
     ok = [r for r in rows if r.get("status") == "ok"]
     panels: dict[tuple, list[dict]] = {}
     for r in ok:
-        panels.setdefault((r["device"], r["dtype"], r["mode"], r["shape"], r["d"], r["v"]), []).append(r)
+        panels.setdefault((r["device"], r["dtype"], r["mode"], r["shape"], r["d"], r["v"], r["dist"]), []).append(r)
     keys = sorted(panels, key=lambda k: (-len({r["n"] for r in panels[k]}), MODE_ORDER.index(k[2])
                                          if k[2] in MODE_ORDER else 99))[:max_panels]
     if not keys:
         return "no plot: no measured rows"
     fig, axes = plt.subplots(len(keys), 2, figsize=(12, 3.6 * len(keys)), squeeze=False)
     for (ax_t, ax_m), key in zip(axes, keys):
-        device, dtype, mode, shape, d, v = key
+        device, dtype, mode, shape, d, v, dist = key
         by_impl: dict[str, list[dict]] = {}
         for r in sorted(panels[key], key=lambda r: r["n"]):
             by_impl.setdefault(r["label"], []).append(r)
@@ -233,7 +400,7 @@ def plot(rows: list[dict], path: Path, max_panels: int = 6) -> str | None:
             ax_t.plot(ns, [r["time_ms"] for r in series], label=label, **style)
             if series[0]["family"] != "floor":
                 ax_m.plot(ns, [max(r["peak_extra_mib"], 1e-2) for r in series], label=label, **style)
-        title = f"{mode}, {shape} D={d} V={v}, {dtype} ({device})"
+        title = f"{mode}, {shape} D={d} V={v}, {dtype}, {dist} logits ({device})"
         for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak extra memory (MiB)")):
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("tokens N")
@@ -259,9 +426,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def section_text(out_dir: Path, rows: list[dict], metas: list[dict], title: str, plot_note: str | None,
-                 relative_to: Path) -> str:
-    """The markdown of one run: machine, headline ratios, tables, plot."""
-    lines = [f"### {title}", ""] + describe_runs(metas) + [""]
+                 relative_to: Path, ceilings: dict | None = None) -> str:
+    """The markdown of one run: machine, ceilings, goal verdicts, headline ratios, tables, plot."""
+    lines = [f"### {title}", ""] + describe_runs(metas) + [""] + ceilings_lines(ceilings)
+    lines += goal_table(rows)
     heads = headline(rows)
     if heads:
         lines += ["Headline (our backends against the naive path in the same run):", ""] + heads + [""]
@@ -302,13 +470,17 @@ def write_all(out_dir: Path, update_results_md: bool = True, title: str | None =
     rows = _order(derive(latest(load_rows(jsonl))))
     metas = load_meta(jsonl)
     meta = metas[-1] if metas else {}
+    ceilings_path = out_dir / "ceilings.json"
+    ceilings = json.loads(ceilings_path.read_text()) if ceilings_path.exists() else None
     title = title or f"{meta.get('device_name', '?')}: {meta.get('preset', '')} preset, {meta.get('date', '')}"
-    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "runs": metas, "rows": rows}, indent=1))
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "runs": metas, "rows": rows,
+                                                      "ceilings": ceilings}, indent=1))
     write_csv(rows, out_dir / "results.csv")
     plot_note = plot(rows, out_dir / "plot.png")
-    (out_dir / "results.md").write_text(section_text(out_dir, rows, metas, title, plot_note, out_dir) + "\n")
+    (out_dir / "results.md").write_text(section_text(out_dir, rows, metas, title, plot_note, out_dir, ceilings)
+                                        + "\n")
     print(f"wrote {out_dir}/results.{{jsonl,json,csv,md}}" + ("" if plot_note else " and plot.png"))
     if update_results_md:
         key = _slug(f"{meta.get('device', '')}-{meta.get('preset', '')}-{meta.get('device_name', '')}")
-        replace_section(key, section_text(out_dir, rows, metas, title, plot_note, RESULTS_MD.parent))
-        print(f"updated {RESULTS_MD.relative_to(ROOT)} section {key}")
+        replace_section(key, section_text(out_dir, rows, metas, title, plot_note, RESULTS_MD.parent, ceilings))
+        print(f"updated {RESULTS_MD} section {key}")

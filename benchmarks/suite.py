@@ -78,6 +78,7 @@ class Settings:
     deadline: float = math.inf  # time.time() after which no new row starts
     interpret: bool = False  # CPU with TRITON_INTERPRET=1 (dry runs of the Triton path)
     preset: str = "custom"
+    determinism: str = "none"  # "ours" | "all" | "none": whose gradient rows are run twice and compared bitwise
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Spec:
     d: int
     v: int
     extra: dict = field(default_factory=dict)
+    dist: str = "random"  # the logit distribution of the problem (DISTS)
 
 
 # ------------------------------------------------------------------------------------------------- problems
@@ -124,10 +126,110 @@ class Problem:
     rewards: object = None
 
 
-def make_problem(n: int, d: int, v: int, st: Settings, seed: int, *, grad: bool, pacs: bool,
-                 old_from_reference: bool = False) -> Problem:
-    """Random hidden [n, d] and weight [v, d] whose logits have std LOGIT_STD, targets, upstream gradients.
+DISTS = ("random", "peaked")
+# The peaked distribution (see peaked_inputs): Zipf exponent of the vocabulary prior, candidates per token and the
+# range of their logits above the prior's top, and the standard deviation of the background noise, in nats.
+PEAKED_ZIPF, PEAKED_CANDIDATES, PEAKED_LIFT, PEAKED_NOISE = 1.2, 4, (0.0, 7.0), 1.5
 
+
+def peaked_inputs(n: int, d: int, v: int, gen, dev):
+    """float32 hidden [n, d], weight [v, d] whose softmax looks like a language model's, not like random logits.
+
+    Logit of token j for token position i (all terms in nats; g_j ~ N(0, I/d) so |g_j| ~ 1, u a unit vector):
+        weight_j = g_j + prior_j * u,                  prior_j = -PEAKED_ZIPF * log(1 + j)
+        hidden_i = s_i * u + sum_k (b_ik - s_i * prior_c) * g_c / |g_c|^2 + r_i    (c = c_ik, r_i orthogonal to u)
+        z_ij ~= s_i * prior_j + sum_k b_ik [j = c_ik] + N(0, PEAKED_NOISE^2)
+    i.e. a Zipf prior over the vocabulary by id (frequent tokens at low ids, as BPE merge order puts them), scaled by a
+    per-position strength s_i ~ U(0.7, 1.3), plus PEAKED_CANDIDATES context-dependent candidates c_ik drawn from the
+    same Zipf law over the vocabulary (scattered ids) and lifted to b_ik ~ U(PEAKED_LIFT) above the prior's top, plus
+    background noise. The cross terms are O(b / sqrt(d)) nats, so the construction sharpens with d. Targets are then
+    sampled from the distribution itself (make_problem), so the target is usually a likely token.
+
+    Measured on this construction (CPU, float32 inputs, seed 0, first 256 positions; every row records its own
+    problem's numbers as `dist_stats`): D=4096 V=131072: mean entropy 1.20 nats, top-1 probability 0.70, top-100
+    mass 0.969, probability of the sampled target 0.55 (the same in bf16); D=1024 V=32768: 1.22 nats, 0.69, 0.971,
+    0.58; D=64 V=2053: 1.31 nats, 0.66, 0.983, 0.55. The "random" distribution (Gaussian logits of std 4, uniform
+    targets) at D=4096 V=131072: 4.97 nats, top-1 0.20, top-100 mass 0.74, target probability 0.0000.
+    """
+    import torch
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=dev, dtype=torch.float32)
+
+    def uniform(lo, hi, *shape):
+        return torch.rand(*shape, generator=gen, device=dev, dtype=torch.float32) * (hi - lo) + lo
+
+    u = randn(d)
+    u /= u.norm()
+    prior = -PEAKED_ZIPF * torch.log1p(torch.arange(v, device=dev, dtype=torch.float32))
+    weight = randn(v, d).div_(d**0.5)
+    weight.addr_(weight @ u, u, alpha=-1.0)  # g_j orthogonal to u: the prior term is exact
+    g_sq = (weight * weight).sum(1)
+    s = uniform(0.7, 1.3, n)
+    hidden = randn(n, d).mul_(PEAKED_NOISE)
+    hidden.addr_(hidden @ u, u, alpha=-1.0).addr_(s, u)
+    zipf = torch.arange(1, v + 1, device=dev, dtype=torch.float32).pow_(-1.0)
+    for _ in range(PEAKED_CANDIDATES):
+        c = torch.multinomial(zipf, n, replacement=True, generator=gen)
+        coef = (uniform(*PEAKED_LIFT, n) - s * prior[c]) / g_sq[c]
+        hidden += coef.unsqueeze(1) * weight[c]
+    weight.addr_(prior, u)
+    return hidden, weight
+
+
+def sample_targets(hidden, weight, gen, chunk_elements: int = 1 << 28):
+    """Targets drawn from softmax(hidden @ weight.T) (float32 logits, chunks of tokens), and the statistics of that
+    distribution (problem_stats) as a dict."""
+    import torch
+
+    n, v = hidden.shape[0], weight.shape[0]
+    rows = max(1, min(n, chunk_elements // v))
+    targets = torch.empty(n, dtype=torch.long, device=hidden.device)
+    stats = torch.zeros(4, dtype=torch.float64, device=hidden.device)
+    for n0 in range(0, n, rows):
+        z = (hidden[n0:n0 + rows] @ weight.T).float()
+        logp = z.log_softmax(-1)
+        del z
+        p = logp.exp()
+        y = torch.multinomial(p, 1, generator=gen).squeeze(1)
+        targets[n0:n0 + rows] = y
+        stats += _dist_sums(logp, p, y)
+        del logp, p
+    return targets, _dist_stats(stats, n)
+
+
+def _dist_sums(logp, p, y):
+    import torch
+
+    top = p.topk(min(100, p.shape[1]), dim=1).values
+    return torch.stack([-(p * logp).sum(1).double().sum(), top[:, 0].double().sum(), top.sum(1).double().sum(),
+                        p.gather(1, y.unsqueeze(1)).double().sum()])
+
+
+def _dist_stats(sums, n) -> dict:
+    ent, top1, top100, p_target = (sums / n).tolist()
+    return {"entropy": round(ent, 4), "top1": round(top1, 4), "top100_mass": round(top100, 4),
+            "p_target": round(p_target, 4)}
+
+
+def problem_stats(hidden, weight, targets, max_tokens: int = 256) -> dict:
+    """Mean entropy (nats), top-1 probability, probability mass of the top 100 tokens and probability of the target,
+    over the first `max_tokens` positions (float32 logits of the inputs as given)."""
+    import torch
+
+    with torch.no_grad():
+        h, y = hidden[:max_tokens].detach(), targets[:max_tokens]
+        logp = (h @ weight.detach().T).float().log_softmax(-1)
+        return _dist_stats(_dist_sums(logp, logp.exp(), y), h.shape[0])
+
+
+def make_problem(n: int, d: int, v: int, st: Settings, seed: int, *, grad: bool, pacs: bool,
+                 old_from_reference: bool = False, dist: str = "random") -> Problem:
+    """Hidden [n, d], weight [v, d], targets, upstream gradients.
+
+    dist "random": independent Gaussian hidden and weight scaled so that the logits have std LOGIT_STD, uniform
+    targets (nearly flat softmax: nothing to skip for an implementation that filters small probabilities);
+    "peaked": a language-model-like softmax (peaked_inputs), targets sampled from it.
     old_logprob (pacs only): the float64 reference log-prob plus N(0, 0.01) noise when `old_from_reference`
     (small accuracy problems: a realistic, unsaturated PACS score), else -log(V) + N(0, 0.1) (timing problems).
     """
@@ -135,13 +237,22 @@ def make_problem(n: int, d: int, v: int, st: Settings, seed: int, *, grad: bool,
 
     dev, dtype = st.device, torch_dtype(st.dtype)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    scale = (LOGIT_STD / d**0.5) ** 0.5
+    if dist == "peaked":
+        h32, w32 = peaked_inputs(n, d, v, gen, dev)
+        hidden, weight = h32.to(dtype), w32.to(dtype)
+        del h32, w32
+        targets, _ = sample_targets(hidden, weight, gen)
+    elif dist == "random":
+        scale = (LOGIT_STD / d**0.5) ** 0.5
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device=dev, dtype=torch.float32).mul_(scale).to(dtype)
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen, device=dev, dtype=torch.float32).mul_(scale).to(dtype)
 
-    hidden, weight = randn(n, d).requires_grad_(grad), randn(v, d).requires_grad_(grad)
-    targets = torch.randint(0, v, (n,), generator=gen, device=dev)
+        hidden, weight = randn(n, d), randn(v, d)
+        targets = torch.randint(0, v, (n,), generator=gen, device=dev)
+    else:
+        raise ValueError(f"unknown logit distribution {dist!r}; known: {', '.join(DISTS)}")
+    hidden, weight = hidden.requires_grad_(grad), weight.requires_grad_(grad)
     grad_lp = torch.randn(n, generator=gen, device=dev)
     grad_ent = torch.randn(n, generator=gen, device=dev)
     prob = Problem(hidden, weight, targets, grad_lp, grad_ent)
@@ -187,12 +298,21 @@ def make_call(fn, mode, prob: Problem):
             return lp, ent, None, None
         return call
 
+    fused_pacs = False
+    if mode.pacs and hasattr(fn, "pacs_backend"):
+        import inspect
+
+        from pacs_kernels import pacs_loss
+
+        # pacs_loss with the same options, where it takes them (else: our log-prob, then pacs_loss_from_logprobs)
+        fused_pacs = set(getattr(fn, "pacs_kwargs", {})) <= set(inspect.signature(pacs_loss).parameters)
+
     def call():
-        if mode.pacs and hasattr(fn, "pacs_backend"):
+        if fused_pacs:
             from pacs_kernels import pacs_loss
 
             out = pacs_loss(h, w, y, prob.old_logprob, prob.rewards, prob.cu_seqlens, group_size=PACS_GROUP,
-                            backend=fn.pacs_backend)
+                            backend=fn.pacs_backend, **getattr(fn, "pacs_kwargs", {}))
             loss, lp, ent = out.loss, out.logprob, None
         elif mode.pacs:
             lp, ent = fn(h, w, y, False)
@@ -263,27 +383,32 @@ class Runner:
         self.problem_key, self.problem = None, None
         self.ref_key, self.ref = None, None
         self.accuracy: dict[tuple, dict] = {}
+        self.stats: dict[tuple, dict] = {}  # (n, d, v, dist) -> problem_stats of the timing problem
 
     def get_problem(self, spec: Spec, mode) -> Problem:
-        key = (spec.n, spec.d, spec.v, mode.grad, mode.pacs)
+        key = (spec.n, spec.d, spec.v, mode.grad, mode.pacs, spec.dist)
         if key != self.problem_key:
             self.problem = None  # free the previous inputs first
             self.problem = make_problem(spec.n, spec.d, spec.v, self.st, self.st.seed, grad=mode.grad,
-                                        pacs=mode.pacs)
+                                        pacs=mode.pacs, dist=spec.dist)
             self.problem_key = key
+            stats_key = (spec.n, spec.d, spec.v, spec.dist)
+            if stats_key not in self.stats:
+                p = self.problem
+                self.stats[stats_key] = problem_stats(p.hidden, p.weight, p.targets)
         return self.problem
 
     def errors(self, fn, spec: Spec, mode) -> dict:
         """Errors of `fn` against the float64 reference on `acc_tokens` tokens (cached per impl/shape/mode)."""
         from .measure import max_abs_err, max_rel_err
 
-        key = (spec.impl, spec.d, spec.v, spec.mode)
+        key = (spec.impl, spec.d, spec.v, spec.mode, spec.dist)
         if key in self.accuracy:
             return self.accuracy[key]
         n = self.st.acc_tokens
         prob = make_problem(n, spec.d, spec.v, self.st, self.st.seed + 1, grad=mode.grad, pacs=mode.pacs,
-                            old_from_reference=True)
-        ref_key = (spec.d, spec.v, spec.mode)
+                            old_from_reference=True, dist=spec.dist)
+        ref_key = (spec.d, spec.v, spec.mode, spec.dist)
         if ref_key != self.ref_key:
             self.ref = None
             self.ref, self.ref_key = reference_outputs(mode, prob), ref_key
@@ -305,7 +430,7 @@ class Runner:
     def run_spec(self, spec: Spec) -> dict:
         """Measure one row (or say why it is skipped)."""
         from .impls import IMPLS, MODES, skip_reason
-        from .measure import measure
+        from .measure import bitwise_repeat, measure
 
         impl, mode = IMPLS[spec.impl], MODES[spec.mode]
         reason = skip_reason(impl, mode, self.st.device, self.st.interpret)
@@ -327,6 +452,10 @@ class Runner:
         row.update(measure(call, self.st.device, warmup, self.st.reps))
         row["tflops"] = mode.flops(spec.n, spec.d, spec.v) / (row["time_ms"] * 1e-3) / 1e12
         row["warmup"], row["reps"] = warmup, self.st.reps
+        row["dist_stats"] = self.stats.get((spec.n, spec.d, spec.v, spec.dist))
+        det = self.st.determinism
+        if mode.grad and impl.family != "floor" and (det == "all" or (det == "ours" and impl.family == "ours")):
+            row.update(bitwise_repeat(call))  # two more calls: dH, dW (and logprob) bitwise equal?
         note = getattr(fn, "state", {}).get("note", "") if fn is not None else ""
         if impl.family == "floor":
             note = "matrix products only; holds [N x V]"
@@ -359,10 +488,12 @@ class Runner:
 
 def row_summary(row: dict) -> str:
     """One progress line per measured row."""
-    where = f"{row['impl']:>16} {row['mode']:<15} {row['shape']} N={row['n']}"
+    where = f"{row['impl']:>16} {row['mode']:<15} {row['shape']} N={row['n']} {row.get('dist', 'random')}"
     if row["status"] != "ok":
         return f"{where}: {row['status']} ({row.get('note', '')[:120]})"
-    return f"{where}: {row['time_ms']:.4g} ms, {row['tflops']:.3g} TFLOPS, peak extra {row['peak_extra_mib']:.4g} MiB"
+    det = "" if "bitwise_repeat" not in row else f", bitwise repeatable {row['bitwise_repeat']}"
+    return (f"{where}: {row['time_ms']:.4g} ms, {row['tflops']:.3g} TFLOPS, peak extra {row['peak_extra_mib']:.4g} "
+            f"MiB{det}")
 
 
 def base_row(spec: Spec, st: Settings) -> dict:
@@ -373,7 +504,7 @@ def base_row(spec: Spec, st: Settings) -> dict:
     return {
         "device": st.device, "device_name": device_name(st.device), "impl": spec.impl, "label": impl.label,
         "family": impl.family, "mode": spec.mode, "shape": spec.shape, "n": spec.n, "d": spec.d, "v": spec.v,
-        "dtype": st.dtype, "flops": MODES[spec.mode].flops(spec.n, spec.d, spec.v),
+        "dist": spec.dist, "dtype": st.dtype, "flops": MODES[spec.mode].flops(spec.n, spec.d, spec.v),
         "version": package_version(impl.package), "preset": st.preset,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -456,14 +587,30 @@ def environment(st: Settings, argv: list[str]) -> dict:
                                 timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    gpu = {}
+    if st.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"capability": "%d.%d" % torch.cuda.get_device_capability(), "sms": props.multi_processor_count,
+               "gpu_memory_gib": round(props.total_memory / 2**30, 1)}
+    try:
+        import inspect
+
+        import pacs_kernels
+
+        forward_impl = "forward_impl" in inspect.signature(pacs_kernels.linear_logprob).parameters
+    except (ImportError, AttributeError):
+        forward_impl = False
     return {
         "device": st.device, "device_name": device_name(st.device), "preset": st.preset,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(), "torch": torch.__version__,
-        "cuda": torch.version.cuda or "", "triton": package_version("triton"),
+        "cuda": torch.version.cuda or "", "triton": package_version("triton"), **gpu,
         "liger-kernel": package_version("liger-kernel") or "not installed",
         "cut-cross-entropy": package_version("cut-cross-entropy") or "not installed",
-        "pacs": package_version("pacs"), "commit": commit, "torch_threads": torch.get_num_threads(),
+        "trl": package_version("trl") or "not installed",
+        "pacs": package_version("pacs"), "pacs_forward_impl": forward_impl,
+        "memory_budget": os.environ.get("PACS_KERNELS_MEMORY_BUDGET", ""),
+        "commit": commit, "torch_threads": torch.get_num_threads(),
         "dtype": st.dtype, "warmup": st.warmup, "reps": st.reps, "acc_tokens": st.acc_tokens,
         "interpret": st.interpret, "command": "python -m benchmarks.suite " + " ".join(argv),
     }
@@ -491,11 +638,12 @@ def parse_shapes(text: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def build_specs(shapes, tokens, modes, impls) -> list[Spec]:
-    """Rows in the order shape -> mode -> tokens -> impl (bare GEMM first, so every row has its floor)."""
+def build_specs(shapes, tokens, modes, impls, dists=("random",)) -> list[Spec]:
+    """Rows in the order shape -> mode -> logit distribution -> tokens -> impl (bare GEMM first, so every row has
+    its floor)."""
     impls = sorted(impls, key=lambda name: name != "gemm")
-    return [Spec(impl, mode, name, n, d, v) for name, d, v in shapes for mode in modes for n in tokens
-            for impl in impls]
+    return [Spec(impl, mode, name, n, d, v, dist=dist) for name, d, v in shapes for mode in modes for dist in dists
+            for n in tokens for impl in impls]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -512,6 +660,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shapes", help=f"comma list of {', '.join(SHAPES)} or DxV")
     p.add_argument("--tokens", help="comma list of token counts, e.g. 2k,8k,16k")
     p.add_argument("--impls", help=f"comma list of {', '.join(IMPLS)} (default: all that run on the device)")
+    p.add_argument("--logits", default="random",
+                   help=f"comma list of logit distributions: {', '.join(DISTS)} (default random; see peaked_inputs)")
+    p.add_argument("--determinism", choices=["ours", "all", "none"],
+                   help="run the gradient rows of pacs (ours) / every implementation (all) twice more and record "
+                   "whether dH, dW and the log-probs are bitwise equal (default: ours on cuda, none on cpu)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on cuda, fp32 on cpu")
     p.add_argument("--warmup", type=int, help="discarded calls before measuring (default 2 cuda, 1 cpu; on cpu "
                    "only compiled implementations are warmed up, the untimed memory call warms the others)")
@@ -528,6 +681,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="cpu: run the Triton backend in Triton's interpreter (tiny sizes only)")
     p.add_argument("--fresh", action="store_true", help="drop the rows already in OUT first")
     p.add_argument("--no-results-md", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument("--no-report", action="store_true",
+                   help="only stream rows into OUT/results.jsonl; no tables, plot or RESULTS.md (a later --report)")
     p.add_argument("--title", help="title of this run's section in RESULTS.md (default: device, preset)")
     p.add_argument("--report", type=Path, metavar="DIR",
                    help="only rebuild tables, plot and the RESULTS.md section from DIR/results.jsonl")
@@ -566,8 +721,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in impls:
         if name not in IMPLS:
             raise SystemExit(f"unknown implementation {name!r}; known: {', '.join(IMPLS)}")
+    dists = [x.strip() for x in args.logits.split(",") if x.strip()]
+    for name in dists:
+        if name not in DISTS:
+            raise SystemExit(f"unknown logit distribution {name!r}; known: {', '.join(DISTS)}")
     cuda = device == "cuda"
-    preset = "quick" if args.quick else ("custom" if any((args.shapes, args.tokens, args.modes, args.impls))
+    preset = "quick" if args.quick else ("custom" if any((args.shapes, args.tokens, args.modes, args.impls,
+                                                                args.logits != "random"))
                                          else "full")
     st = Settings(
         device=device, dtype=args.dtype or ("bf16" if cuda else "fp32"),
@@ -575,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         reps=args.reps or (5 if cuda else 1 if quick_cpu else 2),
         acc_tokens=args.acc_tokens if args.acc_tokens is not None else (1024 if cuda else 256),
         deadline=time.time() + args.time_budget, interpret=args.interpret, preset=preset,
+        determinism=args.determinism or ("ours" if cuda else "none"),
     )
     configure_environment(st)
     out = args.out or ROOT / "benchmarks" / "results" / f"{device}-{preset}"
@@ -583,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and results.exists():
         results.unlink()
     report.append_rows(results, [{"_meta": environment(st, argv)}])
-    specs = build_specs(shapes, tokens, modes, impls)
+    specs = build_specs(shapes, tokens, modes, impls, dists)
     print(f"{len(specs)} rows on {device_name(device)} -> {out}", file=sys.stderr, flush=True)
     started = time.time()
     if (args.isolate or ("none" if cuda else "impl")) == "impl":
@@ -592,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         Runner(st, results).run(specs)
     print(f"measured in {time.time() - started:.0f} s", file=sys.stderr)
-    report.write_all(out, update_results_md=not args.no_results_md, title=args.title)
+    if not args.no_report:
+        report.write_all(out, update_results_md=not args.no_results_md, title=args.title)
     return 0
 
 
