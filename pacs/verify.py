@@ -12,14 +12,17 @@ Pipeline, one stage per module:
 
 Stages 1-2 and the comparison of plain numbers, letters and words run in the calling process (microseconds).
 Everything that touches sympy runs in a persistent pool of worker processes: a call that overruns its timeout
-gets its worker killed and replaced, so the limit holds from any thread and any process, with no signals.
+gets its worker killed and replaced, so the limit holds from any thread and any process, with no signals. Each
+worker is a separate interpreter (``pacs._verify_worker``) talking over its stdin and stdout, not a multiprocessing
+child, so it never imports the caller's ``__main__``: a script needs no ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
 
 import atexit
-import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,96 +71,179 @@ def _quick_verdict(response: str, gold: str, last_number: bool) -> bool | None:
     return False if all(v is False for v in verdicts) else None
 
 
-def _worker_main(conn: Connection) -> None:
-    """Worker process loop: answer (response, gold, last_number) requests with a bool until the pipe closes."""
-    import pacs._verify_compare  # noqa: F401  (import sympy before reporting ready)
-
-    conn.send("ready")
-    while True:
-        try:
-            response, gold, last_number = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            verdict = judge(response, gold, last_number)
-        except Exception:  # the contract is a bool for any input
-            verdict = False
-        conn.send(verdict)
+# Run by the worker interpreter before anything else: take the parent's import path, then serve. Only the builtin
+# ``sys`` is imported before the path is set, so nothing of the caller's (its ``__main__`` included) is imported.
+_BOOTSTRAP = "import sys; sys.path[:] = sys.argv[1:]; from pacs._verify_worker import main; main()"
 
 
-def _context() -> multiprocessing.context.BaseContext:
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["pacs._verify_compare"])
-        return ctx
-    return multiprocessing.get_context("spawn")
+def _command() -> list[str]:
+    """The worker's command line: this interpreter, its flags (-S, -E, -I, ...), and this process's ``sys.path``."""
+    if not sys.executable or getattr(sys, "frozen", False):  # a frozen app would run itself, not Python
+        raise RuntimeError("no Python interpreter to start verifier workers with")
+    try:
+        flags = subprocess._args_from_interpreter_flags()  # what multiprocessing's spawn passes as well
+    except Exception:
+        flags = []
+    try:
+        cwd = os.getcwd()
+    except OSError:  # a deleted working directory: relative entries stay relative
+        cwd = ""
+    paths = [os.path.join(cwd, p) if cwd and not os.path.isabs(p) else p for p in sys.path if isinstance(p, str)]
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if package_root not in paths:  # pacs imported by some other means (a meta-path hook): import this copy
+        paths.append(package_root)
+    return [sys.executable, *flags, "-c", _BOOTSTRAP, *paths]
 
 
 class _Worker:
-    def __init__(self, ctx: multiprocessing.context.BaseContext) -> None:
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="pacs-verify")
-        self.process.start()
-        child.close()
-        if not self.conn.poll(WORKER_START_TIMEOUT) or self.conn.recv() != "ready":
+    """One worker interpreter (``pacs._verify_worker``) and the two pipes to its stdin and from its stdout."""
+
+    def __init__(self) -> None:
+        command = _command()
+        to_child, self._to_worker = os.pipe()
+        self._from_worker, from_child = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                command, stdin=to_child, stdout=from_child, stderr=subprocess.DEVNULL, close_fds=True
+            )
+        except BaseException:
+            os.close(self._to_worker)
+            os.close(self._from_worker)
+            raise
+        finally:
+            os.close(to_child)
+            os.close(from_child)
+        self.pid = self.process.pid
+        self.requests = Connection(self._to_worker, readable=False)
+        self.replies = Connection(self._from_worker, writable=False)
+        try:
+            ready = self.replies.poll(WORKER_START_TIMEOUT) and self.replies.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
             self.kill()
             raise RuntimeError("verifier worker did not start")
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def ask(self, request: tuple, timeout: float) -> bool | None:
+        """The worker's verdict, or None when it has not answered within ``timeout`` seconds or has died."""
+        try:
+            self.requests.send(request)
+            if self.replies.poll(timeout):
+                return bool(self.replies.recv())
+        except (EOFError, OSError):
+            pass
+        return None
+
     def kill(self) -> None:
-        self.process.kill()
-        self.process.join(timeout=5)
-        self.conn.close()
+        try:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self.requests.close()
+        self.replies.close()
 
 
 class _Pool:
-    """Worker processes reused across calls; at most ``max_workers`` at once, extra callers wait for one."""
+    """Worker processes reused across calls, at most ``max_workers`` of them (busy, idle or starting).
+
+    A caller takes an idle worker; when there is none it starts one in the background (if under the limit) and
+    takes whichever worker is free first, its own or one given back by another caller, so a burst of callers is
+    served by the warm workers while new ones start. Waiting for a worker does not count against ``timeout``.
+    """
 
     def __init__(self, max_workers: int) -> None:
+        self._max_workers = max_workers
         self._idle: list[_Worker] = []
+        self._count = 0  # workers alive or starting
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max_workers)
-        self._ctx: multiprocessing.context.BaseContext | None = None
+        self._changed = threading.Condition(self._lock)
         self._pid = os.getpid()
 
     def run(self, request: tuple, timeout: float) -> bool | None:
         """The worker's verdict, or None when it overran ``timeout`` (the worker is then killed)."""
-        with self._slots:
-            worker = self._take()
-            try:
-                worker.conn.send(request)
-                if worker.conn.poll(timeout):
-                    verdict = worker.conn.recv()
-                    self._give_back(worker)
-                    return bool(verdict)
-            except (EOFError, OSError):
-                pass
+        worker = self._take()
+        verdict = worker.ask(request, timeout)
+        if verdict is None:
             worker.kill()
-            return None
+            with self._changed:
+                if self._pid == os.getpid():
+                    self._count -= 1
+                    self._changed.notify_all()
+        else:
+            self._give_back(worker)
+        return verdict
+
+    def _forget_if_forked(self) -> None:
+        """In a forked copy of this process the workers belong to the parent: drop them (the caller holds the lock)."""
+        if self._pid != os.getpid():
+            for worker in self._idle:
+                worker.requests.close()  # this copy's ends of the pipes only
+                worker.replies.close()
+            self._idle, self._count, self._pid = [], 0, os.getpid()
+
+    def _after_fork_in_child(self) -> None:
+        """A fork taken while another thread held the lock would leave it held forever: a new lock, no workers."""
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._forget_if_forked()
 
     def _take(self) -> _Worker:
-        with self._lock:
-            if self._pid != os.getpid():  # a forked copy of this process: the workers belong to the parent
-                self._idle, self._ctx, self._pid = [], None, os.getpid()
-            if self._idle:
-                return self._idle.pop()
-            if self._ctx is None:
-                self._ctx = _context()
-            ctx = self._ctx
-        return _Worker(ctx)
+        """An idle worker, waiting for one; RuntimeError when none is idle and the one this call started failed."""
+        failed: list[bool] = []
+        started = False
+        with self._changed:
+            self._forget_if_forked()
+            while True:
+                while self._idle:
+                    worker = self._idle.pop()
+                    if worker.alive():
+                        return worker
+                    worker.kill()  # died while idle (killed from outside): reap it, use another
+                    self._count -= 1
+                if failed:
+                    raise RuntimeError("verifier worker did not start")
+                if not started and self._count < self._max_workers:
+                    starter = threading.Thread(target=self._start, args=(failed,), daemon=True, name="pacs-verify")
+                    starter.start()  # RuntimeError when no thread can start (interpreter shutdown)
+                    self._count += 1
+                    started = True
+                self._changed.wait()
+
+    def _start(self, failed: list[bool]) -> None:
+        try:
+            worker = _Worker()
+        except Exception:
+            with self._changed:
+                if self._pid == os.getpid():
+                    self._count -= 1
+                failed.append(True)
+                self._changed.notify_all()
+            return
+        self._give_back(worker)
 
     def _give_back(self, worker: _Worker) -> None:
-        with self._lock:
-            self._idle.append(worker)
+        with self._changed:
+            if self._pid == os.getpid():
+                self._idle.append(worker)
+                self._changed.notify_all()
 
     def close(self) -> None:
-        with self._lock:
+        with self._changed:
+            self._forget_if_forked()
             idle, self._idle = self._idle, []
+            self._count -= len(idle)
         for worker in idle:
             worker.kill()
 
 
 _POOL = _Pool(MAX_POOL_WORKERS)
 atexit.register(_POOL.close)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOL._after_fork_in_child)
 
 
 def shutdown() -> None:
@@ -166,7 +252,7 @@ def shutdown() -> None:
 
 
 def _in_thread(request: tuple, timeout: float) -> bool:
-    """Fallback where no child process can start (e.g. inside a daemonic process): a daemon thread, abandoned on timeout."""
+    """Fallback where no worker process can start (no interpreter, a sandbox): a daemon thread, abandoned on timeout."""
     result: list[bool] = []
 
     def target() -> None:
@@ -200,7 +286,7 @@ def verify(response: str, gold: str | float, *, timeout: float = DEFAULT_TIMEOUT
         request = (response, gold, last_number)
         try:
             result = _POOL.run(request, timeout)
-        except (RuntimeError, OSError, AssertionError):  # cannot start processes here
+        except (RuntimeError, OSError, subprocess.SubprocessError):  # cannot start a worker here
             return _in_thread(request, timeout)
         return bool(result)
     except Exception:
