@@ -35,7 +35,6 @@ def _run_verify(args: argparse.Namespace) -> int:
         return 0 if verdict else 1
 
     import json
-
     from pathlib import Path
 
     if not Path(args.file).is_file():
