@@ -73,6 +73,9 @@ def logit_grad(
     if grad_entropy is None:
         return p.mul_(-grad_logprob.unsqueeze(-1))
     coef = logp.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1))
+    # With log p ~ -1e30 (a banned token) and a large g_H, coef overflows to inf and p * coef = 0 * inf = nan:
+    # keep it finite (p is 0 there; clamp keeps a NaN).
+    coef.clamp_(-3.0e38, 3.0e38)
     if grad_logprob is not None:
         coef.add_(grad_logprob.unsqueeze(-1))
     return p.mul_(coef).neg_()

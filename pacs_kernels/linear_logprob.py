@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -15,7 +16,7 @@ import torch
 
 from ._validation import check_backend, check_linear_inputs, check_temperature
 from .reference import linear_logprob_reference
-from .torch_impl import chunked_backward, chunked_forward
+from .sliced import SlicePlan, passes_for, plan_slices, resolve_budget, sliced_backward, sliced_forward
 
 logger = logging.getLogger("pacs_kernels")
 
@@ -27,6 +28,10 @@ class LogprobOutput(NamedTuple):
     entropy: torch.Tensor | None
 
 
+FORWARD_IMPLS = ("auto", "sliced", "fused")
+FORWARD_ENV = "PACS_KERNELS_FORWARD"
+
+
 @dataclass(frozen=True)
 class LogprobParams:
     """Non-tensor options of one call, kept out of the autograd signature."""
@@ -35,35 +40,35 @@ class LogprobParams:
     inv_temperature: float
     with_entropy: bool
     weight_grad_dtype: torch.dtype = torch.float32
-    chunk_n: int = 1024  # torch backend: tokens per chunk
-    chunk_v: int = 8192  # torch backend: vocabulary columns per chunk
-    forward_config: object = None  # triton backend: KernelConfig, None = pinned default for the problem size
-    backward_config: object = None
+    forward_impl: str = "sliced"  # "sliced" | "fused" (triton backend only)
+    memory_budget: int = 32 << 20  # bytes of per-slice workspace (see sliced.plan_slices)
+    chunk_n: int | None = None  # overrides of the plan the budget gives (tests, tuning)
+    v_slice: int | None = None
+    forward_config: object = None  # fused forward: KernelConfig, None = pinned default for the problem size
+
+
+def _plan(hidden, weight, p: LogprobParams, bytes_per_elem: int) -> SlicePlan:
+    return plan_slices(hidden.shape[0], weight.shape[0], bytes_per_elem, p.memory_budget, hidden.device,
+                       p.chunk_n, p.v_slice)
 
 
 def fused_forward(hidden, weight, bias, targets, p: LogprobParams):
-    """(logprob, entropy or None, lse) for 2-d validated inputs, by the chosen backend."""
-    if p.backend == "triton":
+    """(logprob, entropy or None, lse) for 2-d validated inputs, by the chosen backend and forward."""
+    if p.backend == "triton" and p.forward_impl == "fused":
         from ._triton.logprob_forward import logprob_forward
 
         return logprob_forward(hidden, weight, bias, targets, p.inv_temperature, p.with_entropy, p.forward_config)
-    return chunked_forward(hidden, weight, bias, targets, p.inv_temperature, p.with_entropy, p.chunk_n, p.chunk_v)
+    passes = passes_for(p.backend, hidden)
+    plan = _plan(hidden, weight, p, passes.forward_bytes)
+    return sliced_forward(hidden, weight, bias, targets, p.inv_temperature, p.with_entropy, passes, plan)
 
 
 def fused_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, p: LogprobParams, needs):
     """(d_hidden, d_weight, d_bias) in the inputs' dtypes for per-token upstream gradients (either may be None)."""
-    if p.backend == "triton":
-        from ._triton.logprob_backward import logprob_backward
-
-        grads = logprob_backward(
-            hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, p.inv_temperature, needs,
-            p.backward_config,
-        )
-    else:
-        grads = chunked_backward(
-            hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, p.inv_temperature, needs,
-            p.chunk_n, p.chunk_v, p.weight_grad_dtype,
-        )
+    passes = passes_for(p.backend, hidden)
+    grads = sliced_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy,
+                            p.inv_temperature, needs, passes, _plan(hidden, weight, p, passes.backward_bytes),
+                            p.weight_grad_dtype)
     d_hidden, d_weight, d_bias = grads
     return (
         None if d_hidden is None else d_hidden.to(hidden.dtype),
@@ -123,6 +128,35 @@ def _zeros_with_graph(hidden: torch.Tensor, weight: torch.Tensor, shape, dtype) 
                                                                                          device=hidden.device)
 
 
+def resolve_forward_impl(forward_impl: str, backend: str, hidden: torch.Tensor) -> str:
+    """"auto" -> $PACS_KERNELS_FORWARD or "sliced"; "fused" needs the triton backend and, on CUDA, D % 16 == 0.
+
+    Why "sliced" by default on CUDA (arithmetic at N=16384, D=4096, V=131072, bf16, H100; to be replaced by the
+    GPU measurement in benchmarks/RESULTS.md): cuBLAS runs the 17.6 TFLOP of logits at ~740-780 TFLOP/s
+    (22.6-23.8 ms) and the statistics pass reads the 8.6 GB of float32 logits once (~2-3 ms): ~26-28 ms. The fused
+    kernel's 128 x 128 x 64 tiles need 64 FLOP per byte of L2 traffic (275 GB) and do not overlap the softmax with
+    the next tile's loads at 1 CTA per SM: ~30-35 ms estimated. The fused forward needs no workspace at all.
+    """
+    if forward_impl not in FORWARD_IMPLS:
+        raise ValueError(f"forward_impl must be one of {FORWARD_IMPLS}, got {forward_impl!r}")
+    if forward_impl == "auto":
+        forward_impl = os.environ.get(FORWARD_ENV) or "sliced"
+        if forward_impl not in FORWARD_IMPLS[1:]:
+            raise ValueError(f"{FORWARD_ENV} must be 'sliced' or 'fused', got {forward_impl!r}")
+        if backend != "triton":
+            return "sliced"
+    if forward_impl == "fused":
+        if backend != "triton":
+            raise ValueError(f"forward_impl='fused' is a Triton kernel: it needs backend='triton', got {backend!r}")
+        if hidden.device.type == "cuda" and hidden.shape[-1] % 16:
+            # Unaligned rows defeat the kernel's vector loads and make it spill (see kernel_report); the sliced
+            # forward hands D to cuBLAS, which handles any D.
+            logger.info("linear_logprob: D=%d is not a multiple of 16; using forward_impl='sliced'",
+                        hidden.shape[-1])
+            return "sliced"
+    return forward_impl
+
+
 def linear_logprob(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -133,6 +167,8 @@ def linear_logprob(
     ignore_index: int = -100,
     with_entropy: bool = False,
     backend: str = "auto",
+    forward_impl: str = "auto",
+    memory_budget: int | str | None = None,
     weight_grad_dtype: torch.dtype = torch.float32,
 ) -> LogprobOutput:
     """Per-token log-prob of `targets` (and entropy) under softmax((hidden @ weight.T + bias) / temperature).
@@ -144,34 +180,45 @@ def linear_logprob(
         entropy = -(softmax(logits, -1) * log_softmax(logits, -1)).sum(-1)
 
     Args:
-        hidden: [..., D] float32, float16 or bfloat16 (e.g. a model's last hidden states).
+        hidden: [..., D] float32, float16 or bfloat16 (e.g. a model's last hidden states). bf16/fp16 run on
+            tensor cores with float32 accumulation; float32 is an accuracy mode (float32 GEMMs, no TF32).
         weight: [V, D], same dtype and device (e.g. `model.get_output_embeddings().weight`; tied weights work).
         targets: [...] integer token ids in [0, V), or `ignore_index`.
         bias: [V] or None.
         temperature: > 0; the logits are divided by it (use the sampling temperature for RL log-probs).
         ignore_index: rows whose target equals it give logprob = entropy = 0 and no gradient, and cost nothing.
         with_entropy: also return the entropy (differentiable, e.g. for an entropy bonus).
-        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked pure PyTorch), "reference"
+        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (pure PyTorch), "reference"
             (materialized logits, for tests and small inputs) or "auto" (triton on CUDA tensors, torch otherwise).
-        weight_grad_dtype: dtype in which the weight gradient is accumulated over tokens: float32 by default,
-            then cast to weight's dtype. The torch backend keeps a [V, D] buffer of it (2 GiB in float32 at
-            V=131072, D=4096); pass `weight.dtype` to halve it at the cost of rounding every partial sum. The
-            triton backend always accumulates in float32, one vocabulary slice at a time (no [V, D] buffer).
+            triton and torch run the same vocabulary-sliced design (`pacs_kernels/sliced.py`): library GEMMs for
+            the matrix products, Triton or PyTorch for the elementwise passes.
+        forward_impl: the triton backend's forward: "sliced" (cuBLAS logits per vocabulary slice + a statistics
+            kernel; the default), "fused" (one Triton kernel that writes no logits and needs no workspace, e.g. for
+            no-grad passes where memory is tight) or "auto" ($PACS_KERNELS_FORWARD, else "sliced").
+        memory_budget: bytes (or a string like "512M") for the per-slice workspace: float32 logits of a slice plus
+            their gradient. Default $PACS_KERNELS_MEMORY_BUDGET, else 512 MiB on CUDA and 32 MiB on the CPU; the
+            slice width is the budget / (tokens x bytes per element), e.g. 4096 columns at 16k tokens on CUDA.
+        weight_grad_dtype: only when even the narrowest slice of all tokens exceeds the budget are tokens chunked
+            and the weight gradient accumulated over chunks, in a [V, D] buffer of this dtype (float32 by
+            default, 2 GiB at V=131072, D=4096; `weight.dtype` halves it at the cost of a rounding per chunk).
+            Otherwise each slice's weight gradient is complete in one GEMM and rounded once.
 
     Returns:
         LogprobOutput(logprob, entropy): float32 tensors of shape [...] (float64 for float64 inputs on the torch
         and reference backends); entropy is None unless `with_entropy`. Gradients w.r.t. hidden, weight and bias
-        flow through both and come back in the inputs' dtypes.
+        flow through both and come back in the inputs' dtypes. A NaN in a row of hidden gives NaN for that row
+        (and NaN gradients), never a finite number.
 
-    Memory: besides the inputs and outputs, the forward keeps 2 floats per token (log-sum-exp, entropy) for
-    backward, which recomputes the logits tile by tile. The triton backend holds [128 x 128] tiles in registers
-    plus 16 * N * splits bytes of statistics; the torch backend one float32 [1024 x 8192] tile (32 MiB) and a few
-    elementwise temporaries of it. Backward allocates a float32 dH [N, D] accumulator and accumulates dW in
-    float32: per 8192-row vocabulary slice on the triton backend (CUDA), over all of V on the torch backend.
+    Memory: the forward keeps 2 floats per token (log-sum-exp, entropy) for backward, which recomputes the logits
+    slice by slice. Both passes hold the budget's workspace (sliced forward: float32 logits of one slice;
+    backward: those and their gradient in hidden's dtype) plus 16 bytes per token per slice of statistics; the
+    backward adds a float32 dH [N, D] accumulator (256 MiB at N=16k, D=4096). The fused forward needs only
+    16 * N * splits bytes.
 
     Raises:
         ValueError: target ids outside [0, V) other than ignore_index, mismatched shapes, dtypes or devices,
-            temperature <= 0 or non-finite, non-integer targets, an unknown backend.
+            temperature <= 0 or non-finite, non-integer targets, an unknown backend or forward_impl, a memory
+            budget under 1 MiB.
 
     Example::
 
@@ -188,11 +235,11 @@ def linear_logprob(
     if weight_grad_dtype not in (torch.float32, weight.dtype):
         raise ValueError(f"weight_grad_dtype must be torch.float32 or weight's dtype {weight.dtype}, "
                          f"got {weight_grad_dtype}")
-    if backend == "triton" and weight_grad_dtype != torch.float32:
-        raise ValueError("backend='triton' accumulates the weight gradient in float32: weight_grad_dtype must be "
-                         f"torch.float32, got {weight_grad_dtype}")
-    logger.debug("linear_logprob: backend=%s tokens=%d (valid %d) D=%d V=%d dtype=%s", backend, problem.n_tokens,
-                 problem.n_valid, problem.dim, problem.vocab, hidden.dtype)
+    forward_impl = resolve_forward_impl(forward_impl, backend, hidden)
+    budget = resolve_budget(memory_budget, hidden.device)
+    logger.debug("linear_logprob: backend=%s forward=%s tokens=%d (valid %d) D=%d V=%d dtype=%s budget=%d MiB",
+                 backend, forward_impl, problem.n_tokens, problem.n_valid, problem.dim, problem.vocab, hidden.dtype,
+                 budget >> 20)
 
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if backend == "reference":
@@ -216,7 +263,7 @@ def linear_logprob(
         flat_hidden = flat_hidden.index_select(0, index)
         flat_targets = flat_targets.index_select(0, index)
 
-    params = LogprobParams(backend, inv_temperature, with_entropy, weight_grad_dtype)
+    params = LogprobParams(backend, inv_temperature, with_entropy, weight_grad_dtype, forward_impl, budget)
     logprob, entropy = FusedLinearLogprob.apply(flat_hidden, weight, bias, flat_targets, params)
 
     def unflatten(x):

@@ -16,10 +16,22 @@ import pytest
 import torch
 
 import pacs_kernels
-from pacs_kernels import LinearLogprob, linear_logprob, linear_logprob_reference
+from pacs_kernels import LinearLogprob, linear_logprob_reference
 from pacs_kernels.linear_logprob import FusedLinearLogprob, LogprobParams
 
-from .helpers import BACKENDS, DEVICE, DTYPES, HAS_TRITON, max_err, random_problem
+from .helpers import BACKENDS as LOSS_BACKENDS
+from .helpers import DEVICE, DTYPES, HAS_TRITON, max_err, random_problem
+
+# "triton" runs the sliced forward (the default); "triton-fused" the fused forward kernel (same sliced backward).
+BACKENDS = LOSS_BACKENDS + [pytest.param("triton-fused", marks=pytest.mark.skipif(not HAS_TRITON,
+                                                                                   reason="triton not installed"))]
+
+
+def linear_logprob(*args, backend="auto", **kwargs):
+    """pacs_kernels.linear_logprob, with backend="triton-fused" meaning backend="triton", forward_impl="fused"."""
+    if backend == "triton-fused":
+        backend, kwargs = "triton", {"forward_impl": "fused", **kwargs}
+    return pacs_kernels.linear_logprob(*args, backend=backend, **kwargs)
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 
@@ -49,7 +61,7 @@ def run_with_grads(fn, inputs, grad_lp, grad_ent):
 
 
 def check_against_reference(backend, dtype, n, d, v, *, bias, temperature, with_entropy, ignore_frac=0.0,
-                            lead=None, seed=0):
+                            lead=None, seed=0, **options):
     hidden, weight, b, targets = random_problem(n, d, v, dtype, bias=bias, ignore_frac=ignore_frac, lead=lead,
                                                 seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -60,7 +72,7 @@ def check_against_reference(backend, dtype, n, d, v, *, bias, temperature, with_
 
     def ours(h, w, bb):
         out = linear_logprob(h, w, targets, bias=bb, temperature=temperature, with_entropy=with_entropy,
-                             backend=backend)
+                             backend=backend, **options)
         return out.logprob, out.entropy
 
     def truth(h, w, bb):
@@ -177,47 +189,175 @@ def test_banned_tokens_with_minus_inf_bias(backend):
         assert max_err(a, r) < 1e-5
 
 
-def _grads_of(fn, hidden, weight, bias, grad_lp, grad_ent):
-    h, w, b = (x.detach().clone().requires_grad_() for x in (hidden, weight, bias))
-    lp, ent = fn(h, w, b)
-    gh, gw, gb = torch.autograd.grad((lp * grad_lp).sum() + (ent * grad_ent).sum(), (h, w, b))
-    return lp.detach(), ent.detach(), gh, gw, gb
+# Slice widths: one slice, several with a partial last one (1003 = 3 x 256 + 235), width 1 (every column its own
+# slice), and token chunks (which make dW accumulate over chunks), for both backends.
+PLANS = [(None, None), (None, 256), (None, 1), (16, 300), (50, 128), (1, 1003)]
 
 
-def test_torch_backend_chunk_invariance():
-    hidden, weight, bias, targets = random_problem(77, 40, 333, torch.float32, bias=True, seed=21)
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_slice_and_chunk_invariance(backend):
+    hidden, weight, bias, targets = random_problem(77, 40, 1003, torch.float32, bias=True, seed=21)
     gen = torch.Generator().manual_seed(0)
-    g1, g2 = torch.randn(77, generator=gen), torch.randn(77, generator=gen)
+    g1, g2 = torch.randn(77, generator=gen).to(DEVICE), torch.randn(77, generator=gen).to(DEVICE)
+    h64, w64, b64 = (x.double().requires_grad_() for x in (hidden, weight, bias))
+    ref_lp, ref_ent = linear_logprob_reference(h64, w64, targets, bias=b64, temperature=0.9, with_entropy=True,
+                                               compute_dtype=torch.float64)
+    refs = torch.autograd.grad((ref_lp * g1.double()).sum() + (ref_ent * g2.double()).sum(), (h64, w64, b64))
     results = []
-    for chunk_n, chunk_v in [(77, 333), (1, 1000), (16, 7), (50, 128), (3, 333)]:
-        params = LogprobParams("torch", 1 / 0.9, True, chunk_n=chunk_n, chunk_v=chunk_v)
+    for chunk_n, v_slice in PLANS:
+        params = LogprobParams(backend, 1 / 0.9, True, chunk_n=chunk_n, v_slice=v_slice)
         fn = lambda h, w, b: FusedLinearLogprob.apply(h, w, b, targets, params)
         results.append(_grads_of(fn, hidden, weight, bias, g1, g2))
+    for got in results:
+        for x, r in zip(got, (ref_lp, ref_ent, *refs)):
+            assert max_err(x, r) < 1e-5
     for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", [129920, 151936])
+def test_real_vocabulary_sliced_by_the_memory_budget(backend, vocab):
+    # Llama-3.2-like and Qwen2.5 vocabularies with a 1 MiB budget: 20 tokens give slices of 6400 (torch: 8 bytes
+    # per element) or 8704 (triton, bf16: 6 bytes) columns, and a partial last slice.
+    check_against_reference(backend, torch.bfloat16, 20, 64, vocab, bias=True, temperature=0.8, with_entropy=True,
+                            ignore_frac=0.2, seed=vocab % 97, memory_budget="1M")
+
+
+def test_slice_plan_from_the_budget():
+    from pacs_kernels.sliced import plan_slices
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    # The docstring's numbers: 512 MiB at N=16k, bf16 backward (6 bytes per element) -> 5376 columns.
+    plan = plan_slices(16384, 131072, 6, 512 << 20, cuda)
+    assert plan.chunk_n == 16384 and plan.v_slice == 5376 and plan.workspace_elems * 6 <= 512 << 20
+    assert plan_slices(16384, 131072, 4, 512 << 20, cuda).v_slice == 8192  # forward: float32 logits only
+    assert plan_slices(100, 2000, 8, 32 << 20, cpu).v_slice == 2000  # all of V fits: one slice
+    # 200k tokens do not fit at the narrowest slice (1024 columns on CUDA): tokens are chunked.
+    plan = plan_slices(200_000, 131072, 6, 512 << 20, cuda)
+    assert plan.v_slice == 1024 and plan.chunk_n == 87360 and plan.workspace_elems * 6 <= 512 << 20
+
+
+def test_memory_budget_option_and_environment(monkeypatch):
+    from pacs_kernels.sliced import resolve_budget
+
+    cpu = torch.device("cpu")
+    assert resolve_budget(None, cpu) == 32 << 20 and resolve_budget(None, torch.device("cuda")) == 512 << 20
+    assert resolve_budget("1G", cpu) == 1 << 30 and resolve_budget("64MiB", cpu) == 64 << 20
+    assert resolve_budget(3 << 20, cpu) == 3 << 20
+    monkeypatch.setenv("PACS_KERNELS_MEMORY_BUDGET", "2M")
+    assert resolve_budget(None, cpu) == 2 << 20
+    hidden, weight, _, targets = _good()[0], _good()[1], None, _good()[3]
+    for bad in ("lots", "0.5M", -1, "1T", True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            pacs_kernels.linear_logprob(hidden, weight, targets, memory_budget=bad)
+    monkeypatch.setenv("PACS_KERNELS_MEMORY_BUDGET", "huge")
+    with pytest.raises(ValueError, match="PACS_KERNELS_MEMORY_BUDGET"):
+        pacs_kernels.linear_logprob(hidden, weight, targets)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_row_gives_nan_for_that_row_only(backend):
+    # A diverged model's NaN hidden row must read as NaN, never as a confident log-prob (on GPUs tl.maximum is
+    # IEEE maxNum and would drop the NaN); the other rows are unaffected.
+    hidden, weight, bias, targets = random_problem(40, 32, 700, torch.float32, bias=True, seed=14)
+    hidden[7, 3] = float("nan")
+    hidden[20] = float("nan")
+    out = linear_logprob(hidden, weight, targets, bias=bias, with_entropy=True, backend=backend,
+                         memory_budget="1M")
+    bad = torch.zeros(40, dtype=torch.bool, device=DEVICE)
+    bad[[7, 20]] = True
+    assert out.logprob[bad].isnan().all() and out.entropy[bad].isnan().all()
+    ref = linear_logprob_reference(hidden[~bad].double(), weight.double(), targets[~bad], bias=bias.double(),
+                                   with_entropy=True, compute_dtype=torch.float64)
+    assert max_err(out.logprob[~bad], ref[0]) < 1e-5 and max_err(out.entropy[~bad], ref[1]) < 1e-5
+    h = hidden.clone().requires_grad_()
+    grad = torch.autograd.grad(linear_logprob(h, weight, targets, bias=bias, backend=backend).logprob.sum(), h)[0]
+    assert grad[bad].isnan().all()  # NaN reaches the gradient too (and through dW, every other row's)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy reports the overflow it guards
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_entropy_gradient_of_banned_tokens_with_a_huge_upstream_gradient(backend):
+    # log p = -1e30 at a banned token and g_H = 1e9: g_H * (log p + H) overflows; p = 0 there, so dz must be 0.
+    hidden, weight, bias, targets = random_problem(12, 16, 64, torch.float32, bias=True, seed=15)
+    bias[::4] = float("-inf")
+    targets = torch.where(targets % 4 == 0, targets + 1, targets)
+    h = hidden.clone().requires_grad_()
+    out = linear_logprob(h, weight, targets, bias=bias, with_entropy=True, backend=backend)
+    (grad,) = torch.autograd.grad((out.entropy * 1e9).sum(), h)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_dz_is_rounded_like_the_gpu():
+    # bf16 inputs: the triton backend's dz reaches the dH/dW GEMMs in bf16 (as on the GPU, also under the
+    # interpreter), the torch backend's on the CPU in float32. Both within the rule; they must differ.
+    hidden, weight, _, targets = random_problem(64, 32, 300, torch.bfloat16, seed=16)
+    grads = []
+    for backend in ("triton", "torch"):
+        h = hidden.clone().requires_grad_()
+        out = pacs_kernels.linear_logprob(h, weight, targets, backend=backend)
+        grads.append(torch.autograd.grad((out.logprob * torch.linspace(-1, 1, 64)).sum(), h)[0])
+    assert not torch.equal(grads[0], grads[1])
+    from pacs_kernels._triton.slice_kernels import logit_grad
+
+    z = torch.randn(5, 40) * 3
+    dz = torch.empty(5, 40, dtype=torch.bfloat16)
+    lse = torch.logsumexp(z, 1)
+    y = torch.randint(0, 40, (5,))
+    logit_grad(z, None, y, 0, lse, None, torch.ones(5), None, 1.0, dz, False)
+    expected = (torch.nn.functional.one_hot(y, 40) - torch.softmax(z, 1)).to(torch.bfloat16)
+    torch.testing.assert_close(dz, expected, atol=0, rtol=0.0079)  # one bf16 rounding of the float32 value
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_fused_forward_block_and_split_invariance():
+    from pacs_kernels._triton.config import KernelConfig
+
+    hidden, weight, bias, targets = random_problem(77, 40, 333, torch.float32, bias=True, seed=22)
+    results = []
+    for fwd in [KernelConfig(128, 512, 64), KernelConfig(16, 16, 16, n_splits=21), KernelConfig(32, 64, 32, n_splits=3)]:
+        params = LogprobParams("triton", 1 / 0.9, True, forward_impl="fused", forward_config=fwd)
+        with torch.no_grad():
+            results.append(FusedLinearLogprob.apply(hidden, weight, bias, targets, params))
+    sliced = FusedLinearLogprob.apply(hidden, weight, bias, targets, LogprobParams("triton", 1 / 0.9, True))
+    for other in results[1:] + [tuple(x.detach() for x in sliced)]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-def test_triton_block_and_split_invariance():
-    from pacs_kernels._triton.config import KernelConfig
+def test_triton_gemm_fallback():
+    # The Triton GEMM used where torch has no float32-output half-precision GEMM (checked by _gemm.probe).
+    from pacs_kernels._triton.slice_kernels import gemm_f32
 
-    hidden, weight, bias, targets = random_problem(77, 40, 333, torch.float32, bias=True, seed=22)
-    gen = torch.Generator().manual_seed(0)
-    g1, g2 = torch.randn(77, generator=gen).to(DEVICE), torch.randn(77, generator=gen).to(DEVICE)
-    results = []
-    configs = [
-        (KernelConfig(128, 512, 64), KernelConfig(128, 512, 64)),
-        (KernelConfig(16, 16, 16, n_splits=21), KernelConfig(16, 32, 16, group_n=3, v_slice=64)),
-        (KernelConfig(32, 64, 32, n_splits=3), KernelConfig(64, 16, 32, group_n=1, v_slice=100)),
-    ]
-    for fwd, bwd in configs:
-        params = LogprobParams("triton", 1 / 0.9, True, forward_config=fwd, backward_config=bwd)
-        fn = lambda h, w, b: FusedLinearLogprob.apply(h, w, b, targets, params)
-        results.append(_grads_of(fn, hidden, weight, bias, g1, g2))
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    gen = torch.Generator().manual_seed(17)
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(70, 45, generator=gen).to(dtype)
+        b = torch.randn(90, 45, generator=gen).to(dtype).T  # a transposed view, as W_v.T is
+        out = gemm_f32(a, b, torch.empty(70, 90))
+        torch.testing.assert_close(out, a.double() @ b.double(), atol=1e-4, rtol=1e-5, check_dtype=False)
+
+
+def test_backward_is_bitwise_deterministic():
+    hidden, weight, bias, targets = random_problem(90, 24, 500, torch.float32, bias=True, seed=18)
+    g = torch.randn(90, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+        out = pacs_kernels.linear_logprob(*leaves[:2], targets, bias=leaves[2], with_entropy=True,
+                                          memory_budget="1M")
+        runs.append(torch.autograd.grad((out.logprob * g).sum() + out.entropy.sum(), leaves))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def _grads_of(fn, hidden, weight, bias, grad_lp, grad_ent):
+    h, w, b = (x.detach().clone().requires_grad_() for x in (hidden, weight, bias))
+    lp, ent = fn(h, w, b)
+    gh, gw, gb = torch.autograd.grad((lp * grad_lp).sum() + (ent * grad_ent).sum(), (h, w, b))
+    return lp.detach(), ent.detach(), gh, gw, gb
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -282,25 +422,24 @@ def test_ignored_rows_and_edge_sizes(backend):
 
 
 def test_weight_grad_dtype_option():
+    # Token chunks (chunk_n=16 of 40) make dW accumulate over chunks, in weight_grad_dtype.
     hidden, weight, _, targets = random_problem(40, 16, 90, torch.bfloat16, seed=61)
     grads = []
     for acc in (torch.float32, torch.bfloat16):
         w = weight.clone().requires_grad_()
-        out = linear_logprob(hidden, w, targets, backend="torch", weight_grad_dtype=acc)
-        (g,) = torch.autograd.grad(out.logprob.sum(), (w,))
+        params = LogprobParams("torch", 1.0, False, weight_grad_dtype=acc, chunk_n=16)
+        out = FusedLinearLogprob.apply(hidden, w, None, targets, params)[0]
+        (g,) = torch.autograd.grad(out.sum(), (w,))
         assert g.dtype == torch.bfloat16
         grads.append(g)
     assert max_err(grads[1], grads[0]) < 2e-2  # bf16 accumulation: a few bf16 ulps
     with pytest.raises(ValueError, match="weight_grad_dtype"):
-        linear_logprob(hidden, weight, targets, backend="torch", weight_grad_dtype=torch.float16)
-    if HAS_TRITON:
-        with pytest.raises(ValueError, match="float32"):
-            linear_logprob(hidden, weight, targets, backend="triton", weight_grad_dtype=torch.bfloat16)
+        pacs_kernels.linear_logprob(hidden, weight, targets, backend="torch", weight_grad_dtype=torch.float16)
 
 
 def test_float64_gradcheck_torch_backend():
     hidden, weight, bias, targets = random_problem(9, 5, 23, torch.float64, bias=True, seed=71)
-    params = LogprobParams("torch", 1 / 0.8, True, chunk_n=4, chunk_v=6)
+    params = LogprobParams("torch", 1 / 0.8, True, chunk_n=4, v_slice=6)
     fn = lambda h, w, b: FusedLinearLogprob.apply(h, w, b, targets, params)
     assert torch.autograd.gradcheck(fn, tuple(x.clone().requires_grad_() for x in (hidden, weight, bias)))
 
@@ -319,7 +458,9 @@ def test_module_wrapper_and_auto_backend(caplog):
 
 
 def test_public_namespace():
-    assert pacs_kernels.linear_logprob is linear_logprob
+    import sys
+
+    assert pacs_kernels.linear_logprob is sys.modules["pacs_kernels.linear_logprob"].linear_logprob
     assert pacs_kernels.LogprobOutput._fields == ("logprob", "entropy")
 
 
@@ -389,19 +530,37 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_cuda_kernel_configs(monkeypatch):
-    """The pinned GPU configs (selected here without a GPU): vocabulary splits fill the SMs, dW is sliced."""
+    """The pinned GPU configs (selected here without a GPU): the fused forward's splits, config validation."""
     from pacs_kernels._triton import config
 
     monkeypatch.setattr(config, "interpreting", lambda: False)
     monkeypatch.setattr(config, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     fwd = config.forward_config(16384, 131072, 4096, cuda)
-    assert (fwd.block_n, fwd.block_v, fwd.block_d) == (128, 128, 64) and fwd.n_splits == 3  # 128 blocks x 3 >= 264
-    assert config.forward_config(64, 131072, 4096, cuda).n_splits == 264  # few tokens: split the vocabulary
-    bwd = config.backward_config(16384, 131072, 4096, cuda)
-    assert bwd.v_slice == 8192 and bwd.v_slice % bwd.block_v == 0
+    assert (fwd.block_n, fwd.block_v, fwd.block_d) == (128, 128, 64) and fwd.n_splits == 16  # 128 blocks x 16
+    assert config.forward_config(64, 131072, 4096, cuda).n_splits == 264  # few tokens: 2 programs per SM
+    assert config.forward_config(64, 1000, 4096, cuda).n_splits == 8  # never more splits than tiles
     monkeypatch.setenv("PACS_KERNELS_CONFIG", "64,256,32")
-    assert config.backward_config(16384, 131072, 4096, cuda).block_v == 256
-    monkeypatch.setenv("PACS_KERNELS_CONFIG", "64,256")
-    with pytest.raises(ValueError, match="PACS_KERNELS_CONFIG"):
-        config.forward_config(16384, 131072, 4096, cuda)
+    assert config.forward_config(16384, 131072, 4096, cuda).block_v == 256
+    for bad in ("64,256", "64,200,32", "8,128,64", "a,b,c"):
+        monkeypatch.setenv("PACS_KERNELS_CONFIG", bad)
+        with pytest.raises(ValueError, match="PACS_KERNELS_CONFIG"):
+            config.forward_config(16384, 131072, 4096, cuda)
+
+
+def test_forward_impl_option(monkeypatch):
+    hidden, weight, _, targets = _good()[0], _good()[1], None, _good()[3]
+    with pytest.raises(ValueError, match="forward_impl"):
+        pacs_kernels.linear_logprob(hidden, weight, targets, forward_impl="fast")
+    with pytest.raises(ValueError, match="backend='triton'"):
+        pacs_kernels.linear_logprob(hidden, weight, targets, backend="torch", forward_impl="fused")
+    monkeypatch.setenv("PACS_KERNELS_FORWARD", "quick")
+    with pytest.raises(ValueError, match="PACS_KERNELS_FORWARD"):
+        pacs_kernels.linear_logprob(hidden, weight, targets)
+
+
+def test_gemm_probe_on_cpu():
+    from pacs_kernels._gemm import probe
+
+    info = probe("cpu")
+    assert info["device"] == "cpu" and info["mm_out_dtype"] is False and info["torch"] == torch.__version__

@@ -1,14 +1,16 @@
-"""Block sizes of the log-prob kernels: pinned per target, chosen from the problem size, never autotuned silently.
+"""Block sizes of the Triton kernels: pinned per target, chosen from the problem size, never autotuned silently.
 
 Two targets:
-- CUDA (designed for H100-class GPUs, bf16 tensor cores, fp32 accumulation): 128 x 128 logit tiles, 64-wide
-  steps over D. Forward: grid (token blocks x vocabulary splits); the number of splits fills about 2 waves of SMs
-  when there are few token blocks. Backward: one program per logit tile, grouped so that GROUP_N token blocks
-  sweep the vocabulary together and reuse W tiles from L2.
+- CUDA (designed for H100-class GPUs, bf16 tensor cores, fp32 accumulation). The fused forward kernel uses
+  `CUDA_FORWARD` tiles, checked by `python -m benchmarks.kernel_report` (registers, spills, shared memory, tensor
+  core instructions, no GPU needed). Its vocabulary splits: at least 16 when there are that many tiles (so the
+  resident programs share token blocks, see logprob_forward.py), and enough to give ~2 programs per SM when there
+  are few token blocks.
 - The Triton interpreter (TRITON_INTERPRET=1, CPU): its cost grows with programs x loop iterations and every
   op is a numpy call, so the blocks are as large as the problem allows.
 
-`PACS_KERNELS_CONFIG="BLOCK_N,BLOCK_V,BLOCK_D"` overrides the block sizes (for tuning experiments).
+`PACS_KERNELS_CONFIG="BLOCK_N,BLOCK_V,BLOCK_D"` overrides the fused forward's block sizes (tuning experiments):
+powers of two >= 16 (tl.arange and the tensor-core instructions need them), else ValueError.
 """
 
 from __future__ import annotations
@@ -33,11 +35,16 @@ class KernelConfig:
     block_n: int
     block_v: int
     block_d: int
-    n_splits: int = 1  # forward only: vocabulary ranges processed by separate programs, merged afterwards
-    group_n: int = 8  # backward only: token blocks that sweep the vocabulary together
-    v_slice: int = 0  # backward only: vocabulary rows per launch (bounds the float32 dW buffer); 0 = all
+    n_splits: int = 1  # vocabulary ranges processed by separate programs, merged afterwards
     num_warps: int = 8
     num_stages: int = 3
+
+
+# 128 x 128 logit tiles, 64-wide steps over D, 8 warps, 3 stages (96 KiB of shared memory). 128 x 256 would halve
+# the L2 traffic per FLOP but needs 255 registers and spills under some Triton versions (see kernel_report).
+CUDA_FORWARD = KernelConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
+MIN_SPLITS = 16
+CONFIG_ENV = "PACS_KERNELS_CONFIG"
 
 
 def _pow2_clamp(x: int, lo: int, hi: int) -> int:
@@ -49,14 +56,19 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _override(config: KernelConfig) -> KernelConfig:
-    spec = os.environ.get("PACS_KERNELS_CONFIG")
+    spec = os.environ.get(CONFIG_ENV)
     if not spec:
         return config
     try:
-        block_n, block_v, block_d = (int(x) for x in spec.split(","))
+        blocks = [int(x) for x in spec.split(",")]
     except ValueError:
-        raise ValueError(f"PACS_KERNELS_CONFIG must be 'BLOCK_N,BLOCK_V,BLOCK_D', got {spec!r}") from None
-    return replace(config, block_n=block_n, block_v=block_v, block_d=block_d)
+        blocks = []
+    if len(blocks) != 3:
+        raise ValueError(f"{CONFIG_ENV} must be 'BLOCK_N,BLOCK_V,BLOCK_D', got {spec!r}")
+    bad = [b for b in blocks if b < 16 or b & (b - 1)]
+    if bad:
+        raise ValueError(f"{CONFIG_ENV} blocks must be powers of two >= 16, got {spec!r} ({bad} are not)")
+    return replace(config, block_n=blocks[0], block_v=blocks[1], block_d=blocks[2])
 
 
 def forward_config(n_tokens: int, vocab: int, dim: int, device: torch.device) -> KernelConfig:
@@ -67,23 +79,12 @@ def forward_config(n_tokens: int, vocab: int, dim: int, device: torch.device) ->
             block_d=_pow2_clamp(dim, 16, 256),
         )
     else:
-        config = KernelConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
+        config = CUDA_FORWARD
     config = _override(config)
     n_blocks = triton.cdiv(n_tokens, config.block_n)
     v_tiles = triton.cdiv(vocab, config.block_v)
-    target_programs = 2 * _sm_count(device) if device.type == "cuda" else 1
-    n_splits = max(1, min(v_tiles, triton.cdiv(target_programs, n_blocks)))
-    return replace(config, n_splits=n_splits)
-
-
-def backward_config(n_tokens: int, vocab: int, dim: int, device: torch.device) -> KernelConfig:
-    if interpreting() or device.type != "cuda":
-        config = KernelConfig(
-            block_n=_pow2_clamp(n_tokens, 16, 128),
-            block_v=_pow2_clamp(vocab, 16, 1024),
-            block_d=_pow2_clamp(dim, 16, 256),
-        )
+    if device.type == "cuda" and not interpreting():
+        n_splits = max(MIN_SPLITS, triton.cdiv(2 * _sm_count(device), n_blocks))
     else:
-        config = KernelConfig(block_n=128, block_v=128, block_d=64, group_n=8, num_warps=8, num_stages=3,
-                              v_slice=8192)
-    return _override(config)
+        n_splits = 1
+    return replace(config, n_splits=max(1, min(v_tiles, n_splits)))

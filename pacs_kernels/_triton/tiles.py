@@ -32,6 +32,8 @@ def logit_tile(
     if HAS_BIAS:
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += b[None, :]
-    # A -inf bias (a banned token) becomes -1e30: probability still 0, and no 0 * inf = nan downstream.
-    z = tl.maximum(acc * inv_temp, -1.0e30)
+    # A -inf bias (a banned token) becomes -1e30: probability still 0, and no 0 * inf = nan downstream. Not
+    # tl.maximum: on GPUs it is IEEE maxNum and would turn a NaN logit (a NaN hidden row) into -1e30.
+    z = acc * inv_temp
+    z = tl.where(z < -1.0e30, -1.0e30, z)
     return tl.where(col_ok[None, :], z, float("-inf"))

@@ -1,0 +1,283 @@
+"""The vocabulary-sliced log-prob pipeline: library GEMMs for the matrix products, small passes for the rest.
+
+One design for every backend. For each slice of v vocabulary rows [v0, v0 + v) and all n tokens (or a chunk of
+them, see `SlicePlan`):
+
+    forward                                         backward (recomputes Z from the saved lse)
+    Z   = h @ W_v.T          GEMM, float32 out      Z    = h @ W_v.T        GEMM, float32 out       2nDv FLOPs
+    m, s, t, z_y of Z        statistics pass        dz   = dL/dZ            elementwise pass, in h's dtype
+    (merged over slices by _stats.merge_stats)      dW_v = dz.T @ h         GEMM, complete: one rounding  2nDv
+                                                    dH  += dz @ W_v         GEMM into float32 [n, D]      2nDv
+
+FLOPs: 2NDV forward, 6NDV backward (8NDV together, the same as the fused kernels), no atomics: the results are
+bitwise reproducible. The elementwise passes are Triton kernels (`_triton/slice_kernels.py`) on the "triton"
+backend and PyTorch on the "torch" backend; the GEMMs are `_gemm.py` (cuBLAS on CUDA, float32 from upcast operands
+on the CPU).
+
+Memory besides inputs, outputs and the per-token statistics (16 bytes per token per slice, merged at the end):
+the per-slice workspace, which the memory budget bounds (`plan_slices`), and the float32 dH [N, D] accumulator:
+
+    triton backend: Z float32 [n, v] + dz [n, v] in h's dtype: 6 bytes per token x column (bf16)
+        default budget 512 MiB on CUDA -> v = 4096 at N = 16384 (256 MiB Z + 128 MiB dz) + 256 MiB dH at D=4096,
+        against 8 GiB for float32 [N, V] logits at V = 131072 (16 GiB with their gradient)
+    torch backend: Z and one elementwise temporary, 8 bytes per token x column; default budget 32 MiB on the CPU
+
+Slicing the vocabulary (not the tokens) makes the weight gradient of a slice complete in one GEMM with K = n, so
+no float32 [V, D] buffer exists (2 GiB at V=131072, D=4096); only when even `MIN_SLICE` columns of all tokens
+overflow the budget are tokens chunked too, and dW is then accumulated over chunks in a [V, D] buffer of
+`weight_grad_dtype`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import _gemm
+from ._stats import finalize_stats, logit_grad, merge_stats, slice_stats
+
+MiB = 1 << 20
+DEFAULT_BUDGET = {"cuda": 512 * MiB, "cpu": 32 * MiB}
+BUDGET_ENV = "PACS_KERNELS_MEMORY_BUDGET"
+# Narrowest slice worth a GEMM launch (CUDA: ~16 launches per ms of work stay negligible) and slice granularity.
+MIN_SLICE = {"cuda": 1024, "cpu": 128}
+SLICE_MULTIPLE = 128
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MiB, "mb": MiB, "mib": MiB,
+          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_bytes(value, name: str = "memory_budget") -> int:
+    """Bytes from an int or a string such as '512M', '1GiB', '268435456' (binary units); ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number of bytes, got {value!r}")
+    if isinstance(value, int):
+        number = value
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits):]
+        try:
+            number = float(digits) * _UNITS[unit]
+        except (ValueError, KeyError):
+            raise ValueError(f"{name} must be bytes as an int or a string like '512M' or '1G', got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        number = int(number)
+    if number < 1 * MiB:
+        raise ValueError(f"{name} must be at least 1 MiB, got {value!r} ({number} bytes)")
+    return number
+
+
+def resolve_budget(memory_budget, device: torch.device) -> int:
+    """The workspace budget in bytes: the argument, else $PACS_KERNELS_MEMORY_BUDGET, else the device default."""
+    if memory_budget is not None:
+        return parse_bytes(memory_budget)
+    env = os.environ.get(BUDGET_ENV)
+    if env:
+        return parse_bytes(env, BUDGET_ENV)
+    return DEFAULT_BUDGET["cuda" if device.type == "cuda" else "cpu"]
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """Tokens per chunk and vocabulary columns per slice of one pass."""
+
+    chunk_n: int
+    v_slice: int
+
+    @property
+    def workspace_elems(self) -> int:
+        return self.chunk_n * self.v_slice
+
+
+def plan_slices(n_tokens: int, vocab: int, bytes_per_elem: int, budget: int, device: torch.device,
+                chunk_n: int | None = None, v_slice: int | None = None) -> SlicePlan:
+    """The widest slice whose workspace (n x v x bytes_per_elem) fits the budget, all tokens in one chunk when
+    `MIN_SLICE` columns of them fit; explicit chunk_n / v_slice (tests, tuning) override the choice."""
+    n_tokens, vocab = max(n_tokens, 1), max(vocab, 1)
+    min_slice = min(MIN_SLICE["cuda" if device.type == "cuda" else "cpu"], vocab)
+    if chunk_n is None:
+        fit = budget // (bytes_per_elem * min_slice)
+        chunk_n = n_tokens if fit >= n_tokens else max(64, fit // 64 * 64)
+    chunk_n = max(1, min(chunk_n, n_tokens))
+    if v_slice is None:
+        cols = budget // (bytes_per_elem * chunk_n)
+        v_slice = vocab if cols >= vocab else max(min_slice, cols // SLICE_MULTIPLE * SLICE_MULTIPLE)
+    return SlicePlan(chunk_n, max(1, min(v_slice, vocab)))
+
+
+# ------------------------------------------------------------------------------------------ elementwise passes
+
+class TorchPasses:
+    """The torch backend's elementwise passes. The logits GEMM applies bias and temperature (addmm's alpha/beta on
+    the CPU), so the passes get finished logits, which they overwrite (no copy of the slice)."""
+
+    # Workspace bytes per token x column: Z and one temporary of its size (exp); on CUDA also dz in h's dtype.
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.forward_bytes = 8
+        self.backward_bytes = 8 + (torch.empty((), dtype=dtype).element_size() if _gemm._native(device) else 0)
+
+    @staticmethod
+    def prepare(h: torch.Tensor) -> torch.Tensor:
+        """The hidden chunk as a GEMM operand: upcast once per chunk on the CPU."""
+        return h if h.device.type == "cuda" else h.to(_gemm._acc_dtype(h.dtype))
+
+    @staticmethod
+    def logits(h, w_v, b_v, inv_temperature, out):
+        if not _gemm._native(h.device):  # bias and 1/T ride on the GEMM (beta=0 never reads out's old values)
+            b = out if b_v is None else b_v.to(out.dtype)
+            torch.addmm(b, h, _gemm._upcast(w_v).T, beta=0.0 if b_v is None else inv_temperature,
+                        alpha=inv_temperature, out=out)
+        else:
+            _gemm.logits_f32(h, w_v, out)
+            if b_v is not None:
+                out.add_(b_v)
+            if inv_temperature != 1.0:
+                out.mul_(inv_temperature)
+        # A -inf bias (a banned token) becomes -1e30: probability still 0, and no 0 * inf = nan downstream.
+        # clamp keeps NaN (a NaN hidden row stays NaN).
+        return out.clamp_min_(-1e30) if b_v is not None else out
+
+    @staticmethod
+    def stats(z, b_v, targets, v0, inv_temperature, with_entropy, out):
+        local = targets - v0
+        hit = (local >= 0) & (local < z.shape[1])
+        out[3] = torch.where(hit, z.gather(1, local.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1), 0.0)
+        m, s, t = slice_stats(z, with_entropy)
+        out[0], out[1] = m, s
+        if t is not None:
+            out[2] = t
+
+    @staticmethod
+    def grad(z, b_v, targets, v0, lse, entropy, grad_logprob, grad_entropy, inv_temperature, dz_out, need_bias):
+        dz = logit_grad(z, lse, grad_logprob, entropy if grad_entropy is not None else None, grad_entropy)
+        if grad_logprob is not None:
+            local = targets - v0
+            hit = (local >= 0) & (local < z.shape[1])
+            dz.scatter_add_(1, local.clamp(0, z.shape[1] - 1).unsqueeze(1),
+                            torch.where(hit, grad_logprob, 0.0).unsqueeze(1))
+        if inv_temperature != 1.0:
+            dz.mul_(inv_temperature)  # d/d(h W^T + b) = (1/T) d/dz
+        db = dz.sum(0) if need_bias else None
+        if dz_out is not None:  # CUDA: the GEMM operand in h's dtype
+            dz = dz_out.copy_(dz)
+        return dz, db
+
+
+class TritonPasses:
+    """The triton backend's elementwise passes (`_triton/slice_kernels.py`): bias and temperature are applied
+    while reading the raw float32 logits; dz is written in h's dtype (the rounding the GPU's GEMMs see)."""
+
+    # Workspace bytes per token x column: Z float32; in backward also dz in h's dtype.
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.forward_bytes = 4
+        self.backward_bytes = 4 + torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
+    def prepare(h):
+        return h
+
+    @staticmethod
+    def logits(h, w_v, b_v, inv_temperature, out):
+        return _gemm.logits_f32(h, w_v, out)
+
+    @staticmethod
+    def stats(z, b_v, targets, v0, inv_temperature, with_entropy, out):
+        from ._triton.slice_kernels import slice_stats as kernel
+
+        kernel(z, b_v, targets, v0, inv_temperature, with_entropy, out)
+
+    @staticmethod
+    def grad(z, b_v, targets, v0, lse, entropy, grad_logprob, grad_entropy, inv_temperature, dz_out, need_bias):
+        from ._triton.slice_kernels import logit_grad as kernel
+
+        db = kernel(z, b_v, targets, v0, lse, entropy, grad_logprob, grad_entropy, inv_temperature, dz_out,
+                    need_bias)
+        return dz_out, db
+
+
+def passes_for(backend: str, hidden: torch.Tensor):
+    return (TritonPasses if backend == "triton" else TorchPasses)(hidden.dtype, hidden.device)
+
+
+# ------------------------------------------------------------------------------------------------ the passes
+
+def _slices(vocab: int, v_slice: int):
+    return [(v0, min(v0 + v_slice, vocab)) for v0 in range(0, vocab, v_slice)]
+
+
+def _view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous [rows, cols] view at the start of a flat workspace (GEMM outputs must be contiguous)."""
+    return buffer[: rows * cols].view(rows, cols)
+
+
+def sliced_forward(hidden, weight, bias, targets, inv_temperature, with_entropy, passes, plan: SlicePlan):
+    """(logprob [N], entropy [N] or None, lse [N]) of validated hidden [N, D], targets [N] in [0, V)."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    acc = _gemm._acc_dtype(hidden.dtype)
+    slices = _slices(vocab, plan.v_slice)
+    stats = torch.zeros((4, len(slices), n_tokens), dtype=acc, device=hidden.device)  # m, s, t, z_y per slice
+    z_buf = torch.empty(plan.workspace_elems, dtype=acc, device=hidden.device)
+    for n0 in range(0, n_tokens, plan.chunk_n):
+        n1 = min(n0 + plan.chunk_n, n_tokens)
+        h = passes.prepare(hidden[n0:n1])
+        y = targets[n0:n1]
+        for k, (v0, v1) in enumerate(slices):
+            b_v = None if bias is None else bias[v0:v1]
+            z = passes.logits(h, weight[v0:v1], b_v, inv_temperature, _view(z_buf, n1 - n0, v1 - v0))
+            passes.stats(z, b_v, y, v0, inv_temperature, with_entropy, stats[:, k, n0:n1])
+    m, s, t, zy = stats.unbind(0)
+    lse, entropy = finalize_stats(*merge_stats(m, s, t if with_entropy else None))
+    logprob = (zy.sum(0) - lse).clamp_max(0.0)  # log p <= 0 mathematically: clamp the rounding above 0
+    return logprob, entropy, lse
+
+
+def sliced_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, inv_temperature, needs,
+                    passes, plan: SlicePlan, weight_grad_dtype=torch.float32):
+    """(d_hidden [N, D] float32, d_weight [V, D], d_bias [V] float32), None where `needs` says so."""
+    need_h, need_w, need_b = needs
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    acc = _gemm._acc_dtype(hidden.dtype)
+    one_chunk = plan.chunk_n >= n_tokens
+    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if need_h else None
+    d_weight = None
+    if need_w:
+        # One chunk: each slice's dW is complete in one GEMM and written once in weight's dtype. Several chunks:
+        # a [V, D] accumulator of weight_grad_dtype (float32 unless asked otherwise).
+        w_acc = torch.float64 if acc == torch.float64 else weight_grad_dtype
+        d_weight = torch.empty_like(weight) if one_chunk else torch.zeros(weight.shape, dtype=w_acc, device=device)
+    d_bias = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
+    g_lp = None if grad_logprob is None else grad_logprob.to(acc).contiguous()
+    g_ent = None if grad_entropy is None else grad_entropy.to(acc).contiguous()
+    ent = None if grad_entropy is None else entropy
+    z_buf = torch.empty(plan.workspace_elems, dtype=acc, device=device)
+    # The GEMM operand dz: h's dtype on CUDA and on the triton backend (the GPU's rounding, also under the
+    # interpreter); the torch backend on the CPU multiplies its float32 dz as it is.
+    dz_dtype = hidden.dtype if (isinstance(passes, TritonPasses) or _gemm._native(device)) else None
+    dz_buf = None if dz_dtype is None else torch.empty(plan.workspace_elems, dtype=dz_dtype, device=device)
+    for n0 in range(0, n_tokens, plan.chunk_n):
+        n1 = min(n0 + plan.chunk_n, n_tokens)
+        rows = n1 - n0
+        h = passes.prepare(hidden[n0:n1])
+        y = targets[n0:n1]
+        chunk = lambda x: None if x is None else x[n0:n1]
+        for v0, v1 in _slices(vocab, plan.v_slice):
+            b_v = None if bias is None else bias[v0:v1]
+            w_v = weight[v0:v1]
+            z = passes.logits(h, w_v, b_v, inv_temperature, _view(z_buf, rows, v1 - v0))
+            dz, db = passes.grad(z, b_v, y, v0, lse[n0:n1], chunk(ent), chunk(g_lp), chunk(g_ent), inv_temperature,
+                                 None if dz_buf is None else _view(dz_buf, rows, v1 - v0), need_b)
+            if need_h:
+                _gemm.accumulate_(d_hidden[n0:n1], dz, w_v)
+            if need_w:
+                if one_chunk:
+                    _gemm.weight_grad(dz, h, d_weight[v0:v1])
+                else:
+                    _gemm.accumulate_(d_weight[v0:v1], dz.T, h)
+            if need_b:
+                d_bias[v0:v1] += db
+    return d_hidden, d_weight, d_bias
