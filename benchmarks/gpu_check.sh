@@ -108,7 +108,7 @@ echo "pytest exit code $? (124: timed out)"
 stage() {  # stage NAME SECONDS suite-args...: run unless the script's budget is spent; stop it at SECONDS
   local name=$1 limit=$2
   shift 2
-  local left=$(( BUDGET - $(elapsed) - 20 ))
+  local left=$(( BUDGET - $(elapsed) - 30 ))  # 30 s kept for the report
   (( left < limit )) && limit=$left
   if (( limit < 20 )); then say "$name: skipped, budget spent"; return; fi
   say "$name (at most ${limit}s): $*"
@@ -124,14 +124,16 @@ PEAKED=gemm,ours_sliced,ours_fused,ours_triton,naive,liger_scaled,cce,cce_exact,
 OURS=gemm,ours_sliced,ours_fused,ours_triton
 stage S1 150 --shapes $MAIN --tokens $BIG --modes fwd_bwd,logprob --logits random --impls $ALL
 stage S1p 90 --shapes $MAIN --tokens $BIG --modes fwd_bwd,logprob --logits peaked --impls $PEAKED
-stage S4 45 --shapes $MAIN --tokens $SWEEP --modes fwd_bwd --impls $OURS,naive,liger_scaled,cce,liger_flce
-stage S2 60 --shapes $MAIN --tokens $BIG --modes fwd_bwd_entropy,logprob_entropy,pacs_loss \
+ANCHORS=naive,liger_scaled,cce,liger_flce
+stage S4 45 --shapes $MAIN --tokens $SWEEP --modes fwd_bwd --logits random --impls $OURS,$ANCHORS
+stage S2 60 --shapes $MAIN --tokens $BIG --modes fwd_bwd_entropy,logprob_entropy,pacs_loss --logits random \
   --impls $OURS,naive,liger_scaled,trl_chunked,cce,compiled_chunked
-stage S3 60 --shapes $OTHERS --tokens $BIG --modes fwd_bwd --impls $OURS,naive,liger_scaled,cce,liger_flce
+stage S3 60 --shapes $OTHERS --tokens $BIG --modes fwd_bwd --logits random --impls $OURS,$ANCHORS
 
 # ---------------------------------------------------------------------------------------------- 6. report
 say "report"
-python3 -m benchmarks.suite --report "$OUT" --title "gpu_check: $(python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu dry run")'), $(date -u '+%Y-%m-%d')"
+CARD=$(python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU dry run")')
+python3 -m benchmarks.suite --report "$OUT" --title "gpu_check: $CARD, $(date -u '+%Y-%m-%d')"
 if [[ $DRY == 0 ]]; then cp benchmarks/RESULTS.md "$OUT/RESULTS.md"; fi
 [[ -f "$OUT/results.md" ]] && sed -n '1,80p' "$OUT/results.md"
 say "done in $(elapsed)s; files: $(cd "$OUT" && echo *)"

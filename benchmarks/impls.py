@@ -89,17 +89,32 @@ def _ours(backend: str, forward_impl: str | None = None) -> Callable[[], Logprob
                 raise Unavailable("this pacs_kernels' linear_logprob has no forward_impl option")
             kwargs["forward_impl"] = forward_impl
 
+        budget = os.environ.get("PACS_KERNELS_MEMORY_BUDGET")
+        state = {"note": f"PACS_KERNELS_MEMORY_BUDGET={budget}" if budget else ""}
+
         def fn(h, w, y, with_entropy):
+            if backend == "triton" and forward_impl is None and "forward" not in state:
+                state["forward"] = _resolved_forward(h)  # which forward "auto" takes, in the row's note
+                state["note"] = "; ".join(filter(None, [state["forward"], state["note"]]))
             out = linear_logprob(h, w, y, with_entropy=with_entropy, backend=backend, **kwargs)
             return out.logprob, out.entropy
 
         fn.pacs_backend = backend  # pacs_loss mode calls pacs_kernels.pacs_loss with this backend
         fn.pacs_kwargs = kwargs  # ... and these options, where pacs_loss takes them
-        budget = os.environ.get("PACS_KERNELS_MEMORY_BUDGET")
-        fn.state = {"note": f"PACS_KERNELS_MEMORY_BUDGET={budget}" if budget else ""}
+        fn.state = state
         return fn
 
     return load
+
+
+def _resolved_forward(h) -> str:
+    """'forward_impl auto -> sliced' (pacs_kernels.linear_logprob.resolve_forward_impl), '' where it has none."""
+    try:
+        from pacs_kernels.linear_logprob import resolve_forward_impl
+
+        return f"forward_impl auto -> {resolve_forward_impl('auto', 'triton', h)}"
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return ""
 
 
 # ------------------------------------------------------------------------------------------------ baselines
@@ -174,10 +189,14 @@ def _liger_scaled():
     def call(h, w, y, with_entropy):
         if not state["note"]:
             state["note"] = path_of(h.device)
-        try:
-            out = mod.LigerFusedLinearScaledCrossEntropyFunction.apply(h, w, y, return_entropy=with_entropy)
-        except ImportError as err:
-            state["note"] = f"path: Liger's PyTorch fallback (the sm90 CuTe-DSL kernel does not import: {err})"
+        out = None
+        if not state.get("fallback"):
+            try:
+                out = mod.LigerFusedLinearScaledCrossEntropyFunction.apply(h, w, y, return_entropy=with_entropy)
+            except ImportError as err:  # once: a failed import is retried on every call, so remember it
+                state["note"] = f"path: Liger's PyTorch fallback (the sm90 CuTe-DSL kernel does not import: {err})"
+                state["fallback"] = True
+        if out is None:
             out = mod._FusedLinearPPOFallbackFunction.apply(h, w, y, 1.0, -100, with_entropy)
         nll, ent = out if with_entropy else (out, None)
         return -nll, ent

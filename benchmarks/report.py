@@ -29,7 +29,8 @@ MODE_ORDER = ["fwd_bwd", "fwd_bwd_entropy", "pacs_loss", "logprob", "logprob_ent
 CSV_FIELDS = [
     "device", "device_name", "dtype", "mode", "shape", "d", "v", "dist", "n", "impl", "label", "family", "status",
     "time_ms", "time_ms_min", "tflops", "pct_gemm", "vs_anchor", "fastest_anchor", "peak_extra_mib", "output_mib",
-    "mem_vs_naive", "time_vs_naive", "bitwise_repeat", "repeat_max_diff", "err_logprob", "err_entropy", "err_dh", "err_dw", "acc_tokens", "flops", "warmup", "reps",
+    "mem_vs_naive", "time_vs_naive", "bitwise_repeat", "repeat_max_diff", "err_logprob", "err_entropy", "err_dh",
+    "err_dw", "acc_tokens", "flops", "warmup", "reps",
     "version", "preset", "date", "note",
 ]
 
@@ -337,7 +338,8 @@ def describe_meta(meta: dict) -> list[str]:
         f"- versions: Python {meta.get('python')}, torch {meta.get('torch')}"
         + (f" (CUDA {meta['cuda']})" if meta.get("cuda") else "")
         + f", triton {meta.get('triton')}, liger-kernel {meta.get('liger-kernel')}, "
-        f"cut-cross-entropy {meta.get('cut-cross-entropy')}, trl {meta.get('trl', '?')}, pacs {meta.get('pacs')}"
+        f"cut-cross-entropy {meta.get('cut-cross-entropy')}, "
+        + (f"trl {meta['trl']}, " if meta.get("trl") else "") + f"pacs {meta.get('pacs')}"
         + (f" (commit {meta['commit']})" if meta.get("commit") else "")
         + ("" if "pacs_forward_impl" not in meta else
            f"; linear_logprob forward_impl option: {'yes' if meta['pacs_forward_impl'] else 'not in this checkout'}")
