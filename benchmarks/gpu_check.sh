@@ -132,7 +132,8 @@ stage S3 60 --shapes $OTHERS --tokens $BIG --modes fwd_bwd --logits random --imp
 
 # ---------------------------------------------------------------------------------------------- 6. report
 say "report"
-CARD=$(python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU dry run")')
+CARD="CPU dry run"
+[[ $DRY == 0 ]] && CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1)
 python3 -m benchmarks.suite --report "$OUT" --title "gpu_check: $CARD, $(date -u '+%Y-%m-%d')"
 if [[ $DRY == 0 ]]; then cp benchmarks/RESULTS.md "$OUT/RESULTS.md"; fi
 [[ -f "$OUT/results.md" ]] && sed -n '1,80p' "$OUT/results.md"
