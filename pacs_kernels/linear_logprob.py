@@ -41,7 +41,7 @@ class LogprobParams:
     with_entropy: bool
     weight_grad_dtype: torch.dtype = torch.float32
     forward_impl: str = "sliced"  # "sliced" | "fused" (triton backend only)
-    memory_budget: int = 32 << 20  # bytes of per-slice workspace (see sliced.plan_slices)
+    memory_budget: int = 8 << 20  # bytes of per-slice workspace (see sliced.plan_slices)
     chunk_n: int | None = None  # overrides of the plan the budget gives (tests, tuning)
     v_slice: int | None = None
     forward_config: object = None  # fused forward: KernelConfig, None = pinned default for the problem size
@@ -196,7 +196,7 @@ def linear_logprob(
             kernel; the default), "fused" (one Triton kernel that writes no logits and needs no workspace, e.g. for
             no-grad passes where memory is tight) or "auto" ($PACS_KERNELS_FORWARD, else "sliced").
         memory_budget: bytes (or a string like "512M") for the per-slice workspace: float32 logits of a slice plus
-            their gradient. Default $PACS_KERNELS_MEMORY_BUDGET, else 512 MiB on CUDA and 32 MiB on the CPU; the
+            their gradient. Default $PACS_KERNELS_MEMORY_BUDGET, else 512 MiB on CUDA and 8 MiB on the CPU; the
             slice width is the budget / (tokens x bytes per element), e.g. 4096 columns at 16k tokens on CUDA.
         weight_grad_dtype: only when even the narrowest slice of all tokens exceeds the budget are tokens chunked
             and the weight gradient accumulated over chunks, in a [V, D] buffer of this dtype (float32 by

@@ -219,7 +219,7 @@ def test_slice_and_chunk_invariance(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("vocab", [129920, 151936])
 def test_real_vocabulary_sliced_by_the_memory_budget(backend, vocab):
-    # Llama-3.2-like and Qwen2.5 vocabularies with a 1 MiB budget: 20 tokens give slices of 6400 (torch: 8 bytes
+    # Llama-3.2-like and Qwen2.5 vocabularies with a 1 MiB budget: 20 tokens give slices of 6528 (torch: 8 bytes
     # per element) or 8704 (triton, bf16: 6 bytes) columns, and a partial last slice.
     check_against_reference(backend, torch.bfloat16, 20, 64, vocab, bias=True, temperature=0.8, with_entropy=True,
                             ignore_frac=0.2, seed=vocab % 97, memory_budget="1M")
@@ -243,7 +243,7 @@ def test_memory_budget_option_and_environment(monkeypatch):
     from pacs_kernels.sliced import resolve_budget
 
     cpu = torch.device("cpu")
-    assert resolve_budget(None, cpu) == 32 << 20 and resolve_budget(None, torch.device("cuda")) == 512 << 20
+    assert resolve_budget(None, cpu) == 8 << 20 and resolve_budget(None, torch.device("cuda")) == 512 << 20
     assert resolve_budget("1G", cpu) == 1 << 30 and resolve_budget("64MiB", cpu) == 64 << 20
     assert resolve_budget(3 << 20, cpu) == 3 << 20
     monkeypatch.setenv("PACS_KERNELS_MEMORY_BUDGET", "2M")
