@@ -115,14 +115,22 @@ def plan_slices(n_tokens: int, vocab: int, bytes_per_elem: int, budget: int, dev
 
 # ------------------------------------------------------------------------------------------ elementwise passes
 
+def _target_columns(targets: torch.Tensor, v0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whether each target lies in the slice [v0, v0 + width), its column there as an [n, 1] index, clamped)."""
+    local = targets - v0
+    return (local >= 0) & (local < width), local.clamp(0, width - 1).unsqueeze(1)
+
+
 class TorchPasses:
     """The torch backend's elementwise passes. The logits GEMM applies bias and temperature (addmm's alpha/beta on
     the CPU), so the passes get finished logits, which they overwrite (no copy of the slice)."""
 
-    # Workspace bytes per token x column: Z and one temporary of its size (exp); on CUDA also dz in h's dtype.
+    # Workspace bytes per token x column: Z and one temporary of its size (exp); on CUDA with half-precision
+    # inputs also dz in h's dtype (the GEMM operand).
     def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dz_dtype = dtype if _gemm._native(device) and dtype != _gemm._acc_dtype(dtype) else None
         self.forward_bytes = 8
-        self.backward_bytes = 8 + (torch.empty((), dtype=dtype).element_size() if _gemm._native(device) else 0)
+        self.backward_bytes = 8 + (0 if self.dz_dtype is None else torch.empty((), dtype=dtype).element_size())
 
     @staticmethod
     def prepare(h: torch.Tensor) -> torch.Tensor:
@@ -147,9 +155,8 @@ class TorchPasses:
 
     @staticmethod
     def stats(z, b_v, targets, v0, inv_temperature, with_entropy, out):
-        local = targets - v0
-        hit = (local >= 0) & (local < z.shape[1])
-        out[3] = torch.where(hit, z.gather(1, local.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1), 0.0)
+        hit, column = _target_columns(targets, v0, z.shape[1])
+        out[3] = torch.where(hit, z.gather(1, column).squeeze(1), 0.0)
         m, s, t = slice_stats(z, with_entropy)
         out[0], out[1] = m, s
         if t is not None:
@@ -159,10 +166,8 @@ class TorchPasses:
     def grad(z, b_v, targets, v0, lse, entropy, grad_logprob, grad_entropy, inv_temperature, dz_out, need_bias):
         dz = logit_grad(z, lse, grad_logprob, entropy if grad_entropy is not None else None, grad_entropy)
         if grad_logprob is not None:
-            local = targets - v0
-            hit = (local >= 0) & (local < z.shape[1])
-            dz.scatter_add_(1, local.clamp(0, z.shape[1] - 1).unsqueeze(1),
-                            torch.where(hit, grad_logprob, 0.0).unsqueeze(1))
+            hit, column = _target_columns(targets, v0, z.shape[1])
+            dz.scatter_add_(1, column, torch.where(hit, grad_logprob, 0.0).unsqueeze(1))
         if inv_temperature != 1.0:
             dz.mul_(inv_temperature)  # d/d(h W^T + b) = (1/T) d/dz
         db = dz.sum(0) if need_bias else None
@@ -177,6 +182,7 @@ class TritonPasses:
 
     # Workspace bytes per token x column: Z float32; in backward also dz in h's dtype.
     def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dz_dtype = dtype
         self.forward_bytes = 4
         self.backward_bytes = 4 + torch.empty((), dtype=dtype).element_size()
 
@@ -259,10 +265,10 @@ def sliced_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, g
     g_ent = None if grad_entropy is None else grad_entropy.to(acc).contiguous()
     ent = None if grad_entropy is None else entropy
     z_buf = torch.empty(plan.workspace_elems, dtype=acc, device=device)
-    # The GEMM operand dz: h's dtype on CUDA and on the triton backend (the GPU's rounding, also under the
-    # interpreter); the torch backend on the CPU multiplies its float32 dz as it is.
-    dz_dtype = hidden.dtype if (isinstance(passes, TritonPasses) or _gemm._native(device)) else None
-    dz_buf = None if dz_dtype is None else torch.empty(plan.workspace_elems, dtype=dz_dtype, device=device)
+    # The GEMM operand dz: h's dtype on the triton backend (the GPU's rounding, also under the interpreter) and
+    # for half precision on CUDA; the torch backend on the CPU multiplies its float32 dz as it is.
+    dz_buf = None if passes.dz_dtype is None else torch.empty(plan.workspace_elems, dtype=passes.dz_dtype,
+                                                              device=device)
     for n0 in range(0, n_tokens, plan.chunk_n):
         n1 = min(n0 + plan.chunk_n, n_tokens)
         rows = n1 - n0
