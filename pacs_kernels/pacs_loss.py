@@ -27,10 +27,12 @@ from ._validation import (
     check_backend,
     check_choice,
     check_finite_number,
+    check_linear_inputs,
     check_packed_sequences,
 )
 from ._segments import response_mean, segment_ids, segment_sum
 from .linear_logprob import linear_logprob, resolve_backend
+from .onepass import attach_gradients, known_gradient_logprob
 
 
 class PACSOutput(NamedTuple):
@@ -116,21 +118,24 @@ def sequence_terms_torch(logprob, old_logprob, mask, rewards, cu_seqlens, *, gro
     return (*(x.to(acc) for x in out), coef)
 
 
+def sequence_terms(logprob, old_logprob, mask, rewards, cu_seqlens, params: SequenceParams):
+    """(loss, psi, psihat, prob, weight, coef [N]) by the Triton sequence kernel or its PyTorch twin."""
+    kwargs = dict(group_size=params.group_size, beta=params.beta, score=params.score,
+                  advantage=params.advantage, class_balance=params.class_balance)
+    if params.backend == "triton":
+        from ._triton.sequence_loss import pacs_sequence_triton
+
+        return pacs_sequence_triton(logprob, old_logprob, mask, rewards, cu_seqlens, **kwargs)
+    return sequence_terms_torch(logprob, old_logprob, mask, rewards, cu_seqlens, **kwargs)
+
+
 class PACSSequenceLoss(torch.autograd.Function):
     """logprob [N] -> (loss, psi, psihat, prob, weight); backward is grad_loss * coef, coef computed in forward."""
 
     @staticmethod
     def forward(ctx, logprob, old_logprob, mask, rewards, cu_seqlens, params: SequenceParams):
-        kwargs = dict(group_size=params.group_size, beta=params.beta, score=params.score,
-                      advantage=params.advantage, class_balance=params.class_balance)
-        if params.backend == "triton":
-            from ._triton.sequence_loss import pacs_sequence_triton
-
-            loss, psi, psihat, prob, weight, coef = pacs_sequence_triton(
-                logprob, old_logprob, mask, rewards, cu_seqlens, **kwargs)
-        else:
-            loss, psi, psihat, prob, weight, coef = sequence_terms_torch(
-                logprob, old_logprob, mask, rewards, cu_seqlens, **kwargs)
+        loss, psi, psihat, prob, weight, coef = sequence_terms(logprob, old_logprob, mask, rewards, cu_seqlens,
+                                                               params)
         ctx.save_for_backward(coef)
         ctx.mark_non_differentiable(psi, psihat, prob, weight)
         return loss.to(logprob.dtype), psi, psihat, prob, weight
@@ -246,14 +251,21 @@ def pacs_loss(
         loss  = mean_i w_i * BCEWithLogits(psihat_i, rewards_i)
 
     in one vocabulary pass forward (log-probs), one launch over sequences (scores, advantage, loss and the
-    per-token gradient coefficients) and one vocabulary pass backward.
+    per-token gradient coefficients) and one vocabulary pass backward; on-policy (old_logprob=None) in one
+    vocabulary pass that also computes the gradients.
 
     Args:
         hidden: [N, D] packed hidden states of S sequences (prompt + response tokens), float32/float16/bfloat16.
         weight: [V, D] lm_head weight (same dtype), bias: [V] or None.
         targets: [N] int64 next-token ids; ignore_index at prompt and padding positions (only response tokens count).
-        old_logprob: [N] log-probs of the targets under the rollout policy (never read at ignored positions);
-            None allowed with score="logprob_mean".
+        old_logprob: [N] log-probs of the targets under the rollout policy (never read at ignored positions).
+            None means on-policy (theta = theta_old, the first optimizer step after a rollout): the result (loss,
+            every field, the gradients) equals the call with
+            `old_logprob = linear_logprob(...).logprob.detach()` within float32 rounding, at the cost of one
+            vocabulary pass (6NDV, `pacs_kernels/onepass.py`) instead of the old-log-prob pass and the two-pass
+            loss (2NDV + 8NDV). psi = 0 exactly there, so sigmoid(psihat) = 1/2 and the BCE part is exactly
+            ln 2 (the class weights of a group average to 1); the gradient is the REINFORCE one with
+            c_i = w_i (R_i - 1/2) (docs/pacs-math.md). With score="logprob_mean" old_logprob is not used.
         rewards: [S] verifier outcomes in [0, 1] ({0, 1} with class_balance).
         cu_seqlens: [S+1] int32, 0 first, N last (flash-attention varlen layout).
         group_size: G answers per prompt, consecutive in the batch; G >= 2 for rloo and grpo.
@@ -278,6 +290,18 @@ def pacs_loss(
     need_entropy = bool(with_entropy) or check_finite_number("entropy_coef", entropy_coef) != 0.0
     if isinstance(targets, torch.Tensor) and targets.dim() != 1:
         raise ValueError(f"pacs_loss takes the packed layout: targets [N], got {tuple(targets.shape)}")
+    if old_logprob is None and score == "logratio_sum":
+        if not isinstance(hidden, torch.Tensor):
+            raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+        if resolve_backend(backend, hidden.device) == "reference":  # no one-pass: old log-probs, then two passes
+            with torch.no_grad():
+                old_logprob = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature,
+                                             ignore_index=ignore_index, backend=backend).logprob
+        else:
+            return _pacs_loss_on_policy(hidden, weight, targets, rewards, cu_seqlens, group_size=group_size,
+                                        beta=beta, advantage=advantage, class_balance=class_balance,
+                                        temperature=temperature, ignore_index=ignore_index, bias=bias,
+                                        entropy_coef=entropy_coef, with_entropy=need_entropy, backend=backend)
     out = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
                          with_entropy=need_entropy, backend=backend)
     mask = targets != ignore_index
@@ -286,3 +310,31 @@ def pacs_loss(
         advantage=advantage, class_balance=class_balance, entropy=out.entropy, entropy_coef=entropy_coef,
         backend=backend,
     )
+
+
+def _pacs_loss_on_policy(hidden, weight, targets, rewards, cu_seqlens, *, group_size, beta, advantage,
+                         class_balance, temperature, ignore_index, bias, entropy_coef, with_entropy, backend):
+    """pacs_loss at theta = theta_old (old_logprob=None, score="logratio_sum"): one vocabulary pass (onepass.py).
+
+    psi = 0 exactly, so the sequence part runs on zeros before any logit exists; its per-token coefficients (and
+    the entropy bonus's -entropy_coef / n_resp) are the upstream gradients of the one pass, which returns the
+    log-probs, the entropies and the gradients; the loss's backward hands those back.
+    """
+    params = _sequence_params(group_size, beta, "logratio_sum", advantage, class_balance, backend, hidden.device)
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index, params.backend)
+    entropy_coef = check_finite_number("entropy_coef", entropy_coef)
+    mask = targets != ignore_index
+    check_packed_sequences(targets.numel(), cu_seqlens, rewards, group_size, device=hidden.device,
+                           binary_rewards=class_balance, per_token={"mask": mask})
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    zeros = torch.zeros(targets.shape, dtype=dtype, device=hidden.device)
+    loss, psi, psihat, prob, weights, coef = sequence_terms(zeros, zeros, mask, rewards, cu_seqlens, params)
+    grad_entropy = None
+    if entropy_coef:
+        grad_entropy = -entropy_coef * mask.to(dtype) / mask.sum().clamp_min(1)
+    known = known_gradient_logprob(hidden, weight, targets, coef, grad_entropy, bias=bias, temperature=temperature,
+                                   ignore_index=ignore_index, with_entropy=with_entropy, backend=params.backend)
+    bce = loss.to(dtype).detach()
+    total = bce - entropy_coef * response_mean(known.entropy, mask) if entropy_coef else bce
+    return PACSOutput(attach_gradients(total, hidden, weight, bias, known), psi, psihat, prob, weights,
+                      known.logprob, known.entropy, bce)

@@ -43,7 +43,8 @@ import torch
 
 from ._segments import response_mean, segment_ids, segment_sum
 from ._validation import check_choice, check_finite_number, check_packed_sequences
-from .linear_logprob import linear_logprob
+from .linear_logprob import linear_logprob, resolve_backend
+from .onepass import attach_gradients, known_gradient_logprob
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -101,8 +102,10 @@ def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens
         raise ValueError("kl_coef > 0 needs ref_logprob [N] (the reference model's log-probs)")
     if isinstance(targets, torch.Tensor) and targets.dim() != 1:
         raise ValueError(f"{kind}_loss takes the packed layout: targets [N], got {tuple(targets.shape)}")
-    if not isinstance(old_logprob, torch.Tensor) or not old_logprob.dtype.is_floating_point:
-        raise ValueError(f"old_logprob must be a float tensor [N], got {type(old_logprob).__name__}")
+    if old_logprob is not None and (not isinstance(old_logprob, torch.Tensor)
+                                    or not old_logprob.dtype.is_floating_point):
+        raise ValueError(f"old_logprob must be a float tensor [N] or None (on-policy), got "
+                         f"{getattr(old_logprob, 'dtype', type(old_logprob).__name__)}")
     n_tokens = targets.numel() if isinstance(targets, torch.Tensor) else 0
     check_packed_sequences(n_tokens, cu_seqlens, rewards, group_size, device=hidden.device, binary_rewards=False,
                            unit_rewards=False, per_token={"old_logprob": old_logprob, "ref_logprob": ref_logprob})
@@ -120,15 +123,48 @@ def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens
     if not isinstance(use_bias_correction_kl, bool):
         raise ValueError(f"use_bias_correction_kl must be True or False, got {use_bias_correction_kl!r}")
 
-    out = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
-                         with_entropy=with_entropy or entropy_coef != 0.0, backend=backend)
-    lp = out.logprob
+    need_entropy = with_entropy or entropy_coef != 0.0
     mask = targets != ignore_index
-    maskf = mask.to(lp.dtype)
-    adv_seq = group_advantages(rewards, group_size, kind, scale_rewards).to(lp.device)
+    adv_seq = group_advantages(rewards, group_size, kind, scale_rewards).to(hidden.device)
     seq = segment_ids(cu_seqlens, n_tokens)
-    adv = adv_seq[seq].to(lp.dtype)
+    n_seqs = rewards.numel()
+    if loss_type == "dr_grpo" and max_len is None:
+        max_len = int(segment_sum(mask.long(), seq, n_seqs).max().clamp_min(1))
+    terms = dict(mask=mask, adv_seq=adv_seq, seq=seq, epsilon=epsilon, epsilon_high=epsilon_high,
+                 loss_type=loss_type, kl_coef=kl_coef, ref_logprob=ref_logprob,
+                 use_bias_correction_kl=use_bias_correction_kl, max_len=max_len, normalizer=normalizer,
+                 entropy_coef=entropy_coef)
+    linear = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, with_entropy=need_entropy)
+    if old_logprob is None:
+        if resolve_backend(backend, hidden.device) != "reference":
+            return _on_policy(hidden, weight, targets, backend=backend, linear=linear, terms=terms)
+        with torch.no_grad():  # no one-pass on the reference backend: old log-probs, then two passes
+            old_logprob = linear_logprob(hidden, weight, targets, backend=backend, **linear).logprob
+    out = linear_logprob(hidden, weight, targets, backend=backend, **linear)
+    return _surrogate(out.logprob, old_logprob, out.entropy, **terms)
 
+
+def _token_normalizer(mask, seq, n_seqs, loss_type, max_len, normalizer):
+    """[N] weights of the per-token losses: loss = sum_t norm_t * L_t (0 at ignored positions), float64.
+
+    grpo: 1 / (S * response tokens of t's sequence); bnpo (and dapo without a normalizer): 1 / response tokens;
+    dapo: 1 / normalizer; dr_grpo: 1 / (S * max_len)."""
+    maskf = mask.to(torch.float64)
+    if loss_type == "grpo":
+        counts = segment_sum(maskf, seq, n_seqs).clamp_min(1)
+        return maskf / (counts[seq] * n_seqs)
+    if loss_type == "bnpo" or (loss_type == "dapo" and normalizer is None):
+        return maskf / maskf.sum().clamp_min(1)
+    if loss_type == "dapo":
+        return maskf / normalizer
+    return maskf / (n_seqs * max_len)  # dr_grpo
+
+
+def _surrogate(lp, old_logprob, entropy, *, mask, adv_seq, seq, epsilon, epsilon_high, loss_type, kl_coef,
+               ref_logprob, use_bias_correction_kl, max_len, normalizer, entropy_coef):
+    """The loss from per-token log-probs lp [N] (differentiable) and the rollout policy's old_logprob [N]."""
+    maskf = mask.to(lp.dtype)
+    adv = adv_seq[seq].to(lp.dtype)
     log_ratio = torch.where(mask, lp - old_logprob.to(lp.dtype), torch.zeros_like(lp))  # old never read at ignored
     ratio = log_ratio.exp()
     clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)
@@ -143,25 +179,48 @@ def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens
         kl_mean = (kl * maskf).sum().detach() / n_resp
         if kl_coef:
             per_token = per_token + kl_coef * kl
-    per_token = per_token * maskf
-
-    n_seqs = rewards.numel()
-    if loss_type == "grpo":
-        loss = (segment_sum(per_token, seq, n_seqs) / segment_sum(maskf, seq, n_seqs).clamp_min(1)).mean()
-    elif loss_type == "bnpo" or (loss_type == "dapo" and normalizer is None):
-        loss = per_token.sum() / n_resp
-    elif loss_type == "dapo":
-        loss = per_token.sum() / normalizer
-    else:  # dr_grpo
-        if max_len is None:
-            max_len = int(segment_sum(mask.long(), seq, n_seqs).max().clamp_min(1))
-        loss = per_token.sum() / (n_seqs * max_len)
+    norm = _token_normalizer(mask, seq, adv_seq.numel(), loss_type, max_len, normalizer)
+    loss = (per_token * norm.to(lp.dtype)).sum()  # norm is 0 at ignored positions
     if entropy_coef:
-        loss = loss - entropy_coef * response_mean(out.entropy, mask)
+        loss = loss - entropy_coef * response_mean(entropy, mask)
     is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
     clip_fraction = (is_clipped & mask).sum() / n_resp
-    return PolicyLossOutput(loss, adv_seq, lp.detach(), None if out.entropy is None else out.entropy.detach(),
+    return PolicyLossOutput(loss, adv_seq, lp.detach(), None if entropy is None else entropy.detach(),
                             clip_fraction.detach(), kl_mean)
+
+
+def _on_policy(hidden, weight, targets, *, backend, linear, terms):
+    """The loss at theta = theta_old (old_logprob=None) in one vocabulary pass (onepass.py).
+
+    ratio = 1, so the surrogate's gradient is d L / d l_t = -A_seq(t) * norm_t (norm_t: the loss type's token
+    weight; the clip is inactive: clamp passes the gradient at ratio = 1, also for epsilon = 0), and the
+    entropy bonus's is -entropy_coef / n_resp. The KL term (kl_coef > 0) depends on the log-probs: its gradient
+    kl_coef * norm_t * (-delta_t) with bias correction (d(kl * ratio)/dl at ratio = 1), else
+    kl_coef * norm_t * (-expm1(delta_t)), delta = ref - l, is added inside the pass per chunk, once the chunk's
+    log-probs are known and before its dz. The returned values come from `_surrogate` with old = the pass's
+    log-probs, i.e. the explicit call's formulas.
+    """
+    mask, seq, adv_seq = terms["mask"], terms["seq"], terms["adv_seq"]
+    norm = _token_normalizer(mask, seq, adv_seq.numel(), terms["loss_type"], terms["max_len"], terms["normalizer"])
+    grad_logprob = -adv_seq[seq] * norm
+    grad_entropy = None
+    if terms["entropy_coef"]:
+        grad_entropy = -terms["entropy_coef"] * mask.to(torch.float64) / mask.sum().clamp_min(1)
+    kl_grad = None
+    ref, kl_coef = terms["ref_logprob"], terms["kl_coef"]
+    if ref is not None and kl_coef:
+        flat_ref = ref.reshape(-1)
+
+        def kl_grad(lp, rows):
+            delta = flat_ref[rows].to(lp.dtype) - lp
+            slope = -delta if terms["use_bias_correction_kl"] else -torch.expm1(delta)
+            return kl_coef * norm[rows].to(lp.dtype) * slope
+
+    bias = linear["bias"]
+    known = known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy, backend=backend,
+                                   logprob_grad_fn=kl_grad, **linear)
+    out = _surrogate(known.logprob, known.logprob, known.entropy, **terms)
+    return out._replace(loss=attach_gradients(out.loss, hidden, weight, bias, known))
 
 
 def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon=0.2,

@@ -231,6 +231,7 @@ BAD_CASES = {
     "unknown score": (dict(score="logprob_sum"), "score must be one of"),
     "unknown advantage": (dict(advantage="ppo"), "advantage must be one of"),
     "old_logprob wrong shape": ("old_short", None, r"old_logprob must have shape"),
+    "old_logprob integer": ("old_int", None, r"old_logprob must be a float tensor"),
     "rewards wrong shape": ("rewards_short", None, r"rewards must have shape"),
     "beta zero": (dict(beta=0.0), "beta"),
     "cu_seqlens float": ("cu_float", None, "integer"),
@@ -263,6 +264,8 @@ def test_bad_input_raises_value_error(case):
             problem["cu_seqlens"] = cu
         elif what == "old_short":
             problem["old_logprob"] = problem["old_logprob"][:-1]
+        elif what == "old_int":
+            problem["old_logprob"] = torch.nan_to_num(problem["old_logprob"]).long()
         elif what == "rewards_short":
             problem["rewards"] = problem["rewards"][:-1]
         elif what == "cu_float":
@@ -290,10 +293,13 @@ def test_logprob_mean_needs_a_response_token_per_sequence():
 
 
 def test_logratio_sum_needs_old_logprob():
+    """From log-probs, logratio_sum needs old_logprob (pacs_loss reads None as on-policy: tests/test_onpolicy.py)."""
     problem = packed_problem(seed=120)
+    with torch.no_grad():
+        lp = linear_logprob(problem["hidden"], problem["weight"], problem["targets"]).logprob
     with pytest.raises(ValueError, match="old_logprob"):
-        pacs_loss(problem["hidden"], problem["weight"], problem["targets"], None, problem["rewards"],
-                  problem["cu_seqlens"], group_size=problem["group_size"])
+        pacs_loss_from_logprobs(lp, None, problem["rewards"], problem["cu_seqlens"],
+                                group_size=problem["group_size"], mask=problem["targets"] != -100)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

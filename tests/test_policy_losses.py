@@ -250,3 +250,11 @@ def test_bad_inputs():
     bad_rewards[0] = float("inf")
     with pytest.raises(ValueError, match="finite"):
         grpo_loss(*args[:4], bad_rewards, args[5], group_size=4)
+    old = problem["old_logprob"]
+    for fn in (grpo_loss, rloo_loss):
+        with pytest.raises(ValueError, match="old_logprob must have shape"):
+            fn(*args[:3], old[:-1], *args[4:], group_size=4)
+        with pytest.raises(ValueError, match="old_logprob must be a float tensor"):
+            fn(*args[:3], torch.nan_to_num(old).long(), *args[4:], group_size=4)
+        with pytest.raises(ValueError, match="old_logprob must be a float tensor"):
+            fn(*args[:3], old.tolist(), *args[4:], group_size=4)

@@ -1,0 +1,217 @@
+"""One vocabulary pass for losses whose per-token gradient is known before the forward: 6NDV instead of 2NDV + 8NDV.
+
+On-policy RL (the first optimizer step after a rollout: theta = theta_old, so PACS's psi = 0 and GRPO's ratio = 1)
+and the supervised NLL give every token's upstream gradient d loss / d logprob_t (and d loss / d entropy_t) before
+any logit is computed. The head then needs each logit once: per chunk of c tokens (all V columns),
+
+    Z    = h_c @ W.T             GEMM, float32 [c, V] workspace           2cDV FLOPs
+    m, s, t, z_y of Z            statistics pass (the whole vocabulary as one slice, v0 = 0) -> lse, logprob, H
+    g    = grad_fn(logprob, H)   the per-token coefficients (a KL term may read the chunk's log-probs here)
+    dz   = dL/dZ                 elementwise pass over the same workspace (torch: in place; triton: into dz)
+    dH_c = dz @ W                GEMM, complete per chunk: written once in hidden's dtype          2cDV
+    dW  += dz.T @ h_c            GEMM, accumulated over chunks                                     2cDV
+
+against, for the same mini-batch, a no-grad old-log-prob pass (2NDV in the head, plus a whole model forward) and
+the two-pass loss (2NDV forward, 6NDV backward that recomputes the logits). The gradients are computed in the
+loss's forward and handed back, scaled by the upstream gradient, by `attach_gradients`'s backward.
+
+Workspace: c = memory_budget // (V * bytes per element) tokens (`plan_chunk`), with the sliced backward's bytes
+per element (`passes.backward_bytes`): triton: Z float32 + dz in hidden's dtype (6 bytes for bf16); torch: Z and
+one temporary (8 bytes). At V = 131072 and the 512 MiB CUDA default that is 682 -> 640 tokens per chunk (rounded
+down to a multiple of 128 above 128 tokens). The workspace stays float32: bf16 logits (8 bits of mantissa) would
+put errors of ~|z| / 256 into every log-prob (0.06 at |z| = 16), far above float32 rounding.
+
+Other memory: the gradients live from the loss's forward to its backward: dH [N, D] in hidden's dtype, dW [V, D]
+in weight's dtype (1 GiB at V = 131072, D = 4096, bf16) and, when the tokens take more than one chunk, the float32
+[V, D] accumulator of dW (`weight_grad_dtype`; 2 GiB there, or weight's dtype at the cost of one rounding per
+chunk). No float32 [N, D] accumulator exists (dH of a chunk is complete in one GEMM over the whole vocabulary).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from . import _gemm
+from ._stats import finalize_stats
+from ._validation import check_linear_inputs, check_temperature
+from .linear_logprob import resolve_backend
+from .sliced import TorchPasses, _view, passes_for, resolve_budget
+
+GradFn = Callable[[int, int, torch.Tensor, torch.Tensor | None],
+                  tuple[torch.Tensor | None, torch.Tensor | None]]
+CHUNK_MULTIPLE = 128
+
+
+def plan_chunk(n_tokens: int, vocab: int, bytes_per_elem: int, budget: int, chunk_n: int | None = None) -> int:
+    """Tokens per chunk: the most whose [c, V] workspace fits the budget (at least 1; a multiple of 128 from 128)."""
+    if chunk_n is None:
+        chunk_n = max(1, budget // (max(vocab, 1) * bytes_per_elem))
+        if CHUNK_MULTIPLE <= chunk_n < n_tokens:
+            chunk_n = chunk_n // CHUNK_MULTIPLE * CHUNK_MULTIPLE
+    return max(1, min(chunk_n, max(n_tokens, 1)))
+
+
+def known_gradient_pass(hidden, weight, bias, targets, grad_fn: GradFn, inv_temperature, with_entropy, passes,
+                        chunk_n, needs, weight_grad_dtype=torch.float32):
+    """(logprob [N], entropy [N] | None, d_hidden [N, D], d_weight [V, D], d_bias [V]) of validated 2-d inputs
+    (targets in [0, V)); the gradients in the inputs' dtypes, None where `needs` (hidden, weight, bias) says so.
+
+    grad_fn(n0, n1, logprob, entropy) gives the upstream gradients (grad_logprob, grad_entropy) of rows [n0, n1)
+    (float tensors of n1 - n0 values or None) from that chunk's log-probs and entropies.
+    """
+    need_h, need_w, need_b = needs
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    acc = _gemm._acc_dtype(hidden.dtype)
+    one_chunk = chunk_n >= n_tokens
+    logprob = torch.empty(n_tokens, dtype=acc, device=device)
+    entropy = torch.empty(n_tokens, dtype=acc, device=device) if with_entropy else None
+    d_hidden = torch.empty_like(hidden) if need_h else None
+    d_weight = None
+    if need_w:  # as in sliced_backward: one chunk writes dW once; several accumulate in weight_grad_dtype
+        w_acc = torch.float64 if acc == torch.float64 else weight_grad_dtype
+        d_weight = torch.empty_like(weight) if one_chunk else torch.zeros(weight.shape, dtype=w_acc, device=device)
+    d_bias = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
+    z_buf = torch.empty(chunk_n * vocab, dtype=acc, device=device)
+    dz_buf = None
+    if any(needs) and passes.dz_dtype is not None:
+        dz_buf = torch.empty(chunk_n * vocab, dtype=passes.dz_dtype, device=device)
+    stats = torch.zeros((4, chunk_n), dtype=acc, device=device)
+    # The torch statistics pass leaves z - m in the workspace (`_stats.slice_stats` shifts in place), so its dz
+    # pass gets log s = lse - m; the Triton kernels only read the workspace and get lse.
+    shifted = isinstance(passes, TorchPasses)
+    for n0 in range(0, n_tokens, chunk_n):
+        n1 = min(n0 + chunk_n, n_tokens)
+        rows = n1 - n0
+        h = passes.prepare(hidden[n0:n1])
+        y = targets[n0:n1]
+        z = passes.logits(h, weight, bias, inv_temperature, _view(z_buf, rows, vocab))
+        st = stats[:, :rows]
+        passes.stats(z, bias, y, 0, inv_temperature, with_entropy, st)
+        m, s, t, zy = st.unbind(0)
+        lse, ent = finalize_stats(m, s, t if with_entropy else None)
+        lp = (zy - lse).clamp_max(0.0)  # as sliced_forward: log p <= 0
+        logprob[n0:n1] = lp
+        if with_entropy:
+            entropy[n0:n1] = ent
+        if not any(needs):
+            continue
+        g_lp, g_ent = grad_fn(n0, n1, lp, ent)
+        if g_lp is None and g_ent is None:
+            g_lp = torch.zeros(rows, dtype=acc, device=device)
+        g_lp = None if g_lp is None else g_lp.to(acc).contiguous()
+        g_ent = None if g_ent is None else g_ent.to(acc).contiguous()
+        dz, db = passes.grad(z, bias, y, 0, s.log() if shifted else lse, ent if g_ent is not None else None, g_lp,
+                             g_ent, inv_temperature, None if dz_buf is None else _view(dz_buf, rows, vocab), need_b)
+        if need_h:  # dH_c = dz @ W = (dz.T).T @ W: one GEMM over the whole vocabulary, one rounding
+            _gemm.weight_grad(dz.T, weight, d_hidden[n0:n1])
+        if need_w:
+            if one_chunk:
+                _gemm.weight_grad(dz, h, d_weight)
+            else:
+                _gemm.accumulate_(d_weight, dz.T, h)
+        if need_b:
+            d_bias += db
+    return (logprob, entropy, d_hidden,
+            None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_bias is None else d_bias.to(bias.dtype))
+
+
+class KnownGradient(NamedTuple):
+    """Per-token log-prob / entropy ([...], 0 at ignored positions) and the precomputed gradients of the loss."""
+
+    logprob: torch.Tensor
+    entropy: torch.Tensor | None
+    d_hidden: torch.Tensor | None  # hidden's shape and dtype
+    d_weight: torch.Tensor | None
+    d_bias: torch.Tensor | None
+
+
+def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=None, *, bias=None, temperature=1.0,
+                           ignore_index=-100, with_entropy=False, backend="auto", memory_budget=None,
+                           weight_grad_dtype=torch.float32, logprob_grad_fn=None, chunk_n=None) -> KnownGradient:
+    """`linear_logprob`'s outputs and the gradients of a loss whose upstream gradients are known, in one pass.
+
+    grad_logprob / grad_entropy: [...] like targets (or None): d loss / d logprob_t and d loss / d entropy_t
+    (values at ignored positions are never read). logprob_grad_fn(logprob, index): an extra d loss / d logprob of
+    the valid rows `index` (indices into the flattened targets) from their log-probs, e.g. a KL term.
+    backend: "triton" | "torch" | "auto" ("reference" is not a one-pass backend: callers fall back to two passes).
+    Gradients are computed only for the inputs that require them (none under torch.no_grad()).
+    """
+    backend = resolve_backend(backend, hidden.device)
+    if backend == "reference":
+        raise ValueError("known_gradient_logprob runs on the 'triton' or 'torch' backend, not 'reference'")
+    inv_temperature = 1.0 / check_temperature(temperature)
+    problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend)
+    if weight_grad_dtype not in (torch.float32, weight.dtype):
+        raise ValueError(f"weight_grad_dtype must be torch.float32 or weight's dtype {weight.dtype}, "
+                         f"got {weight_grad_dtype}")
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    flat_hidden = hidden.detach().reshape(-1, problem.dim)
+    flat_targets = targets.reshape(-1).long()
+    index = None
+    if problem.n_valid < problem.n_tokens:
+        index = (flat_targets != ignore_index).nonzero().squeeze(1)
+        flat_hidden = flat_hidden.index_select(0, index)
+        flat_targets = flat_targets.index_select(0, index)
+    flat = lambda x: None if x is None else x.reshape(-1)
+    g_lp_all, g_ent_all = flat(grad_logprob), flat(grad_entropy)
+
+    def grad_fn(n0, n1, lp, ent):
+        rows = torch.arange(n0, n1, device=hidden.device) if index is None else index[n0:n1]
+        g_lp = None if g_lp_all is None else g_lp_all[rows]
+        if logprob_grad_fn is not None:
+            extra = logprob_grad_fn(lp, rows)
+            g_lp = extra if g_lp is None else g_lp + extra
+        return g_lp, None if g_ent_all is None else g_ent_all[rows]
+
+    w, b = weight.detach(), None if bias is None else bias.detach()
+    if problem.n_valid == 0:
+        lp = torch.zeros(0, dtype=out_dtype, device=hidden.device)
+        ent = lp if with_entropy else None
+        d_h = hidden.new_zeros(0, problem.dim) if needs[0] else None
+        d_w = torch.zeros_like(weight) if needs[1] else None
+        d_b = torch.zeros_like(bias) if needs[2] else None
+    else:
+        passes = passes_for(backend, hidden)
+        budget = resolve_budget(memory_budget, hidden.device)
+        chunk = plan_chunk(flat_hidden.shape[0], problem.vocab, passes.backward_bytes, budget, chunk_n)
+        lp, ent, d_h, d_w, d_b = known_gradient_pass(flat_hidden, w, b, flat_targets, grad_fn, inv_temperature,
+                                                     with_entropy, passes, chunk, needs, weight_grad_dtype)
+
+    def unflatten(x):
+        if x is None:
+            return None
+        if index is not None:
+            x = x.new_zeros((problem.n_tokens, *x.shape[1:])).index_copy(0, index, x)
+        return x.reshape(hidden.shape if x.dim() == 2 else problem.lead_shape)
+
+    return KnownGradient(unflatten(lp), unflatten(ent), unflatten(d_h), d_w, d_b)
+
+
+class _KnownGradientLoss(torch.autograd.Function):
+    """value (a detached scalar) -> value, whose backward hands back grad * (d_hidden, d_weight, d_bias)."""
+
+    @staticmethod
+    def forward(ctx, value, hidden, weight, bias, d_hidden, d_weight, d_bias):
+        ctx.grads = (d_hidden, d_weight, d_bias)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale = lambda g: None if g is None else g if bool(grad == 1) else (g * grad).to(g.dtype)
+        d_hidden, d_weight, d_bias = (scale(g) for g in ctx.grads)
+        return None, d_hidden, d_weight, d_bias, None, None, None
+
+
+def attach_gradients(value: torch.Tensor, hidden, weight, bias, known: KnownGradient) -> torch.Tensor:
+    """The scalar `value` (detached) as a loss whose gradients w.r.t. hidden, weight and bias are `known`'s."""
+    value = value.detach()
+    if known.d_hidden is None and known.d_weight is None and known.d_bias is None:
+        return value
+    return _KnownGradientLoss.apply(value, hidden, weight, bias, known.d_hidden, known.d_weight, known.d_bias)
