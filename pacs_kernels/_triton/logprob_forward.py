@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._stats import finalize_stats, merge_stats
 from .config import KernelConfig, forward_config, interpreting
-from .tiles import logit_tile
+from .tiles import fold_tile, logit_tile
 
 
 @triton.jit
@@ -56,15 +56,7 @@ def _logprob_forward_kernel(
             h_ptr, w_ptr, b_ptr, rows64, row_ok, cols.to(tl.int64), col_ok, D, stride_h, stride_w, inv_temp,
             HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        shifted = z - m_new[:, None]
-        e = tl.exp(shifted)  # 0 past V (z = -inf)
-        if WITH_ENTROPY:
-            u = e * tl.where(e > 0.0, shifted, 0.0)  # exp(-inf) * -inf would be nan
-            t = alpha * (t + (m - m_new) * s) + tl.sum(u, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, t = fold_tile(m, s, t, z, WITH_ENTROPY)
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
 
     out = pid_s * N + rows

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .config import interpreting
+from .tiles import fold_tile
 
 
 @triton.jit
@@ -48,7 +49,7 @@ def _slice_stats_kernel(
     row_ok = rows < n
     rows64 = rows.to(tl.int64)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1) - v0  # column of the target in this slice (any if absent)
-    m = tl.full([BLOCK_N], -1.0e30, dtype=tl.float32)  # finite start: (m_old - m_new) * s is never -inf * 0
+    m = tl.full([BLOCK_N], -1.0e30, dtype=tl.float32)  # finite start (see fold_tile)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     t = tl.zeros([BLOCK_N], dtype=tl.float32)
     zy = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -56,14 +57,7 @@ def _slice_stats_kernel(
         cols = c0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v
         z = _load_logits(z_ptr, b_ptr, rows64, row_ok, cols, col_ok, ldz, inv_temp, HAS_BIAS)
-        m_new = tl.maximum(m, tl.max(z, axis=1))  # a NaN dropped here still reaches s through exp(z - m_new)
-        alpha = tl.exp(m - m_new)
-        shifted = z - m_new[:, None]
-        e = tl.exp(shifted)  # 0 past the slice
-        if WITH_ENTROPY:
-            t = alpha * (t + (m - m_new) * s) + tl.sum(e * tl.where(e > 0.0, shifted, 0.0), axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, t = fold_tile(m, s, t, z, WITH_ENTROPY)
         zy += tl.sum(tl.where((cols[None, :] == y[:, None]) & col_ok[None, :], z, 0.0), axis=1)
     tl.store(m_ptr + rows, m, mask=row_ok)
     tl.store(s_ptr + rows, s, mask=row_ok)

@@ -37,3 +37,20 @@ def logit_tile(
     z = acc * inv_temp
     z = tl.where(z < -1.0e30, -1.0e30, z)
     return tl.where(col_ok[None, :], z, float("-inf"))
+
+
+@triton.jit
+def fold_tile(m, s, t, z, WITH_ENTROPY: tl.constexpr):
+    """Fold a [BLOCK_N, BLOCK_V] tile of logits z into the running per-row statistics (m, s, t) of _stats.py.
+
+    m starts finite (-1e30), so (m_old - m_new) * s is never -inf * 0; z is -inf past V (e = 0 there). tl.maximum
+    may drop a NaN from m on GPUs (maxNum), but the NaN still reaches s through exp(z - m_new).
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)
+    shifted = z - m_new[:, None]
+    e = tl.exp(shifted)
+    if WITH_ENTROPY:
+        t = alpha * (t + (m - m_new) * s) + tl.sum(e * tl.where(e > 0.0, shifted, 0.0), axis=1)  # 0 * -inf guarded
+    s = alpha * s + tl.sum(e, axis=1)
+    return m_new, s, t
