@@ -75,6 +75,10 @@ class TrainConfig:
                               choices=("auto", "triton", "torch"))
     loss_impl: str = opt("fused", "fused (pacs_kernels, no logits) | reference (materialized logits; for checks)",
                          "algorithm", choices=("fused", "reference"))
+    on_policy_shortcut: bool = opt(True, "the first mini-batch of each rollout (theta = theta_old) takes the loss's "
+                                   "on-policy path (old_logprob=None: one vocabulary pass, no old-log-prob "
+                                   "forward), as does the warm-up's NLL; --no-on-policy-shortcut: old log-probs "
+                                   "for every mini-batch and the two-pass loss", "algorithm")
     # optimization
     steps: int = opt(100, "rollout batches (each gives minibatches_per_rollout optimizer steps)", "optim")
     minibatches_per_rollout: int = opt(4, "optimizer steps per rollout batch (mini-batches of whole groups; at "
@@ -337,6 +341,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         group.add_argument(flag(f.name), **kwargs)
+        if kind is bool:  # --no-NAME: the same as --NAME false
+            group.add_argument("--no-" + flag(f.name)[2:], dest=f.name, action="store_const", const=False,
+                               default=None, help=f"same as {flag(f.name)} false")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -19,6 +19,8 @@ Each rollout step: sample `prompts_per_step` x G answers; verify them; split the
 `minibatches_per_rollout` mini-batches of whole groups, each packed padding-free; compute old log-probs for all of
 them (no grad) under the rollout policy; then one AdamW step per mini-batch through the fused loss (no
 [tokens x vocab] logits). A step whose gradient norm is not finite is skipped and logged, as the authors do.
+The first mini-batch is on-policy (theta = theta_old): with `on_policy_shortcut` (the default) it gets no old
+pass and the loss's one-pass path (`old_logprob=None`), so with one mini-batch per rollout there is no old pass.
 """
 
 from __future__ import annotations
@@ -158,9 +160,11 @@ def kernel_backend(cfg: TrainConfig) -> str:
     return "reference" if cfg.loss_impl == "reference" else cfg.kernel_backend
 
 
-def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor, rewards: torch.Tensor, cfg: TrainConfig,
-                dapo_normalizer: float | None = None):
+def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor | None, rewards: torch.Tensor,
+                cfg: TrainConfig, dapo_normalizer: float | None = None):
     """The configured loss on one packed mini-batch of whole groups; returns (loss, output of pacs_kernels).
+
+    old_logprob None: on-policy (the model is the rollout policy), the losses' one-pass path.
 
     GRPO/RLOO get TRL's normalizers: dr_grpo divides by max_new_tokens (TRL's max_completion_length), dapo by
     `dapo_normalizer` (the rollout batch's response tokens / its mini-batches: TRL's num_items_in_batch over
@@ -213,7 +217,12 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
         batch = pack_sequences([r.prompt_ids for r in chunk], [r.response_ids for r in chunk]).to(device)
         r = torch.tensor(rewards[a * G:b * G], dtype=torch.float32, device=device)
         minibatches.append((batch, r))
-    olds = [old_logprobs(model, batch, cfg) for batch, _ in minibatches]
+    # Old log-probs under the rollout policy, before the first optimizer step. With the on-policy shortcut the
+    # first mini-batch needs none (theta = theta_old there: the loss's one-pass path, old_logprob=None), and
+    # PACS's logprob_mean score never reads them.
+    skip = [cfg.on_policy_shortcut and (i == 0 or (cfg.algo == "pacs" and cfg.score == "logprob_mean"))
+            for i in range(len(minibatches))]
+    olds = [None if s else old_logprobs(model, batch, cfg) for s, (batch, _) in zip(skip, minibatches)]
     response_tokens = sum(int((batch.targets != -100).sum()) for batch, _ in minibatches)
     dapo_normalizer = max(response_tokens, 1) / len(minibatches)
 
@@ -263,6 +272,21 @@ def near_miss(answer: str, rng: random.Random) -> str:
     return str(value + delta if value + delta >= 0 else value - delta)
 
 
+def sft_loss(model, batch: PackedBatch, cfg: TrainConfig) -> torch.Tensor:
+    """Mean NLL of the answer tokens. Its per-token gradient, -1 / n, is known before the forward: with the
+    on-policy shortcut it takes the one-pass path (log-probs and gradients in one vocabulary pass)."""
+    n_resp = (batch.targets != -100).sum()
+    if not cfg.on_policy_shortcut:
+        lp = packed_logprobs(model, batch, temperature=1.0, backend=cfg.kernel_backend).logprob
+        return -lp.sum() / n_resp
+    hidden = packed_hidden_states(model, batch)
+    weight, bias = lm_head_params(model)
+    grad = torch.full(batch.targets.shape, -1.0, device=hidden.device) / n_resp.clamp_min(1)
+    known = pacs_kernels.known_gradient_logprob(hidden, weight, batch.targets, grad, bias=bias,
+                                                backend=cfg.kernel_backend)
+    return pacs_kernels.attach_gradients(-known.logprob.sum() / n_resp, hidden, weight, bias, known)
+
+
 def sft_warmup(session: Session, log) -> None:
     """Teacher-forced training on (prompt, gold answer + EOS) pairs with the fused log-prob op; with
     `sft_noise`, that fraction of the answers is a near miss instead."""
@@ -278,8 +302,7 @@ def sft_warmup(session: Session, log) -> None:
         golds = [near_miss(a, rng) if rng.random() < cfg.sft_noise else a for a in golds]
         answers = [tok.encode(a, add_bos=False) + [tok.eos_token_id] for a in golds]
         batch = pack_sequences(prompts, answers).to(session.device)
-        lp = packed_logprobs(model, batch, temperature=1.0, backend=cfg.kernel_backend).logprob
-        loss = -lp.sum() / (batch.targets != -100).sum()
+        loss = sft_loss(model, batch, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -46,6 +46,19 @@ def test_every_help_text_formats():
     assert "TRL's GRPOTrainer defaults to dapo" in " ".join(train_help.split())
 
 
+@pytest.mark.parametrize("argv,expected", [([], True), (["--on-policy-shortcut"], True),
+                                           (["--on-policy-shortcut", "false"], False),
+                                           (["--no-on-policy-shortcut"], False),
+                                           (["--preset", "demo", "--no-on-policy-shortcut"], False),
+                                           (["--no-plot"], True)])
+def test_bool_flags_and_their_no_form(argv, expected):
+    """Every bool field has --NAME [BOOL] and --no-NAME; the on-policy shortcut is on by default."""
+    args = subcommands(build_parser())["train"].parse_args(argv)
+    cfg = config_from_args(args).validate()
+    assert cfg.on_policy_shortcut is expected
+    assert cfg.plot is ("--no-plot" not in argv)
+
+
 @pytest.mark.parametrize("command", ["train", "eval", "plot", "verify"])
 def test_help_exits_zero_in_process(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

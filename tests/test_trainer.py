@@ -283,6 +283,68 @@ def test_fused_and_reference_losses_give_the_same_curve(algo):
     assert max(curves["fused"]) - min(curves["fused"]) > 1e-3  # the model did move
 
 
+@pytest.mark.parametrize("algo,k", [("pacs", 1), ("pacs", 2), ("grpo", 2), ("rloo", 3)])
+def test_on_policy_shortcut_gives_the_same_curve(monkeypatch, algo, k):
+    """The first mini-batch of each rollout skips its old pass (old_logprob=None); the curve does not change."""
+    import pacs.trainer
+
+    gen = random.Random(1)
+    vocab = CharTokenizer().vocab_size
+    batches = []
+    for step in range(4):
+        prompts, responses = random_sequences(12, seed=200 + step, vocab=vocab)
+        rollouts = [Rollout(p, r + [2], False) for p, r in zip(prompts, responses)]
+        batches.append((rollouts, [float(gen.random() < 0.5) for _ in rollouts]))
+    real_old = pacs.trainer.old_logprobs
+    old_passes = []
+    monkeypatch.setattr(pacs.trainer, "old_logprobs", lambda *a: old_passes.append(1) or real_old(*a))
+    curves, norms, params, counts = {}, {}, {}, {}
+    for shortcut in (True, False):
+        old_passes.clear()
+        torch.manual_seed(0)
+        model = tiny_model(seed=4)
+        cfg = TrainConfig(algo=algo, group_size=4, minibatches_per_rollout=k, lr=3e-3, weight_decay=0.0,
+                          kernel_backend="torch", temperature=0.9, entropy_coef=0.01,
+                          on_policy_shortcut=shortcut, loss_type="dapo" if algo == "rloo" else "grpo")
+        optimizer, scheduler = make_optimizer(model, cfg)
+        stats = [update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, torch.device("cpu"))
+                 for rollouts, rewards in batches]
+        curves[shortcut] = [x for st in stats for x in st["loss"]]
+        norms[shortcut] = [x for st in stats for x in st["grad_norm"]]
+        params[shortcut] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        counts[shortcut] = len(old_passes)
+    assert counts == {True: 4 * (k - 1), False: 4 * k}
+    torch.testing.assert_close(torch.tensor(curves[True]), torch.tensor(curves[False]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(norms[True]), torch.tensor(norms[False]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(params[True], params[False], atol=1e-4, rtol=1e-4)  # Adam amplifies rounding of ~0 grads
+    moved = params[True] - torch.cat([p.detach().reshape(-1) for p in tiny_model(seed=4).parameters()])
+    assert moved.abs().max() > 1e-3  # the model did move
+    if algo == "pacs":  # the first mini-batch's BCE is ln 2 by construction (the entropy bonus aside)
+        assert all(abs(x - math.log(2)) < 0.05 for x in curves[True][::k])
+
+
+def test_on_policy_shortcut_same_run(tmp_path, monkeypatch):
+    """`train` with and without the shortcut (the warm-up's NLL too): the same metrics within float tolerance.
+
+    Rewards are a fixed function of the text (mixed labels: a real gradient; the tiny model never answers right,
+    and with all-equal labels the PACS gradient is 0 up to rounding, which Adam would amplify into noise)."""
+    import pacs.trainer
+
+    monkeypatch.setattr(pacs.trainer, "math_reward",
+                        lambda texts, answers: [float(sum(map(ord, t)) % 2) for t in texts])
+    rows = {}
+    for shortcut in (True, False):
+        run = train(small_run_config(tmp_path / str(shortcut), steps=3, sft_steps=3, sft_batch=8, save_every=0,
+                                     on_policy_shortcut=shortcut))
+        rows[shortcut] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(0 < r["reward"] < 1 for r in rows[True] if r.get("phase") == "train")
+    for key in ("loss", "nll", "reward", "psi_mean", "grad_norm"):
+        a = [r[key] for r in rows[True] if r.get(key) is not None]
+        b = [r[key] for r in rows[False] if r.get(key) is not None]
+        assert len(a) == len(b) > 0, key
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 @pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo", "grpo"])
 def test_grpo_and_rloo_get_trls_normalizers(monkeypatch, algo, loss_type):
