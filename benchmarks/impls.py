@@ -33,6 +33,7 @@ class Mode:
     grad: bool  # forward + backward (dH, dW) rather than forward under no_grad
     entropy: bool  # the entropy is computed (and, with grad, receives an upstream gradient)
     pacs: bool = False  # the full PACS loss (pacs_kernels.pacs_loss) rather than the bare log-prob
+    on_policy: bool = False  # PACS at theta = theta_old: old log-probs (no grad) + the loss, or our one pass
 
     def flops(self, n: int, d: int, v: int) -> int:
         """Matrix-multiply FLOPs of the op: 2*N*D*V forward; 8*N*D*V forward+backward with recomputed logits
@@ -40,7 +41,11 @@ class Mode:
 
         The naive path stores the logits and does 6*N*D*V; it is still charged 8*N*D*V so that every row's
         TFLOPS is the same work divided by its time (a rate, comparable across implementations).
+        On-policy rows are charged 10*N*D*V, the old-log-prob pass plus forward+backward; our one-pass path does
+        6*N*D*V of it (its TFLOPS can reach 10/6 of the GEMM rate).
         """
+        if self.on_policy:
+            return 10 * n * d * v
         return (8 if self.grad else 2) * n * d * v
 
 
@@ -52,6 +57,7 @@ MODES = {
         Mode("fwd_bwd", grad=True, entropy=False),
         Mode("fwd_bwd_entropy", grad=True, entropy=True),
         Mode("pacs_loss", grad=True, entropy=False, pacs=True),
+        Mode("pacs_loss_onpolicy", grad=True, entropy=False, pacs=True, on_policy=True),
     )
 }
 
@@ -68,6 +74,7 @@ class Impl:
     entropy: bool = False
     compiled: bool = False  # torch.compile inside: warm up before measuring memory on CPU too
     package: str | None = None  # distribution whose version goes into the row
+    only_modes: tuple[str, ...] = ()  # rows in these modes only (empty: every mode)
 
 
 class Unavailable(Exception):
@@ -77,8 +84,11 @@ class Unavailable(Exception):
 # --------------------------------------------------------------------------------------------- our backends
 
 
-def _ours(backend: str, forward_impl: str | None = None) -> Callable[[], LogprobFn]:
-    """linear_logprob(backend=...), with forward_impl="sliced" / "fused" for the Triton backend's two forwards."""
+def _ours(backend: str, forward_impl: str | None = None, two_pass: bool = False) -> Callable[[], LogprobFn]:
+    """linear_logprob(backend=...), with forward_impl="sliced" / "fused" for the Triton backend's two forwards.
+
+    two_pass: in the on-policy mode, old log-probs (no grad) and then pacs_loss with them (the comparison row of
+    the one-pass path, which the plain rows take)."""
 
     def load():
         from pacs_kernels import linear_logprob
@@ -100,6 +110,7 @@ def _ours(backend: str, forward_impl: str | None = None) -> Callable[[], Logprob
             return out.logprob, out.entropy
 
         fn.pacs_backend = backend  # pacs_loss mode calls pacs_kernels.pacs_loss with this backend
+        fn.pacs_two_pass = two_pass
         fn.pacs_kwargs = kwargs  # ... and these options, where pacs_loss takes them
         fn.state = state
         return fn
@@ -282,6 +293,10 @@ IMPLS = {
         Impl("ours_fused", "pacs triton fused", "ours", _ours("triton", "fused"), devices=("cuda", "interp"),
              entropy=True, package="pacs"),
         Impl("ours_torch", "pacs torch", "ours", _ours("torch"), entropy=True, package="pacs"),
+        Impl("ours_triton_2pass", "pacs triton old pass + loss", "ours", _ours("triton", two_pass=True),
+             devices=("cuda", "interp"), package="pacs", only_modes=("pacs_loss_onpolicy",)),
+        Impl("ours_torch_2pass", "pacs torch old pass + loss", "ours", _ours("torch", two_pass=True),
+             package="pacs", only_modes=("pacs_loss_onpolicy",)),
         Impl("naive", "naive (logits+log_softmax)", "baseline", _naive, entropy=True, package="torch"),
         Impl("compiled_chunked", "torch.compile chunked", "baseline", _compiled_chunked, entropy=True,
              compiled=True, package="torch"),
@@ -329,6 +344,8 @@ def skip_reason(impl: Impl, mode: Mode, device: str, interpreting: bool) -> str 
         return f"runs on {'/'.join(impl.devices)} only"
     if mode.entropy and not impl.entropy:
         return "no entropy output"
+    if impl.only_modes and mode.name not in impl.only_modes:
+        return f"{'/'.join(impl.only_modes)} only"
     return None
 
 

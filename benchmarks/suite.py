@@ -50,7 +50,8 @@ SHAPES = {
 # Defaults per preset: shapes, tokens, modes. Explicit --shapes/--tokens/--modes/--impls override them.
 PRESETS = {
     ("cuda", False): (["liger", "llama3-8b", "qwen2.5-7b", "gemma2-2b"], [2048, 8192, 16384],
-                      ["fwd_bwd", "logprob", "fwd_bwd_entropy", "logprob_entropy", "pacs_loss"]),
+                      ["fwd_bwd", "logprob", "fwd_bwd_entropy", "logprob_entropy", "pacs_loss",
+                       "pacs_loss_onpolicy"]),
     ("cuda", True): (["liger"], [16384], ["fwd_bwd", "logprob"]),
     ("cpu", False): (["cpu-qwen-vocab", "cpu-mid", "cpu-d1024"], [1024, 2048, 4096],
                      ["fwd_bwd", "logprob", "fwd_bwd_entropy", "logprob_entropy", "pacs_loss"]),
@@ -279,11 +280,11 @@ def reference_logprob(h, w, y, with_entropy):
     return lp, ent
 
 
-def pacs_from_logprob(lp, prob: Problem, backend="auto"):
+def pacs_from_logprob(lp, prob: Problem, backend="auto", old=None):
     from pacs_kernels import pacs_loss_from_logprobs
 
-    return pacs_loss_from_logprobs(lp, prob.old_logprob, prob.rewards, prob.cu_seqlens, group_size=PACS_GROUP,
-                                   backend=backend)
+    return pacs_loss_from_logprobs(lp, prob.old_logprob if old is None else old, prob.rewards, prob.cu_seqlens,
+                                   group_size=PACS_GROUP, backend=backend)
 
 
 def make_call(fn, mode, prob: Problem):
@@ -309,15 +310,21 @@ def make_call(fn, mode, prob: Problem):
         fused_pacs = set(getattr(fn, "pacs_kwargs", {})) <= set(inspect.signature(pacs_loss).parameters)
 
     def call():
+        old = prob.old_logprob
+        if mode.on_policy and not (fused_pacs and not getattr(fn, "pacs_two_pass", False)):
+            with torch.no_grad():  # on-policy without a one-pass path: the old-log-prob pass first
+                old = fn(h, w, y, False)[0].float()
         if fused_pacs:
             from pacs_kernels import pacs_loss
 
-            out = pacs_loss(h, w, y, prob.old_logprob, prob.rewards, prob.cu_seqlens, group_size=PACS_GROUP,
+            if mode.on_policy and not fn.pacs_two_pass:
+                old = None  # the one-pass path
+            out = pacs_loss(h, w, y, old, prob.rewards, prob.cu_seqlens, group_size=PACS_GROUP,
                             backend=fn.pacs_backend, **getattr(fn, "pacs_kwargs", {}))
             loss, lp, ent = out.loss, out.logprob, None
         elif mode.pacs:
             lp, ent = fn(h, w, y, False)
-            loss = pacs_from_logprob(lp, prob).loss
+            loss = pacs_from_logprob(lp, prob, old=old).loss
         else:
             lp, ent = fn(h, w, y, mode.entropy)
             loss = (lp * prob.grad_lp).sum()
@@ -332,7 +339,8 @@ def make_call(fn, mode, prob: Problem):
 def gemm_call(mode, prob: Problem):
     """The matrix products of the op and nothing else (cuBLAS / the CPU BLAS), in the input dtype.
 
-    Forward: Z = H @ W^T. Forward+backward: Z, Z again (the recompute), dH = Z @ W, dW = Z^T @ H: 8*N*D*V FLOPs.
+    Forward: Z = H @ W^T. Forward+backward: Z, Z again (the recompute), dH = Z @ W, dW = Z^T @ H: 8*N*D*V FLOPs
+    (on-policy: Z once, 6*N*D*V, the one pass's products).
     Z stands in for dZ; it is [N x V], so this row's memory is not comparable with the others'.
     """
     import torch
@@ -344,7 +352,8 @@ def gemm_call(mode, prob: Problem):
             z = h @ w.T
             if not mode.grad:
                 return z, None, None, None
-            z = h @ w.T
+            if not mode.on_policy:  # on-policy: the one pass's three products (Z once)
+                z = h @ w.T
             return None, None, z @ w, z.T @ h
 
     return call
@@ -361,7 +370,7 @@ def reference_outputs(mode, prob: Problem):
         if not mode.grad:
             return lp, ent, None, None
         if mode.pacs:
-            loss = pacs_from_logprob(lp, prob, backend="torch").loss
+            loss = pacs_from_logprob(lp, prob, backend="torch", old=lp.detach() if mode.on_policy else None).loss
             ent = None
         else:
             loss = (lp * prob.grad_lp.double()).sum()

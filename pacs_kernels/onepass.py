@@ -18,7 +18,9 @@ loss's forward and handed back, scaled by the upstream gradient, by `attach_grad
 Workspace: c = memory_budget // (V * bytes per element) tokens (`plan_chunk`), with the sliced backward's bytes
 per element (`passes.backward_bytes`): triton: Z float32 + dz in hidden's dtype (6 bytes for bf16); torch: Z and
 one temporary (8 bytes). At V = 131072 and the 512 MiB CUDA default that is 682 -> 640 tokens per chunk (rounded
-down to a multiple of 128 above 128 tokens). The workspace stays float32: bf16 logits (8 bits of mantissa) would
+down to a multiple of 128 above 128 tokens). An explicit budget (argument or $PACS_KERNELS_MEMORY_BUDGET) bounds
+the workspace; the device default gets at least `DEFAULT_MIN_CHUNK` = 256 tokens per chunk (on the CPU, whose
+8 MiB default is a cache size, not a memory limit: 311 MiB at V = 151936 in float32). The workspace stays float32: bf16 logits (8 bits of mantissa) would
 put errors of ~|z| / 256 into every log-prob (0.06 at |z| = 16), far above float32 rounding.
 
 Other memory: the gradients live from the loss's forward to its backward: dH [N, D] in hidden's dtype, dW [V, D]
@@ -29,6 +31,7 @@ chunk). No float32 [N, D] accumulator exists (dH of a chunk is complete in one G
 
 from __future__ import annotations
 
+import os
 from typing import Callable, NamedTuple
 
 import torch
@@ -37,17 +40,25 @@ from . import _gemm
 from ._stats import finalize_stats
 from ._validation import check_linear_inputs, check_temperature
 from .linear_logprob import resolve_backend
-from .sliced import TorchPasses, _view, passes_for, resolve_budget
+from .sliced import BUDGET_ENV, TorchPasses, _view, passes_for, resolve_budget
 
 GradFn = Callable[[int, int, torch.Tensor, torch.Tensor | None],
                   tuple[torch.Tensor | None, torch.Tensor | None]]
 CHUNK_MULTIPLE = 128
+# Fewest tokens per chunk when the budget is the device default (no memory_budget argument, no
+# $PACS_KERNELS_MEMORY_BUDGET): each chunk reads and writes the float32 [V, D] dW accumulator once, which a
+# chunk of c tokens amortizes over 6cDV FLOPs. The CPU default budget (8 MiB, sized for cache-resident slices of
+# the two-pass path) would give 6 tokens per chunk at V = 151936 and made the pass 3.4x slower than two passes
+# (N=2048, D=256, fp32, 2 cores); 256 tokens took 5.4 s against 6.4 s for old pass + loss (1024: 5.0 s).
+DEFAULT_MIN_CHUNK = 256
 
 
-def plan_chunk(n_tokens: int, vocab: int, bytes_per_elem: int, budget: int, chunk_n: int | None = None) -> int:
-    """Tokens per chunk: the most whose [c, V] workspace fits the budget (at least 1; a multiple of 128 from 128)."""
+def plan_chunk(n_tokens: int, vocab: int, bytes_per_elem: int, budget: int, chunk_n: int | None = None,
+               min_chunk: int = 1) -> int:
+    """Tokens per chunk: the most whose [c, V] workspace fits the budget, at least min_chunk (and 1); a multiple
+    of 128 from 128 tokens. An explicit chunk_n (tests, tuning) overrides the choice."""
     if chunk_n is None:
-        chunk_n = max(1, budget // (max(vocab, 1) * bytes_per_elem))
+        chunk_n = max(1, min_chunk, budget // (max(vocab, 1) * bytes_per_elem))
         if CHUNK_MULTIPLE <= chunk_n < n_tokens:
             chunk_n = chunk_n // CHUNK_MULTIPLE * CHUNK_MULTIPLE
     return max(1, min(chunk_n, max(n_tokens, 1)))
@@ -180,7 +191,9 @@ def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=N
     else:
         passes = passes_for(backend, hidden)
         budget = resolve_budget(memory_budget, hidden.device)
-        chunk = plan_chunk(flat_hidden.shape[0], problem.vocab, passes.backward_bytes, budget, chunk_n)
+        explicit = memory_budget is not None or bool(os.environ.get(BUDGET_ENV))  # then the budget is a bound
+        chunk = plan_chunk(flat_hidden.shape[0], problem.vocab, passes.backward_bytes, budget, chunk_n,
+                           1 if explicit else DEFAULT_MIN_CHUNK)
         lp, ent, d_h, d_w, d_b = known_gradient_pass(flat_hidden, w, b, flat_targets, grad_fn, inv_temperature,
                                                      with_entropy, passes, chunk, needs, weight_grad_dtype)
 

@@ -154,6 +154,10 @@ def test_plan_chunk():
     assert plan_chunk(100, 131072, 6, 512 << 20) == 100
     assert plan_chunk(16384, 10**9, 8, 1 << 20) == 1
     assert plan_chunk(50, 1000, 8, 1 << 20, chunk_n=7) == 7
+    # the device default budget: at least 256 tokens (CPU: 8 MiB would give 6 tokens at V = 151936)
+    assert plan_chunk(2048, 151936, 8, 8 << 20) == 6
+    assert plan_chunk(2048, 151936, 8, 8 << 20, min_chunk=256) == 256
+    assert plan_chunk(100, 151936, 8, 8 << 20, min_chunk=256) == 100
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
