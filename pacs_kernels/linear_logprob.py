@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._validation import check_backend, check_linear_inputs, check_temperature
+from ._validation import LinearProblem, check_backend, check_linear_inputs, check_temperature
 from .reference import linear_logprob_reference
 from .sliced import SlicePlan, passes_for, plan_slices, resolve_budget, sliced_backward, sliced_forward
 
@@ -119,6 +119,25 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "interpreter (set TRITON_INTERPRET=1 before importing pacs_kernels); or use backend='torch'"
             )
     return backend
+
+
+def valid_rows(hidden: torch.Tensor, targets: torch.Tensor, problem: LinearProblem, ignore_index: int):
+    """(hidden [n_valid, D], targets [n_valid] int64, index of those rows in the flattened input or None when every
+    row is valid). Ignored rows (prompt, padding) are dropped before the vocabulary pass; `scatter_rows` puts
+    per-row results back, with zeros at the ignored rows."""
+    flat_hidden = hidden.reshape(-1, problem.dim)
+    flat_targets = targets.reshape(-1).long()
+    if problem.n_valid == problem.n_tokens:
+        return flat_hidden, flat_targets, None
+    index = (flat_targets != ignore_index).nonzero().squeeze(1)
+    return flat_hidden.index_select(0, index), flat_targets.index_select(0, index), index
+
+
+def scatter_rows(x: torch.Tensor | None, index: torch.Tensor | None, n_tokens: int) -> torch.Tensor | None:
+    """Per-valid-row values x [n_valid, ...] back to [n_tokens, ...], zeros at the ignored rows."""
+    if x is None or index is None:
+        return x
+    return x.new_zeros((n_tokens, *x.shape[1:])).index_copy(0, index, x)
 
 
 def _zeros_with_graph(hidden: torch.Tensor, weight: torch.Tensor, shape, dtype) -> torch.Tensor:
@@ -254,23 +273,11 @@ def linear_logprob(
         zeros = _zeros_with_graph(hidden, weight, lead, out_dtype)
         return LogprobOutput(zeros, zeros.clone() if with_entropy else None)
 
-    flat_hidden = hidden.reshape(-1, problem.dim)
-    flat_targets = targets.reshape(-1).long()
-    index = None
-    if problem.n_valid < problem.n_tokens:
-        # Ignored rows (prompt, padding) are dropped before the vocabulary pass and scattered back as zeros.
-        index = (flat_targets != ignore_index).nonzero().squeeze(1)
-        flat_hidden = flat_hidden.index_select(0, index)
-        flat_targets = flat_targets.index_select(0, index)
-
+    flat_hidden, flat_targets, index = valid_rows(hidden, targets, problem, ignore_index)
     params = LogprobParams(backend, inv_temperature, with_entropy, weight_grad_dtype, forward_impl, budget)
     logprob, entropy = FusedLinearLogprob.apply(flat_hidden, weight, bias, flat_targets, params)
 
     def unflatten(x):
-        if x is None:
-            return None
-        if index is not None:
-            x = x.new_zeros(problem.n_tokens).index_copy(0, index, x)
-        return x.view(lead)
+        return None if x is None else scatter_rows(x, index, problem.n_tokens).view(lead)
 
     return LogprobOutput(unflatten(logprob), unflatten(entropy))
