@@ -273,10 +273,10 @@ def near_miss(answer: str, rng: random.Random) -> str:
 
 
 def sft_loss(model, batch: PackedBatch, cfg: TrainConfig) -> torch.Tensor:
-    """Mean NLL of the answer tokens. Its per-token gradient, -1 / n, is known before the forward: with the
-    on-policy shortcut it takes the one-pass path (log-probs and gradients in one vocabulary pass)."""
+    """Mean NLL of the answer tokens. Its per-token gradient, -1 / n, is known before the forward: with
+    `sft_one_pass` it takes the one-pass path (log-probs and gradients in one vocabulary pass)."""
     n_resp = (batch.targets != -100).sum()
-    if not cfg.on_policy_shortcut:
+    if not cfg.sft_one_pass:
         lp = packed_logprobs(model, batch, temperature=1.0, backend=cfg.kernel_backend).logprob
         return -lp.sum() / n_resp
     hidden = packed_hidden_states(model, batch)

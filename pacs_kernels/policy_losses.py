@@ -32,7 +32,8 @@ scale_rewards="group" (TRL's default; unbiased std), by the batch std when "batc
 Ahmadian et al. 2024) with the same clipped per-token surrogate and loss types.
 
 An entropy bonus, loss -= entropy_coef * mean response-token entropy, is available on both.
-Only the log-prob pass touches the vocabulary; everything else is elementwise on [N] tensors.
+Only the log-prob pass touches the vocabulary; everything else is elementwise on [N] tensors. old_logprob=None is
+the on-policy step (ratio = 1): one vocabulary pass computes the log-probs and the gradients (`onepass.py`).
 """
 
 from __future__ import annotations
@@ -230,6 +231,10 @@ def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, grou
     """GRPO clipped-surrogate loss from hidden states, TRL GRPOTrainer's definitions (see the module docstring).
 
     Args are those of `pacs_loss` plus:
+        old_logprob: [N], or None for the on-policy step (theta = theta_old): ratio = 1, the clip is inactive, and
+            the loss and its gradients (the same as with `old_logprob = linear_logprob(...).logprob.detach()`
+            within float32 rounding) come from one vocabulary pass (6NDV instead of 2NDV + 8NDV); a KL term's
+            gradient, which needs the log-probs, is added inside that pass per token chunk.
         epsilon / epsilon_high: clip range [1 - epsilon, 1 + epsilon_high]; epsilon_high defaults to epsilon.
         loss_type: "grpo" (default here) | "bnpo" | "dr_grpo" | "dapo" (TRL's default).
         scale_rewards: "group" | "batch" | "none".

@@ -324,7 +324,8 @@ def test_on_policy_shortcut_gives_the_same_curve(monkeypatch, algo, k):
 
 
 def test_on_policy_shortcut_same_run(tmp_path, monkeypatch):
-    """`train` with and without the shortcut (the warm-up's NLL too): the same metrics within float tolerance.
+    """`train` with and without the shortcut (and the warm-up's one-pass NLL): the same metrics within float
+    tolerance.
 
     Rewards are a fixed function of the text (mixed labels: a real gradient; the tiny model never answers right,
     and with all-equal labels the PACS gradient is 0 up to rounding, which Adam would amplify into noise)."""
@@ -335,7 +336,7 @@ def test_on_policy_shortcut_same_run(tmp_path, monkeypatch):
     rows = {}
     for shortcut in (True, False):
         run = train(small_run_config(tmp_path / str(shortcut), steps=3, sft_steps=3, sft_batch=8, save_every=0,
-                                     on_policy_shortcut=shortcut))
+                                     on_policy_shortcut=shortcut, sft_one_pass=shortcut))
         rows[shortcut] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(0 < r["reward"] < 1 for r in rows[True] if r.get("phase") == "train")
     for key in ("loss", "nll", "reward", "psi_mean", "grad_norm"):
