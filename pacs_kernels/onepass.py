@@ -39,7 +39,7 @@ import torch
 from . import _gemm
 from ._stats import finalize_stats
 from ._validation import check_linear_inputs, check_temperature
-from .linear_logprob import resolve_backend
+from .linear_logprob import resolve_backend, scatter_rows, valid_rows
 from .sliced import BUDGET_ENV, TorchPasses, _view, passes_for, resolve_budget
 
 GradFn = Callable[[int, int, torch.Tensor, torch.Tensor | None],
@@ -163,13 +163,7 @@ def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=N
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    flat_hidden = hidden.detach().reshape(-1, problem.dim)
-    flat_targets = targets.reshape(-1).long()
-    index = None
-    if problem.n_valid < problem.n_tokens:
-        index = (flat_targets != ignore_index).nonzero().squeeze(1)
-        flat_hidden = flat_hidden.index_select(0, index)
-        flat_targets = flat_targets.index_select(0, index)
+    flat_hidden, flat_targets, index = valid_rows(hidden.detach(), targets, problem, ignore_index)
     flat = lambda x: None if x is None else x.reshape(-1)
     g_lp_all, g_ent_all = flat(grad_logprob), flat(grad_entropy)
 
@@ -200,8 +194,7 @@ def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=N
     def unflatten(x):
         if x is None:
             return None
-        if index is not None:
-            x = x.new_zeros((problem.n_tokens, *x.shape[1:])).index_copy(0, index, x)
+        x = scatter_rows(x, index, problem.n_tokens)
         return x.reshape(hidden.shape if x.dim() == 2 else problem.lead_shape)
 
     return KnownGradient(unflatten(lp), unflatten(ent), unflatten(d_h), d_w, d_b)
