@@ -37,10 +37,10 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import _gemm
-from ._stats import finalize_stats
+from ._stats import finalize_stats, merge_stats
 from ._validation import check_linear_inputs, check_temperature
 from .linear_logprob import resolve_backend, scatter_rows, valid_rows
-from .sliced import BUDGET_ENV, TorchPasses, _view, passes_for, resolve_budget
+from .sliced import BUDGET_ENV, TorchPasses, _slices, _view, passes_for, resolve_budget
 
 GradFn = Callable[[int, int, torch.Tensor, torch.Tensor | None],
                   tuple[torch.Tensor | None, torch.Tensor | None]]
@@ -51,6 +51,7 @@ CHUNK_MULTIPLE = 128
 # the two-pass path) would give 6 tokens per chunk at V = 151936 and made the pass 3.4x slower than two passes
 # (N=2048, D=256, fp32, 2 cores); 256 tokens took 5.4 s against 6.4 s for old pass + loss (1024: 5.0 s).
 DEFAULT_MIN_CHUNK = 256
+TRITON_STATS_SLICE = 8192
 
 
 def plan_chunk(n_tokens: int, vocab: int, bytes_per_elem: int, budget: int, chunk_n: int | None = None,
@@ -65,12 +66,15 @@ def plan_chunk(n_tokens: int, vocab: int, bytes_per_elem: int, budget: int, chun
 
 
 def known_gradient_pass(hidden, weight, bias, targets, grad_fn: GradFn, inv_temperature, with_entropy, passes,
-                        chunk_n, needs, weight_grad_dtype=torch.float32):
+                        chunk_n, needs, weight_grad_dtype=torch.float32, stats_slice=None):
     """(logprob [N], entropy [N] | None, d_hidden [N, D], d_weight [V, D], d_bias [V]) of validated 2-d inputs
     (targets in [0, V)); the gradients in the inputs' dtypes, None where `needs` (hidden, weight, bias) says so.
 
     grad_fn(n0, n1, logprob, entropy) gives the upstream gradients (grad_logprob, grad_entropy) of rows [n0, n1)
     (float tensors of n1 - n0 values or None) from that chunk's log-probs and entropies.
+    stats_slice: columns per launch of the Triton statistics kernel (default `TRITON_STATS_SLICE`), whose programs
+    are blocks of rows: a chunk's 640 rows alone would be 40 programs; 16 column slices of 8192 at V = 131072 make
+    640, merged by `_stats.merge_stats`. The torch backend takes the whole vocabulary at once.
     """
     need_h, need_w, need_b = needs
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -89,21 +93,24 @@ def known_gradient_pass(hidden, weight, bias, targets, grad_fn: GradFn, inv_temp
     dz_buf = None
     if any(needs) and passes.dz_dtype is not None:
         dz_buf = torch.empty(chunk_n * vocab, dtype=passes.dz_dtype, device=device)
-    stats = torch.zeros((4, chunk_n), dtype=acc, device=device)
-    # The torch statistics pass leaves z - m in the workspace (`_stats.slice_stats` shifts in place), so its dz
-    # pass gets log s = lse - m; the Triton kernels only read the workspace and get lse.
+    # The torch statistics pass leaves z - m in the workspace (`_stats.slice_stats` shifts in place), so it runs
+    # on the whole vocabulary and its dz pass gets log s = lse - m; the Triton kernels only read the workspace.
     shifted = isinstance(passes, TorchPasses)
+    cols = _slices(vocab, vocab if shifted else min(vocab, stats_slice or TRITON_STATS_SLICE))
+    stats = torch.zeros((4, len(cols), chunk_n), dtype=acc, device=device)  # m, s, t, z_y per column slice
     for n0 in range(0, n_tokens, chunk_n):
         n1 = min(n0 + chunk_n, n_tokens)
         rows = n1 - n0
         h = passes.prepare(hidden[n0:n1])
         y = targets[n0:n1]
         z = passes.logits(h, weight, bias, inv_temperature, _view(z_buf, rows, vocab))
-        st = stats[:, :rows]
-        passes.stats(z, bias, y, 0, inv_temperature, with_entropy, st)
-        m, s, t, zy = st.unbind(0)
-        lse, ent = finalize_stats(m, s, t if with_entropy else None)
-        lp = (zy - lse).clamp_max(0.0)  # as sliced_forward: log p <= 0
+        for k, (v0, v1) in enumerate(cols):
+            passes.stats(z[:, v0:v1], None if bias is None else bias[v0:v1], y, v0, inv_temperature, with_entropy,
+                         stats[:, k, :rows])
+        m, s, t, zy = stats[:, :, :rows].unbind(0)
+        m, s, t = merge_stats(m, s, t if with_entropy else None)  # one slice: unchanged
+        lse, ent = finalize_stats(m, s, t)
+        lp = (zy.sum(0) - lse).clamp_max(0.0)  # as sliced_forward: log p <= 0
         logprob[n0:n1] = lp
         if with_entropy:
             entropy[n0:n1] = ent
@@ -142,13 +149,15 @@ class KnownGradient(NamedTuple):
 
 def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=None, *, bias=None, temperature=1.0,
                            ignore_index=-100, with_entropy=False, backend="auto", memory_budget=None,
-                           weight_grad_dtype=torch.float32, logprob_grad_fn=None, chunk_n=None) -> KnownGradient:
+                           weight_grad_dtype=torch.float32, logprob_grad_fn=None, chunk_n=None,
+                           stats_slice=None) -> KnownGradient:
     """`linear_logprob`'s outputs and the gradients of a loss whose upstream gradients are known, in one pass.
 
     grad_logprob / grad_entropy: [...] like targets (or None): d loss / d logprob_t and d loss / d entropy_t
     (values at ignored positions are never read). logprob_grad_fn(logprob, index): an extra d loss / d logprob of
     the valid rows `index` (indices into the flattened targets) from their log-probs, e.g. a KL term.
     backend: "triton" | "torch" | "auto" ("reference" is not a one-pass backend: callers fall back to two passes).
+    chunk_n, stats_slice: overrides of the token chunk and of the Triton statistics slice (tests, tuning).
     Gradients are computed only for the inputs that require them (none under torch.no_grad()).
     """
     backend = resolve_backend(backend, hidden.device)
@@ -189,7 +198,8 @@ def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=N
         chunk = plan_chunk(flat_hidden.shape[0], problem.vocab, passes.backward_bytes, budget, chunk_n,
                            1 if explicit else DEFAULT_MIN_CHUNK)
         lp, ent, d_h, d_w, d_b = known_gradient_pass(flat_hidden, w, b, flat_targets, grad_fn, inv_temperature,
-                                                     with_entropy, passes, chunk, needs, weight_grad_dtype)
+                                                     with_entropy, passes, chunk, needs, weight_grad_dtype,
+                                                     stats_slice)
 
     def unflatten(x):
         if x is None:

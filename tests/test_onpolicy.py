@@ -126,7 +126,8 @@ def test_reference_backend_falls_back_to_two_passes():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_known_gradient_pass_in_chunks(backend, dtype):
-    """Token chunks (dW accumulated over them, also in weight's dtype) against linear_logprob's backward."""
+    """Token chunks (dW accumulated over them, also in weight's dtype) and, on the triton backend, statistics
+    merged over column slices, against linear_logprob's backward."""
     h, w, b, y = random_problem(61, 24, 300, dtype, bias=True, ignore_frac=0.2, seed=3)
     gen = torch.Generator().manual_seed(4)
     g_lp = torch.randn(61, generator=gen).to(DEVICE)
@@ -136,10 +137,11 @@ def test_known_gradient_pass_in_chunks(backend, dtype):
                          backend=backend)
     ref = torch.autograd.grad((out.logprob * g_lp).sum() + (out.entropy * g_ent).sum(), leaves)
     tol = 2e-5 if dtype == torch.float32 else 1e-2
-    for chunk_n, wdt in ((None, torch.float32), (7, torch.float32), (16, dtype)):
+    for chunk_n, wdt, stats_slice in ((None, torch.float32, None), (7, torch.float32, 64), (16, dtype, 100)):
         leaves2 = [x.clone().requires_grad_() for x in (h, w, b)]
         known = known_gradient_logprob(leaves2[0], leaves2[1], y, g_lp, g_ent, bias=leaves2[2], with_entropy=True,
-                                       temperature=0.7, backend=backend, chunk_n=chunk_n, weight_grad_dtype=wdt)
+                                       temperature=0.7, backend=backend, chunk_n=chunk_n, weight_grad_dtype=wdt,
+                                       stats_slice=stats_slice)  # triton: the statistics in column slices
         torch.testing.assert_close(known.logprob, out.logprob.detach(), atol=1e-5, rtol=0)
         torch.testing.assert_close(known.entropy, out.entropy.detach(), atol=1e-5, rtol=0)
         loss = attach_gradients(torch.tensor(0.0), *leaves2, known)
