@@ -283,9 +283,11 @@ def test_fused_and_reference_losses_give_the_same_curve(algo):
     assert max(curves["fused"]) - min(curves["fused"]) > 1e-3  # the model did move
 
 
-@pytest.mark.parametrize("algo,k", [("pacs", 1), ("pacs", 2), ("grpo", 2), ("rloo", 3)])
-def test_on_policy_shortcut_gives_the_same_curve(monkeypatch, algo, k):
-    """The first mini-batch of each rollout skips its old pass (old_logprob=None); the curve does not change."""
+@pytest.mark.parametrize("algo,k,score", [("pacs", 1, "logratio_sum"), ("pacs", 2, "logratio_sum"),
+                                          ("pacs", 2, "logprob_mean"), ("grpo", 2, None), ("rloo", 3, None)])
+def test_on_policy_shortcut_gives_the_same_curve(monkeypatch, algo, k, score):
+    """The first mini-batch of each rollout skips its old pass (old_logprob=None; logprob_mean reads none at all);
+    the curve does not change."""
     import pacs.trainer
 
     gen = random.Random(1)
@@ -305,7 +307,8 @@ def test_on_policy_shortcut_gives_the_same_curve(monkeypatch, algo, k):
         model = tiny_model(seed=4)
         cfg = TrainConfig(algo=algo, group_size=4, minibatches_per_rollout=k, lr=3e-3, weight_decay=0.0,
                           kernel_backend="torch", temperature=0.9, entropy_coef=0.01,
-                          on_policy_shortcut=shortcut, loss_type="dapo" if algo == "rloo" else "grpo")
+                          on_policy_shortcut=shortcut, loss_type="dapo" if algo == "rloo" else "grpo",
+                          score=score or "logratio_sum")
         optimizer, scheduler = make_optimizer(model, cfg)
         stats = [update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, torch.device("cpu"))
                  for rollouts, rewards in batches]
@@ -313,13 +316,13 @@ def test_on_policy_shortcut_gives_the_same_curve(monkeypatch, algo, k):
         norms[shortcut] = [x for st in stats for x in st["grad_norm"]]
         params[shortcut] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         counts[shortcut] = len(old_passes)
-    assert counts == {True: 4 * (k - 1), False: 4 * k}
+    assert counts == {True: 0 if score == "logprob_mean" else 4 * (k - 1), False: 4 * k}
     torch.testing.assert_close(torch.tensor(curves[True]), torch.tensor(curves[False]), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(norms[True]), torch.tensor(norms[False]), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(params[True], params[False], atol=1e-4, rtol=1e-4)  # Adam amplifies rounding of ~0 grads
     moved = params[True] - torch.cat([p.detach().reshape(-1) for p in tiny_model(seed=4).parameters()])
     assert moved.abs().max() > 1e-3  # the model did move
-    if algo == "pacs":  # the first mini-batch's BCE is ln 2 by construction (the entropy bonus aside)
+    if score == "logratio_sum":  # the first mini-batch's BCE is ln 2 by construction (the entropy bonus aside)
         assert all(abs(x - math.log(2)) < 0.05 for x in curves[True][::k])
 
 
