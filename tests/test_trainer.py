@@ -254,17 +254,22 @@ def test_resume_continues_exactly(tmp_path, algo):
 # Convergence: fused loss vs materialized reference
 
 
+def fixed_rollouts(n_steps: int, n_seqs: int, *, seed: int, reward_seed: int):
+    """n_steps rollout batches of n_seqs random (prompt, response + EOS) sequences with random 0/1 rewards."""
+    gen = random.Random(reward_seed)
+    vocab = CharTokenizer().vocab_size
+    batches = []
+    for step in range(n_steps):
+        prompts, responses = random_sequences(n_seqs, seed=seed + step, vocab=vocab)
+        rollouts = [Rollout(p, r + [2], False) for p, r in zip(prompts, responses)]
+        batches.append((rollouts, [float(gen.random() < 0.5) for _ in rollouts]))
+    return batches
+
+
 @pytest.mark.parametrize("algo", ["pacs", "grpo"])
 def test_fused_and_reference_losses_give_the_same_curve(algo):
     """20 optimizer-step pairs on the same fixed rollouts: the loss curves agree within float32 tolerance."""
-    gen = random.Random(0)
-    vocab = CharTokenizer().vocab_size
-    batches = []
-    for step in range(10):
-        prompts, responses = random_sequences(16, seed=100 + step, vocab=vocab)
-        rollouts = [Rollout(p, r + [2], False) for p, r in zip(prompts, responses)]
-        rewards = [float(gen.random() < 0.5) for _ in rollouts]
-        batches.append((rollouts, rewards))
+    batches = fixed_rollouts(10, 16, seed=100, reward_seed=0)
     curves = {}
     for impl in ("fused", "reference"):
         torch.manual_seed(0)
@@ -290,13 +295,7 @@ def test_on_policy_shortcut_gives_the_same_curve(monkeypatch, algo, k, score):
     the curve does not change."""
     import pacs.trainer
 
-    gen = random.Random(1)
-    vocab = CharTokenizer().vocab_size
-    batches = []
-    for step in range(4):
-        prompts, responses = random_sequences(12, seed=200 + step, vocab=vocab)
-        rollouts = [Rollout(p, r + [2], False) for p, r in zip(prompts, responses)]
-        batches.append((rollouts, [float(gen.random() < 0.5) for _ in rollouts]))
+    batches = fixed_rollouts(4, 12, seed=200, reward_seed=1)
     real_old = pacs.trainer.old_logprobs
     old_passes = []
     monkeypatch.setattr(pacs.trainer, "old_logprobs", lambda *a: old_passes.append(1) or real_old(*a))
