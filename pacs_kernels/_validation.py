@@ -108,6 +108,14 @@ def check_linear_inputs(
     return LinearProblem(lead_shape, n_tokens, dim, vocab, n_valid)
 
 
+def check_weight_grad_dtype(weight_grad_dtype: torch.dtype, weight: torch.Tensor) -> torch.dtype:
+    """The dW accumulator's dtype over token chunks: float32, or the weight's own dtype."""
+    if weight_grad_dtype not in (torch.float32, weight.dtype):
+        raise ValueError(f"weight_grad_dtype must be torch.float32 or weight's dtype {weight.dtype}, "
+                         f"got {weight_grad_dtype}")
+    return weight_grad_dtype
+
+
 def count_valid_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> int:
     """Number of targets != ignore_index; raises if any of them lies outside [0, vocab).
 

@@ -14,9 +14,15 @@ from typing import NamedTuple
 
 import torch
 
-from ._validation import LinearProblem, check_backend, check_linear_inputs, check_temperature
+from ._validation import (
+    LinearProblem,
+    check_backend,
+    check_linear_inputs,
+    check_temperature,
+    check_weight_grad_dtype,
+)
 from .reference import linear_logprob_reference
-from .sliced import SlicePlan, passes_for, plan_slices, resolve_budget, sliced_backward, sliced_forward
+from .sliced import DEFAULT_BUDGET, SlicePlan, passes_for, plan_slices, resolve_budget, sliced_backward, sliced_forward
 
 logger = logging.getLogger("pacs_kernels")
 
@@ -41,7 +47,7 @@ class LogprobParams:
     with_entropy: bool
     weight_grad_dtype: torch.dtype = torch.float32
     forward_impl: str = "sliced"  # "sliced" | "fused" (triton backend only)
-    memory_budget: int = 8 << 20  # bytes of per-slice workspace (see sliced.plan_slices)
+    memory_budget: int = DEFAULT_BUDGET["cpu"]  # bytes of per-slice workspace (see sliced.plan_slices)
     chunk_n: int | None = None  # overrides of the plan the budget gives (tests, tuning)
     v_slice: int | None = None
     forward_config: object = None  # fused forward: KernelConfig, None = pinned default for the problem size
@@ -251,9 +257,7 @@ def linear_logprob(
     backend = resolve_backend(backend, hidden.device)
     inv_temperature = 1.0 / check_temperature(temperature)
     problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend)
-    if weight_grad_dtype not in (torch.float32, weight.dtype):
-        raise ValueError(f"weight_grad_dtype must be torch.float32 or weight's dtype {weight.dtype}, "
-                         f"got {weight_grad_dtype}")
+    check_weight_grad_dtype(weight_grad_dtype, weight)
     forward_impl = resolve_forward_impl(forward_impl, backend, hidden)
     budget = resolve_budget(memory_budget, hidden.device)
     logger.debug("linear_logprob: backend=%s forward=%s tokens=%d (valid %d) D=%d V=%d dtype=%s budget=%d MiB",

@@ -38,7 +38,7 @@ import torch
 
 from . import _gemm
 from ._stats import finalize_stats, merge_stats
-from ._validation import check_linear_inputs, check_temperature
+from ._validation import check_linear_inputs, check_temperature, check_weight_grad_dtype
 from .linear_logprob import resolve_backend, scatter_rows, valid_rows
 from .sliced import BUDGET_ENV, TorchPasses, _slices, _view, passes_for, resolve_budget
 
@@ -165,9 +165,7 @@ def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=N
         raise ValueError("known_gradient_logprob runs on the 'triton' or 'torch' backend, not 'reference'")
     inv_temperature = 1.0 / check_temperature(temperature)
     problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend)
-    if weight_grad_dtype not in (torch.float32, weight.dtype):
-        raise ValueError(f"weight_grad_dtype must be torch.float32 or weight's dtype {weight.dtype}, "
-                         f"got {weight_grad_dtype}")
+    check_weight_grad_dtype(weight_grad_dtype, weight)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)

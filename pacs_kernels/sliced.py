@@ -135,7 +135,7 @@ class TorchPasses:
     @staticmethod
     def prepare(h: torch.Tensor) -> torch.Tensor:
         """The hidden chunk as a GEMM operand: upcast once per chunk on the CPU."""
-        return h if h.device.type == "cuda" else h.to(_gemm._acc_dtype(h.dtype))
+        return h if _gemm._native(h.device) else _gemm._upcast(h)
 
     @staticmethod
     def logits(h, w_v, b_v, inv_temperature, out):
