@@ -57,8 +57,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, scheduler, trainer_state: dict,
-                    config: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and point `latest` at it; returns its directory."""
+                    config: dict, keep: int = 2, extra_models: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; returns its directory.
+
+    `extra_models` ({name: module}): further modules saved beside the model as NAME.pt (e.g. PACS's snapshot
+    reference policy), inside the same atomic directory."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -67,6 +70,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, schedul
         shutil.rmtree(tmp)
     tmp.mkdir()
     torch.save(model.state_dict(), tmp / "model.pt")
+    for name, module in (extra_models or {}).items():
+        torch.save(module.state_dict(), tmp / f"{name}.pt")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
                 "rng": rng_state()}, tmp / "training.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
@@ -98,9 +103,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG states; returns the trainer state (step, data position, ...)."""
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, extra_models: dict | None = None) -> dict:
+    """Restore model, optimizer, scheduler and RNG states (and each of `extra_models` from NAME.pt, which must
+    exist); returns the trainer state (step, data position, ...)."""
     model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    for name, module in (extra_models or {}).items():
+        if not (path / f"{name}.pt").exists():
+            raise ValueError(f"checkpoint {path} has no {name}.pt: it was written by a run without it (resume "
+                             "with the run's own settings)")
+        module.load_state_dict(torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True))
     training = torch.load(path / "training.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(training["optimizer"])
     if scheduler is not None and training["scheduler"] is not None:

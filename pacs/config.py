@@ -64,6 +64,13 @@ class TrainConfig:
     advantage: str = opt("rloo", "PACS: rloo | grpo | naive (rloo and grpo need --group-size >= 2)", "algorithm",
                          choices=("rloo", "grpo", "naive"))
     class_balance: bool = opt(True, "PACS: class-balanced BCE weights", "algorithm")
+    reference: str = opt("old", "PACS: the policy psi is scored against. old: the rollout policy (psi = beta * sum "
+                         "(log pi - log pi_old)); snapshot:K: a frozen copy of the policy, replaced by the current "
+                         "policy every K rollout steps (PACS v2). snapshot:K keeps one more copy of the weights in "
+                         "the model's dtype (bf16 on GPU by default) and scores every mini-batch against it",
+                         "algorithm")
+    reset_optimizer: bool = opt(False, "PACS with --reference snapshot:K: clear AdamW's moments at every "
+                                "snapshot refresh (the learning-rate schedule continues)", "algorithm")
     epsilon: float = opt(0.2, "GRPO/RLOO: clip range low", "algorithm")
     epsilon_high: float | None = opt(None, "GRPO/RLOO: clip range high (default: epsilon)", "algorithm")
     loss_type: str = opt("grpo", "GRPO/RLOO: grpo (per-sequence token mean) | bnpo | dr_grpo (divides by "
@@ -228,8 +235,37 @@ def _problems(cfg: TrainConfig) -> list[str]:
         elif cfg.advantage != "naive":
             out.append(f"--group-size must be >= 2 for PACS with --advantage {cfg.advantage} (a baseline from the "
                        f"other answers of the group; --advantage naive takes 1), got {cfg.group_size}")
+    if good("reference", "algo", "score", "reset_optimizer"):
+        out += _reference_problems(cfg)
     if good("out_dir") and Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
         out.append(f"--out-dir {cfg.out_dir} is a file, not a directory")
+    return out
+
+
+def snapshot_interval(reference: str) -> int | None:
+    """K of `snapshot:K`; None for `old`. Raises ValueError for anything else."""
+    if reference == "old":
+        return None
+    match = re.fullmatch(r"snapshot:(\d+)", reference)
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError(f"--reference must be old or snapshot:K with an integer K >= 1, got {reference!r}")
+    return int(match.group(1))
+
+
+def _reference_problems(cfg: TrainConfig) -> list[str]:
+    try:
+        interval = snapshot_interval(cfg.reference)
+    except ValueError as err:
+        return [str(err)]
+    out = []
+    if interval is not None and cfg.algo != "pacs":
+        out.append(f"--reference {cfg.reference} applies to --algo pacs only (GRPO/RLOO's importance ratio is "
+                   f"against the rollout policy), got --algo {cfg.algo}")
+    elif interval is not None and cfg.score != "logratio_sum":
+        out.append(f"--reference {cfg.reference} needs --score logratio_sum (--score {cfg.score} reads no "
+                   "reference log-probs)")
+    if cfg.reset_optimizer and interval is None:
+        out.append("--reset-optimizer needs --reference snapshot:K (it acts at each snapshot refresh)")
     return out
 
 

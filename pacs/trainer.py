@@ -21,16 +21,24 @@ them (no grad) under the rollout policy; then one AdamW step per mini-batch thro
 [tokens x vocab] logits). A step whose gradient norm is not finite is skipped and logged, as the authors do.
 The first mini-batch is on-policy (theta = theta_old): with `on_policy_shortcut` (the default) it gets no old
 pass and the loss's one-pass path (`old_logprob=None`), so with one mini-batch per rollout there is no old pass.
+
+`--reference snapshot:K` (PACS v2) scores psi against a frozen copy of the policy instead of the rollout policy:
+the copy is replaced by the current policy at every K-th rollout step (AdamW's moments cleared too with
+`--reset-optimizer`), its log-probs take the old-log-prob slot of every mini-batch, and checkpoints carry it
+(`reference.pt`), so a resumed run scores against the same snapshot.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import platform
 import random
 import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +50,7 @@ from tqdm.auto import tqdm
 import pacs_kernels
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, snapshot_interval
 from .data import format_prompt, load_dataset
 from .evaluate import evaluate, format_table, save_result
 from .modeling import (
@@ -124,11 +132,44 @@ def setup(cfg: TrainConfig) -> Session:
     run_dir.mkdir(parents=True, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     info = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "attention": attn,
-            "parameters": n_params, "train_problems": len(train), "test_problems": len(test)}
+            "parameters": n_params, "train_problems": len(train), "test_problems": len(test),
+            **environment_info(device)}
     logger.info("model %s: %.2fM parameters, %s, %s, attention=%s", cfg.model, n_params / 1e6, device,
                 info["dtype"], attn)
     return Session(cfg, model, tokenizer, device, train, test, [encode(p) for p in train],
                    [encode(p) for p in test], generator, run_dir, info)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_info(device: torch.device) -> dict:
+    """What a result depends on beyond the config: software versions and the hardware (for config.json)."""
+    import os
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for name in ("transformers", "triton"):
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                module = __import__(name)
+            except ImportError:
+                module = None
+        versions[name] = getattr(module, "__version__", None)
+    hardware = {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                "platform": platform.platform()}
+    if device.type == "cuda":
+        hardware["gpu"] = torch.cuda.get_device_name(device)
+        hardware["cuda"] = torch.version.cuda
+    return {"versions": versions, "hardware": hardware}
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -205,8 +246,12 @@ def auc_score(scores: list[float], labels: list[float]) -> float | None:
 
 
 def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rewards: list[float],
-                       cfg: TrainConfig, device) -> dict:
-    """Old log-probs, then one optimizer step per mini-batch of whole groups. Returns the step's statistics."""
+                       cfg: TrainConfig, device, reference=None, reference_fresh: bool = False) -> dict:
+    """Old log-probs, then one optimizer step per mini-batch of whole groups. Returns the step's statistics.
+
+    `reference`: PACS's snapshot policy (`--reference snapshot:K`); its log-probs take the old-log-prob slot of
+    every mini-batch, so psi = beta * sum(log pi - log pi_ref). `reference_fresh`: it was refreshed from the
+    model at this rollout step, so it still equals the model at the first mini-batch."""
     G = cfg.group_size
     n_groups = len(rollouts) // G
     k = max(1, min(cfg.minibatches_per_rollout, n_groups))
@@ -217,12 +262,15 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
         batch = pack_sequences([r.prompt_ids for r in chunk], [r.response_ids for r in chunk]).to(device)
         r = torch.tensor(rewards[a * G:b * G], dtype=torch.float32, device=device)
         minibatches.append((batch, r))
-    # Old log-probs under the rollout policy, before the first optimizer step. With the on-policy shortcut the
-    # first mini-batch needs none (theta = theta_old there: the loss's one-pass path, old_logprob=None), and
-    # PACS's logprob_mean score never reads them.
-    skip = [cfg.on_policy_shortcut and (i == 0 or (cfg.algo == "pacs" and cfg.score == "logprob_mean"))
-            for i in range(len(minibatches))]
-    olds = [None if s else old_logprobs(model, batch, cfg) for s, (batch, _) in zip(skip, minibatches)]
+    # Old log-probs under the rollout policy (or the snapshot reference), before the first optimizer step.
+    # trivial[i]: theta equals the policy psi is scored against, so psi = 0 and the critic says 0.5 by
+    # construction: the first mini-batch, unless a snapshot older than this rollout is the reference. With the
+    # on-policy shortcut a trivial mini-batch needs no old pass (the loss's one-pass path, old_logprob=None), and
+    # PACS's logprob_mean score never reads old log-probs.
+    trivial = [i == 0 and (reference is None or reference_fresh) for i in range(len(minibatches))]
+    skip = [cfg.on_policy_shortcut and (t or (cfg.algo == "pacs" and cfg.score == "logprob_mean")) for t in trivial]
+    scorer = model if reference is None else reference
+    olds = [None if s else old_logprobs(scorer, batch, cfg) for s, (batch, _) in zip(skip, minibatches)]
     response_tokens = sum(int((batch.targets != -100).sum()) for batch, _ in minibatches)
     dapo_normalizer = max(response_tokens, 1) / len(minibatches)
 
@@ -250,7 +298,7 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
             stats["entropy"].append(out.entropy[mask].mean().item())
         if cfg.algo == "pacs":
             stats["psi"].extend(out.score.tolist())
-            if i > 0:  # at mini-batch 1 theta = theta_old: psi = 0 and the critic says 0.5 by construction
+            if not trivial[i]:
                 stats["critic_prob"].extend(out.prob.tolist())
                 stats["critic_label"].extend(r.tolist())
         else:
@@ -367,6 +415,10 @@ def train(cfg: TrainConfig) -> Path:
     session = setup(cfg)  # validates first
     model, device, run_dir = session.model, session.device, session.run_dir
     optimizer, scheduler = make_optimizer(model, cfg)
+    interval = snapshot_interval(cfg.reference)
+    # --reference snapshot:K: one more copy of the weights, frozen, refreshed from the model every K steps.
+    reference = copy.deepcopy(model).requires_grad_(False).eval() if interval else None
+    extra_models = {"reference": reference} if reference is not None else None
     state = {"step": 0, "data_position": 0, "sft_done": False, "skipped_steps": 0}
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
@@ -386,7 +438,8 @@ def train(cfg: TrainConfig) -> Path:
                     writer.add_scalar(f"{row.get('phase', 'train')}/{key}", value, row.get("step", 0))
 
     if ckpt is not None:
-        state.update(load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler))
+        state.update(load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     extra_models=extra_models))
         tqdm.write(f"resumed from {ckpt} at step {state['step']}")
     else:
         if cfg.sft_steps > 0:
@@ -400,7 +453,7 @@ def train(cfg: TrainConfig) -> Path:
     def checkpoint():
         save_checkpoint(run_dir, state["step"], model=model, optimizer=optimizer, scheduler=scheduler,
                         trainer_state={k: v for k, v in state.items() if k != "step"}, config=cfg.to_dict(),
-                        keep=cfg.keep_checkpoints)
+                        keep=cfg.keep_checkpoints, extra_models=extra_models)
         saved["step"] = state["step"]
 
     if ckpt is None and cfg.sft_steps > 0:
@@ -412,6 +465,11 @@ def train(cfg: TrainConfig) -> Path:
     with _StopFlag() as stop:
         while state["step"] < cfg.steps and not stop.stop:
             t0 = time.perf_counter()
+            fresh = reference is not None and state["step"] % interval == 0
+            if fresh:  # PACS v2: the reference becomes the current policy (and AdamW starts afresh)
+                reference.load_state_dict(model.state_dict())
+                if cfg.reset_optimizer:
+                    optimizer.state.clear()
             idx = batch_indices(len(session.train), cfg.prompts_per_step, state["data_position"], cfg.seed)
             rollouts = session.generator.generate([session.train_prompts[i] for i in idx], sampling)
             t_gen = time.perf_counter() - t0
@@ -419,13 +477,16 @@ def train(cfg: TrainConfig) -> Path:
             answers = [session.train[i].answer for i in idx for _ in range(cfg.group_size)]
             rewards = math_reward(texts, answers)
             t1 = time.perf_counter()
-            stats = update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, device)
+            stats = update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, device,
+                                       reference=reference, reference_fresh=fresh)
             t_update = time.perf_counter() - t1
             state["step"] += 1
             state["data_position"] += cfg.prompts_per_step
             state["skipped_steps"] += stats["skipped"]
             row = _step_row(state, stats, rollouts, rewards, t_gen, t_update, time.perf_counter() - t0,
                             optimizer, device)
+            if reference is not None:
+                row["reference_age"] = (state["step"] - 1) % interval  # rollout steps since the refresh
             log(row)
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
