@@ -1,0 +1,400 @@
+"""The learning study: PACS vs GRPO vs RLOO (and PACS with a snapshot reference) over seeds, with 95% intervals.
+
+    python -m benchmarks.learning --seeds 0,1,2,3,4 --algos pacs,pacs-snapshot:20,grpo,rloo --jobs 2
+
+For each seed it runs the preset's supervised warm-up once (`pacs train --steps 0`), then each algorithm's RL phase
+from that warm-up checkpoint (`--init-checkpoint ... --sft-steps 0`), so the algorithms of one seed start from the
+same weights and differ only by their updates: a paired comparison. The seed sets the model's initialization, the
+warm-up's and the rollouts' sampling and the order of the training problems; the held-out split (`--split-seed`) is
+the same for every run. Algorithms:
+
+    pacs, grpo, rloo     `--algo NAME` with the preset's settings
+    pacs-snapshot:K      `--algo pacs --reference snapshot:K --reset-optimizer` (PACS v2: psi against a frozen
+                         copy of the policy, hard-reset to the current policy and AdamW every K rollout steps)
+
+Runs live in OUT/runs/ALGO/seed_S (the usual run directories: metrics.jsonl, eval/, plots/), their logs in
+OUT/logs. A finished run is not redone (rerun the same command to complete an interrupted study); an unfinished one
+starts over. The study then writes OUT/summary.json, OUT/summary.md (the table), OUT/learning_curves.png (mean
++- 95% interval of held-out pass@1 against the RL step) and OUT/critic.png (the implicit critic's AUC and Brier
+score against the step, PACS variants). `--summarize` only rebuilds those from the runs present.
+
+Statistics: pass@k in percent points; each interval is a Student-t interval over seeds (mean +- t_{0.975, n-1} *
+sd / sqrt(n)); differences between algorithms are paired by seed (the t-interval of the per-seed differences).
+A run's `critic_auc` / `critic_brier` are the means over its RL steps of the per-step values (mini-batches whose
+psi is 0 by construction excluded, see pacs/trainer.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+DEFAULT_OUT = Path("benchmarks/results/learning")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _t_pdf(x: float, df: int) -> float:
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
+
+
+def _t_cdf_upper_half(t: float, df: int, intervals: int = 4000) -> float:
+    """P(0 < T < t) by Simpson's rule on the density (smooth and bounded, so 4000 intervals give ~1e-10)."""
+    h = t / intervals
+    total = _t_pdf(0.0, df) + _t_pdf(t, df)
+    total += 4 * sum(_t_pdf((2 * i - 1) * h, df) for i in range(1, intervals // 2 + 1))
+    total += 2 * sum(_t_pdf(2 * i * h, df) for i in range(1, intervals // 2))
+    return total * h / 3
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p in (0.5, 1)) of Student's t with df degrees of freedom, by bisection on its CDF."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    lo, hi = 0.0, 1.0
+    while 0.5 + _t_cdf_upper_half(hi, df) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 0.5 + _t_cdf_upper_half(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> dict:
+    """{"mean", "ci95": [lo, hi], "sd", "n"}: a Student-t interval over the values (None with fewer than 2)."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "ci95": None, "sd": None, "n": 0}
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "ci95": None, "sd": None, "n": 1}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "ci95": [mean - half, mean + half], "sd": sd, "n": n}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def algo_flags(algo: str) -> list[str]:
+    """`pacs train` flags of a study algorithm name (ValueError for an unknown one)."""
+    if algo in ("pacs", "grpo", "rloo"):
+        return ["--algo", algo]
+    if algo.startswith("pacs-snapshot:"):
+        k = algo.split(":", 1)[1]
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"algorithm {algo!r}: K in pacs-snapshot:K must be an integer >= 1")
+        return ["--algo", "pacs", "--reference", f"snapshot:{k}", "--reset-optimizer"]
+    raise ValueError(f"unknown algorithm {algo!r}: use pacs, grpo, rloo or pacs-snapshot:K")
+
+
+def run_dir(out: Path, algo: str, seed: int) -> Path:
+    return out / "runs" / algo.replace(":", "_") / f"seed_{seed}"
+
+
+def warmup_dir(out: Path, seed: int) -> Path:
+    return out / "runs" / "warmup" / f"seed_{seed}"
+
+
+def _eval_rows(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return rows
+
+
+def _finished(path: Path, steps: int) -> bool:
+    return (path / "eval" / f"step_{steps:06d}.json").exists()
+
+
+def _run(cmd: list[str], log: Path, threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TQDM_MININTERVAL": "30"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit status {proc.returncode}; see {log}")
+    return time.perf_counter() - t0
+
+
+def run_study(out: Path, seeds: list[int], algos: list[str], *, jobs: int, preset: str, steps: int | None,
+              extra: list[str]) -> None:
+    """Warm-ups first (one per seed), then the RL runs seed by seed; finished runs are skipped."""
+    base = [sys.executable, "-m", "pacs.cli", "train", "--preset", preset, *extra]
+    final_step = steps if steps is not None else _preset_steps(preset, extra)
+    if steps is not None:
+        base += ["--steps", str(steps)]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    tasks = []  # (name, command, run directory, log, done step)
+    for seed in seeds:
+        w = warmup_dir(out, seed)
+        cmd = base + ["--seed", str(seed), "--steps", "0", "--plot", "false", "--out-dir", str(w)]
+        tasks.append((f"warm-up seed {seed}", cmd, w, out / "logs" / f"warmup_seed_{seed}.log", 0))
+    for seed in seeds:
+        init = warmup_dir(out, seed) / "checkpoints" / "step_000000"
+        for algo in algos:
+            d = run_dir(out, algo, seed)
+            cmd = base + ["--seed", str(seed), *algo_flags(algo), "--init-checkpoint", str(init), "--sft-steps", "0",
+                          "--out-dir", str(d)]
+            tasks.append((f"{algo} seed {seed}", cmd, d, out / "logs" / f"{d.parent.name}_seed_{seed}.log",
+                          final_step))
+    todo = [t for t in tasks if not _finished(t[2], t[4])]
+    print(f"learning study: {len(tasks)} runs ({len(tasks) - len(todo)} already done), {jobs} at a time, "
+          f"{threads} thread(s) each; logs in {out / 'logs'}", flush=True)
+    lock, done, durations = threading.Lock(), [0], {"warm": [], "rl": []}
+    started = time.perf_counter()
+
+    def work(task):
+        name, cmd, d, log, _ = task
+        if d.exists():
+            shutil.rmtree(d)  # an unfinished run starts over
+        seconds = _run(cmd, log, threads)
+        with lock:
+            done[0] += 1
+            durations["warm" if name.startswith("warm-up") else "rl"].append(seconds)
+            remaining = todo[done[0]:]
+            eta = sum(_mean_or(durations["warm" if t[0].startswith("warm-up") else "rl"], seconds)
+                      for t in remaining) / jobs
+            result = ""
+            if not name.startswith("warm-up"):
+                evals = [r for r in _eval_rows(d) if r.get("phase") == "eval"]
+                result = f": pass@1 {100 * evals[0]['pass@1']:.1f} -> {100 * evals[-1]['pass@1']:.1f}"
+            print(f"[{done[0]}/{len(todo)}] {name}{result} ({seconds / 60:.1f} min); elapsed "
+                  f"{(time.perf_counter() - started) / 60:.1f} min, ETA {eta / 60:.0f} min", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # warm-ups are queued first: RL runs never wait on them
+        futures = []
+        for task in todo:
+            if not task[0].startswith("warm-up"):
+                warm = [f for t, f in futures if t[0] == "warm-up seed " + task[0].rsplit(" ", 1)[1]]
+                futures.append((task, pool.submit(_after, warm, work, task)))
+            else:
+                futures.append((task, pool.submit(work, task)))
+        for _, f in futures:
+            f.result()
+
+
+def _after(dependencies, fn, arg):
+    for dep in dependencies:
+        dep.result()
+    return fn(arg)
+
+
+def _mean_or(xs, default):
+    return sum(xs) / len(xs) if xs else default
+
+
+def _preset_steps(preset: str, extra: list[str]) -> int:
+    if "--steps" in extra:
+        return int(extra[extra.index("--steps") + 1])
+    from pacs.config import PRESETS, TrainConfig
+
+    return PRESETS[preset].get("steps", TrainConfig().steps)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Summary
+
+
+def run_record(path: Path, algo: str, seed: int) -> dict:
+    """One run's numbers: start/final held-out pass@1 and pass@8 (percent), the eval curve, the critic's means."""
+    rows = _eval_rows(path)
+    evals = [r for r in rows if r.get("phase") == "eval"]
+    train = [r for r in rows if r.get("phase") == "train"]
+    pct = lambda r, k: 100 * r[f"pass@{k}"] if r.get(f"pass@{k}") is not None else None
+    mean = lambda key: _mean_or([r[key] for r in train if r.get(key) is not None], None)
+    return {
+        "algo": algo, "seed": seed,
+        "start_pass@1": pct(evals[0], 1), "final_pass@1": pct(evals[-1], 1),
+        "start_pass@8": pct(evals[0], 8), "final_pass@8": pct(evals[-1], 8),
+        "critic_auc": mean("critic_auc"), "critic_brier": mean("critic_brier"),
+        "curve": [[int(r["tag"].split("_")[1]), pct(r, 1)] for r in evals],
+        "critic_curve": [[r["step"], r.get("critic_auc"), r.get("critic_brier")] for r in train],
+    }
+
+
+def summarize(runs: list[dict], algos: list[str]) -> dict:
+    """summary.json's content from run records (see run_record): per-algorithm t-intervals over seeds and
+    seed-paired differences for every pair of algorithms (in the order given)."""
+    by_algo = {a: sorted((r for r in runs if r["algo"] == a), key=lambda r: r["seed"]) for a in algos}
+    stats = {}
+    for algo, rs in by_algo.items():
+        entry = {"n": len(rs), "seeds": [r["seed"] for r in rs]}
+        entry["gain_pass@1"] = mean_ci([r["final_pass@1"] - r["start_pass@1"] for r in rs])
+        for key in ("start_pass@1", "final_pass@1", "start_pass@8", "final_pass@8", "critic_auc", "critic_brier"):
+            values = [r[key] for r in rs if r[key] is not None]
+            entry[key] = mean_ci(values) if values else None
+        stats[algo] = entry
+    differences = {}
+    for i, a in enumerate(algos):
+        for b in algos[i + 1:]:
+            pa = {r["seed"]: r for r in by_algo[a]}
+            pb = {r["seed"]: r for r in by_algo[b]}
+            common = sorted(set(pa) & set(pb))
+            differences[f"{a}-{b}"] = {
+                "seeds": common,
+                **{key: mean_ci([pa[s][key] - pb[s][key] for s in common])
+                   for key in ("final_pass@1", "final_pass@8")},
+            }
+    slim = [{k: v for k, v in r.items() if k not in ("curve", "critic_curve")} for r in runs]
+    return {"interval": "Student-t 95% over seeds; differences paired by seed; percent points",
+            "runs": slim, "algos": stats, "differences": differences}
+
+
+def _fmt(stat, digits=1) -> str:
+    if stat is None or stat["mean"] is None:
+        return "-"
+    if stat["ci95"] is None:
+        return f"{stat['mean']:.{digits}f}"
+    half = (stat["ci95"][1] - stat["ci95"][0]) / 2
+    return f"{stat['mean']:.{digits}f} ± {half:.{digits}f}"
+
+
+def summary_table(summary: dict) -> str:
+    """The markdown table of summary.md (and the README)."""
+    lines = ["| algorithm | seeds | pass@1 start | pass@1 final | gain | pass@8 start | pass@8 final | critic AUC "
+             "| critic Brier |", "|---|---|---|---|---|---|---|---|---|"]
+    for algo, s in summary["algos"].items():
+        lines.append(f"| {algo} | {s['n']} | {_fmt(s['start_pass@1'])} | {_fmt(s['final_pass@1'])} | "
+                     f"{_fmt(s['gain_pass@1'])} | {_fmt(s['start_pass@8'])} | {_fmt(s['final_pass@8'])} | "
+                     f"{_fmt(s['critic_auc'], 3)} | {_fmt(s['critic_brier'], 3)} |")
+    lines += ["", "| paired difference | seeds | final pass@1 | final pass@8 |", "|---|---|---|---|"]
+    for name, d in summary["differences"].items():
+        lo_hi = d["final_pass@1"]["ci95"]
+        lines.append(f"| {name} | {len(d['seeds'])} | {_fmt(d['final_pass@1'])}"
+                     f"{f' [{lo_hi[0]:+.1f}, {lo_hi[1]:+.1f}]' if lo_hi else ''} | {_fmt(d['final_pass@8'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(records: list[dict], algos: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, algo in enumerate(algos):
+        rs = [r for r in records if r["algo"] == algo]
+        steps = sorted({s for r in rs for s, _ in r["curve"]})
+        pts = [(s, mean_ci([v for r in rs for t, v in r["curve"] if t == s])) for s in steps]
+        pts = [(s, m) for s, m in pts if m["mean"] is not None]
+        if not pts:
+            continue
+        xs = [s for s, _ in pts]
+        ax.plot(xs, [m["mean"] for _, m in pts], color=f"C{i}", label=f"{algo} (n={len(rs)})", linewidth=2)
+        if all(m["ci95"] for _, m in pts):
+            ax.fill_between(xs, [m["ci95"][0] for _, m in pts], [m["ci95"][1] for _, m in pts], color=f"C{i}",
+                            alpha=0.15)
+    ax.set_xlabel("RL step (rollout batch)")
+    ax.set_ylabel("held-out pass@1 (%)")
+    ax.set_title("held-out pass@1: mean over seeds, 95% t-interval shaded")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "learning_curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    critics = [a for a in algos if any(r["algo"] == a and r["critic_auc"] is not None for r in records)]
+    if critics:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for i, algo in enumerate(algos):
+            if algo not in critics:
+                continue
+            rs = [r for r in records if r["algo"] == algo]
+            for ax, col, title in ((axes[0], 1, "implicit critic AUC (0.5 = uninformative)"),
+                                   (axes[1], 2, "implicit critic Brier score (0.25 = always 0.5)")):
+                steps = sorted({row[0] for r in rs for row in r["critic_curve"]})
+                per_seed = [{row[0]: row[col] for row in r["critic_curve"] if row[col] is not None} for r in rs]
+                means = []
+                for s in steps:  # a 10-step window per seed, then the mean over seeds
+                    vals = [_mean_or([d[t] for t in range(s - 9, s + 1) if t in d], None) for d in per_seed]
+                    vals = [v for v in vals if v is not None]
+                    means.append(sum(vals) / len(vals) if vals else float("nan"))
+                ax.plot(steps, means, color=f"C{i}", label=algo, linewidth=2)
+                ax.set_title(title, fontsize=10)
+                ax.set_xlabel("RL step")
+                ax.grid(alpha=0.3)
+        axes[0].axhline(0.5, color="0.5", linestyle=":")
+        axes[1].axhline(0.25, color="0.5", linestyle=":")
+        axes[0].legend()
+        fig.suptitle("implicit critic on the training rollouts: 10-step mean per seed, averaged over seeds")
+        fig.tight_layout()
+        path = out / "critic.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_summary(out: Path, seeds: list[int], algos: list[str], steps: int) -> dict:
+    records = [run_record(run_dir(out, a, s), a, s) for a in algos for s in seeds
+               if _finished(run_dir(out, a, s), steps)]
+    if not records:
+        raise SystemExit(f"no finished runs under {out / 'runs'}")
+    summary = summarize(records, [a for a in algos if any(r["algo"] == a for r in records)])
+    first = next(run_dir(out, r["algo"], r["seed"]) for r in records)
+    info = json.loads((first / "config.json").read_text())
+    summary["setup"] = {k: info.get(k) for k in ("level", "steps", "prompts_per_step", "group_size", "lr",
+                                                 "eval_n", "eval_problems", "versions", "hardware")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(summary_table(summary))
+    for path in plot_study(records, list(summary["algos"]), out):
+        print(f"wrote {path}")
+    print(f"wrote {out / 'summary.json'}\n\n{summary_table(summary)}")
+    return summary
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.learning", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default 0,1,2,3,4)")
+    p.add_argument("--algos", default="pacs,pacs-snapshot:20,grpo,rloo",
+                   help="comma-separated: pacs, grpo, rloo, pacs-snapshot:K (default pacs,pacs-snapshot:20,grpo,rloo)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (the CPU's threads are split between them)")
+    p.add_argument("--preset", default="demo", help="the pacs train preset every run starts from (default demo)")
+    p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the preset's)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"study directory (default {DEFAULT_OUT})")
+    p.add_argument("--summarize", action="store_true", help="only rebuild the summary and plots from finished runs")
+    p.add_argument("train_args", nargs=argparse.REMAINDER,
+                   help="after --: more `pacs train` flags for every run (e.g. -- --level 3)")
+    args = p.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    try:
+        for algo in algos:
+            algo_flags(algo)
+    except ValueError as err:
+        p.error(str(err))
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    extra = [a for a in args.train_args if a != "--"]
+    steps = args.steps if args.steps is not None else _preset_steps(args.preset, extra)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.summarize:
+        run_study(args.out, seeds, algos, jobs=args.jobs, preset=args.preset, steps=args.steps, extra=extra)
+    write_summary(args.out, seeds, algos, steps)
+
+
+if __name__ == "__main__":
+    main()
