@@ -1,0 +1,96 @@
+"""benchmarks.learning's statistics and summary on fixed toy inputs (the study itself is run by hand)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from benchmarks.learning import algo_flags, mean_ci, run_record, summarize, summary_table, t_quantile
+
+
+@pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622),
+                                         (29, 2.0452), (120, 1.9799)])
+def test_t_quantile_matches_published_tables(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-4)
+
+
+def test_t_quantile_against_simulation():
+    """P(|T| < t_{0.975}) = 0.95 for T = mean / (sd / sqrt(n)) of n standard normals (Monte Carlo, n = 4)."""
+    rng = random.Random(0)
+    q, n, hits, trials = t_quantile(0.975, 3), 4, 0, 40000
+    for _ in range(trials):
+        xs = [rng.gauss(0, 1) for _ in range(n)]
+        m = sum(xs) / n
+        sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+        hits += abs(m) / (sd / math.sqrt(n)) < q
+    assert hits / trials == pytest.approx(0.95, abs=0.005)
+
+
+def test_mean_ci_by_hand():
+    s = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    sd = math.sqrt(2.5)
+    half = 2.776445 * sd / math.sqrt(5)
+    assert s["mean"] == 3.0 and s["n"] == 5 and s["sd"] == pytest.approx(sd)
+    assert s["ci95"] == pytest.approx([3.0 - half, 3.0 + half], rel=1e-5)
+    assert mean_ci([7.0]) == {"mean": 7.0, "ci95": None, "sd": None, "n": 1}
+    assert mean_ci([])["mean"] is None
+    with pytest.raises(ValueError, match="0.5 < p < 1"):
+        t_quantile(0.4, 3)
+
+
+def _record(algo, seed, start, final, start8, final8, auc=None):
+    return {"algo": algo, "seed": seed, "start_pass@1": start, "final_pass@1": final, "start_pass@8": start8,
+            "final_pass@8": final8, "critic_auc": auc, "critic_brier": None if auc is None else 0.25}
+
+
+def test_summary_on_a_toy_study():
+    """Per-algorithm intervals over seeds and seed-paired differences, checked against hand-computed values."""
+    runs = [_record("pacs", 0, 40.0, 70.0, 80.0, 88.0, 0.55), _record("pacs", 1, 42.0, 66.0, 81.0, 86.0, 0.60),
+            _record("pacs", 2, 38.0, 74.0, 79.0, 90.0, 0.50),
+            _record("grpo", 0, 40.0, 68.0, 80.0, 87.0), _record("grpo", 1, 42.0, 65.0, 81.0, 85.0),
+            _record("grpo", 2, 38.0, 71.0, 79.0, 88.0), _record("grpo", 3, 41.0, 60.0, 80.0, 84.0)]
+    s = summarize(runs, ["pacs", "grpo"])
+    pacs = s["algos"]["pacs"]
+    assert pacs["n"] == 3 and pacs["seeds"] == [0, 1, 2]
+    assert pacs["final_pass@1"]["mean"] == pytest.approx(70.0)
+    half = 4.302653 * 4.0 / math.sqrt(3)  # sd of 70, 66, 74 is 4
+    assert pacs["final_pass@1"]["ci95"] == pytest.approx([70.0 - half, 70.0 + half], rel=1e-5)
+    assert pacs["gain_pass@1"]["mean"] == pytest.approx((30 + 24 + 36) / 3)
+    assert pacs["critic_auc"]["mean"] == pytest.approx(0.55)
+    assert s["algos"]["grpo"]["n"] == 4 and s["algos"]["grpo"]["critic_auc"] is None
+    diff = s["differences"]["pacs-grpo"]
+    assert diff["seeds"] == [0, 1, 2]  # paired: seed 3 has no PACS run
+    d = [2.0, 1.0, 3.0]
+    half = 4.302653 * 1.0 / math.sqrt(3)
+    assert diff["final_pass@1"]["mean"] == pytest.approx(2.0)
+    assert diff["final_pass@1"]["ci95"] == pytest.approx([2.0 - half, 2.0 + half], rel=1e-5)
+    assert diff["final_pass@8"]["mean"] == pytest.approx(sum([1.0, 1.0, 2.0]) / 3)
+    assert [r["seed"] for r in s["runs"]] == [0, 1, 2, 0, 1, 2, 3]
+    table = summary_table(s)
+    assert "| pacs | 3 | 40.0 ± 5.0 | 70.0 ± 9.9 |" in table and "| pacs-grpo | 3 | 2.0 ± 2.5 [-0.5, +4.5]" in table
+    json.dumps(s)  # serializable as summary.json
+
+
+def test_run_record_reads_a_run_directory(tmp_path):
+    rows = [{"phase": "eval", "tag": "step_000000", "pass@1": 0.40, "pass@8": 0.80},
+            {"phase": "train", "step": 1, "critic_auc": None, "critic_brier": None},
+            {"phase": "train", "step": 2, "critic_auc": 0.6, "critic_brier": 0.24},
+            {"phase": "train", "step": 3, "critic_auc": 0.7, "critic_brier": 0.22},
+            {"phase": "eval", "tag": "step_000003", "pass@1": 0.55, "pass@8": 0.875}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = run_record(tmp_path, "pacs", 7)
+    assert r["start_pass@1"] == pytest.approx(40.0) and r["final_pass@1"] == pytest.approx(55.0)
+    assert r["final_pass@8"] == pytest.approx(87.5)
+    assert r["critic_auc"] == pytest.approx(0.65) and r["critic_brier"] == pytest.approx(0.23)
+    assert r["curve"] == [[0, pytest.approx(40.0)], [3, pytest.approx(55.0)]]
+
+
+def test_algo_flags():
+    assert algo_flags("grpo") == ["--algo", "grpo"]
+    assert algo_flags("pacs-snapshot:20") == ["--algo", "pacs", "--reference", "snapshot:20", "--reset-optimizer"]
+    for bad in ("ppo", "pacs-snapshot:0", "pacs-snapshot:x"):
+        with pytest.raises(ValueError):
+            algo_flags(bad)
