@@ -57,10 +57,13 @@ def check_linear_inputs(
     bias: torch.Tensor | None,
     ignore_index: int,
     backend: str,
+    check_targets: bool = True,
 ) -> LinearProblem:
     """Validate shapes, dtypes, devices and target ids; return the problem sizes.
 
     `backend` is the resolved backend ("triton", "torch" or "reference"): it decides which dtypes are legal.
+    check_targets=False skips the target ids' range check and count (n_valid = -1): the vocabulary-parallel op
+    checks global ids against the global vocabulary, which weight's shard alone does not know.
     """
     for name, tensor in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(tensor, torch.Tensor):
@@ -104,7 +107,7 @@ def check_linear_inputs(
         raise ValueError(f"all inputs must be on the same device, got {listing}")
 
     n_tokens = targets.numel()
-    n_valid = count_valid_targets(targets, vocab, ignore_index) if n_tokens else 0
+    n_valid = -1 if not check_targets else count_valid_targets(targets, vocab, ignore_index) if n_tokens else 0
     return LinearProblem(lead_shape, n_tokens, dim, vocab, n_valid)
 
 

@@ -195,6 +195,7 @@ def linear_logprob(
     forward_impl: str = "auto",
     memory_budget: int | str | None = None,
     weight_grad_dtype: torch.dtype = torch.float32,
+    vocab_parallel_group=None,
 ) -> LogprobOutput:
     """Per-token log-prob of `targets` (and entropy) under softmax((hidden @ weight.T + bias) / temperature).
 
@@ -227,6 +228,13 @@ def linear_logprob(
             and the weight gradient accumulated over chunks, in a [V, D] buffer of this dtype (float32 by
             default, 2 GiB at V=131072, D=4096; `weight.dtype` halves it at the cost of a rounding per chunk).
             Otherwise each slice's weight gradient is complete in one GEMM and rounded once.
+        vocab_parallel_group: a torch.distributed process group over which the vocabulary is sharded
+            (`pacs_kernels/vocab_parallel.py`): `weight` and `bias` are this rank's contiguous rows of the
+            vocabulary, in rank order (shards may differ in size), `targets` are global ids, and hidden, targets
+            and the options are the same on every rank. Every rank gets the unsharded log-prob and entropy and,
+            in backward, the unsharded `hidden.grad` (dH is all-reduced) and its shard's rows of the weight and
+            bias gradients. Only per-token statistics (16 bytes per token) and dH (4 N D bytes) cross the wire.
+            Bad input raises the same ValueError on every rank. None (default): one device.
 
     Returns:
         LogprobOutput(logprob, entropy): float32 tensors of shape [...] (float64 for float64 inputs on the torch
@@ -252,6 +260,14 @@ def linear_logprob(
         out = linear_logprob(hidden[:, :-1], weight, input_ids[:, 1:], with_entropy=True)
         loss = -(out.logprob * advantages[:, None]).mean() - 0.01 * out.entropy.mean()
     """
+    if vocab_parallel_group is not None:
+        from .vocab_parallel import vocab_parallel_linear_logprob
+
+        return vocab_parallel_linear_logprob(
+            hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
+            with_entropy=with_entropy, backend=backend, forward_impl=forward_impl, memory_budget=memory_budget,
+            weight_grad_dtype=weight_grad_dtype, group=vocab_parallel_group,
+        )
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     backend = resolve_backend(backend, hidden.device)

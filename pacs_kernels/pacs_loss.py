@@ -240,6 +240,7 @@ def pacs_loss(
     entropy_coef: float = 0.0,
     with_entropy: bool = False,
     backend: str = "auto",
+    vocab_parallel_group=None,
 ) -> PACSOutput:
     """The PACS loss straight from hidden states and the lm_head weight, without [tokens x vocab] logits.
 
@@ -276,6 +277,9 @@ def pacs_loss(
         with_entropy: also return the per-token entropy (for logging) even when entropy_coef is 0.
         backend: "triton" | "torch" | "auto" (triton on CUDA), for both the vocabulary passes and the sequence part;
             "reference" materializes the logits (for checks; the sequence part then runs in PyTorch).
+        vocab_parallel_group: `weight`/`bias` are this rank's rows of the vocabulary (see `linear_logprob`);
+            every other input and the loss are the same on every rank. On-policy (old_logprob=None) it takes
+            two passes (old log-probs under no_grad, then the two-pass loss): the one-pass path is single-device.
 
     Returns:
         PACSOutput(loss, score, advantage, prob, weight, logprob, entropy, bce).
@@ -293,17 +297,19 @@ def pacs_loss(
     if old_logprob is None and score == "logratio_sum":
         if not isinstance(hidden, torch.Tensor):
             raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-        if resolve_backend(backend, hidden.device) == "reference":  # no one-pass: old log-probs, then two passes
+        if vocab_parallel_group is not None or resolve_backend(backend, hidden.device) == "reference":
+            # no one-pass there: old log-probs, then two passes
             with torch.no_grad():
                 old_logprob = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature,
-                                             ignore_index=ignore_index, backend=backend).logprob
+                                             ignore_index=ignore_index, backend=backend,
+                                             vocab_parallel_group=vocab_parallel_group).logprob
         else:
             return _pacs_loss_on_policy(hidden, weight, targets, rewards, cu_seqlens, group_size=group_size,
                                         beta=beta, advantage=advantage, class_balance=class_balance,
                                         temperature=temperature, ignore_index=ignore_index, bias=bias,
                                         entropy_coef=entropy_coef, with_entropy=need_entropy, backend=backend)
     out = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
-                         with_entropy=need_entropy, backend=backend)
+                         with_entropy=need_entropy, backend=backend, vocab_parallel_group=vocab_parallel_group)
     mask = targets != ignore_index
     return pacs_loss_from_logprobs(
         out.logprob, old_logprob, rewards, cu_seqlens, group_size=group_size, mask=mask, beta=beta, score=score,

@@ -89,7 +89,8 @@ def _bias_corrected(kl, delta, ratio, lp):
 
 def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon,
                  epsilon_high, loss_type, scale_rewards, kl_coef, ref_logprob, use_bias_correction_kl, max_len,
-                 normalizer, temperature, ignore_index, bias, entropy_coef, with_entropy, backend):
+                 normalizer, temperature, ignore_index, bias, entropy_coef, with_entropy, backend,
+                 vocab_parallel_group=None):
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
     epsilon = check_finite_number("epsilon", epsilon, nonnegative=True)
@@ -137,11 +138,14 @@ def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens
                  entropy_coef=entropy_coef)
     linear = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, with_entropy=need_entropy)
     if old_logprob is None:
-        if resolve_backend(backend, hidden.device) != "reference":
+        if vocab_parallel_group is None and resolve_backend(backend, hidden.device) != "reference":
             return _on_policy(hidden, weight, targets, backend=backend, linear=linear, terms=terms)
-        with torch.no_grad():  # no one-pass on the reference backend: old log-probs, then two passes
-            old_logprob = linear_logprob(hidden, weight, targets, backend=backend, **linear).logprob
-    out = linear_logprob(hidden, weight, targets, backend=backend, **linear)
+        # no one-pass on the reference backend or vocabulary-parallel: old log-probs, then two passes
+        with torch.no_grad():
+            old_logprob = linear_logprob(hidden, weight, targets, backend=backend,
+                                         vocab_parallel_group=vocab_parallel_group, **linear).logprob
+    out = linear_logprob(hidden, weight, targets, backend=backend, vocab_parallel_group=vocab_parallel_group,
+                         **linear)
     return _surrogate(out.logprob, old_logprob, out.entropy, **terms)
 
 
@@ -227,7 +231,8 @@ def _on_policy(hidden, weight, targets, *, backend, linear, terms):
 def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon=0.2,
               epsilon_high=None, loss_type="grpo", scale_rewards="group", kl_coef=0.0, ref_logprob=None,
               use_bias_correction_kl=True, max_len=None, normalizer=None, temperature=1.0, ignore_index=-100,
-              bias=None, entropy_coef=0.0, with_entropy=False, backend="auto") -> PolicyLossOutput:
+              bias=None, entropy_coef=0.0, with_entropy=False, backend="auto",
+              vocab_parallel_group=None) -> PolicyLossOutput:
     """GRPO clipped-surrogate loss from hidden states, TRL GRPOTrainer's definitions (see the module docstring).
 
     Args are those of `pacs_loss` plus:
@@ -245,6 +250,9 @@ def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, grou
         normalizer: dapo's divisor, TRL's num_items_in_batch rescaled to one optimizer step (the rollout batch's
             response tokens / mini-batches per rollout); a number or one-element tensor. None: this batch's
             response tokens. Only with loss_type="dapo".
+        vocab_parallel_group: `weight`/`bias` are this rank's rows of the vocabulary (see `linear_logprob`);
+            every other input and the loss are the same on every rank. On-policy (old_logprob=None) it takes
+            two passes (old log-probs under no_grad, then the two-pass loss): the one-pass path is single-device.
     Rewards are any finite numbers.
 
     Example::
@@ -257,19 +265,21 @@ def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, grou
                         epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type, scale_rewards=scale_rewards,
                         kl_coef=kl_coef, ref_logprob=ref_logprob, use_bias_correction_kl=use_bias_correction_kl,
                         max_len=max_len, normalizer=normalizer, temperature=temperature, ignore_index=ignore_index,
-                        bias=bias, entropy_coef=entropy_coef, with_entropy=with_entropy, backend=backend)
+                        bias=bias, entropy_coef=entropy_coef, with_entropy=with_entropy, backend=backend,
+                        vocab_parallel_group=vocab_parallel_group)
 
 
 def rloo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon=0.2,
               epsilon_high=None, loss_type="grpo", kl_coef=0.0, ref_logprob=None, use_bias_correction_kl=True,
               max_len=None, normalizer=None, temperature=1.0, ignore_index=-100, bias=None, entropy_coef=0.0,
-              with_entropy=False, backend="auto") -> PolicyLossOutput:
+              with_entropy=False, backend="auto", vocab_parallel_group=None) -> PolicyLossOutput:
     """REINFORCE leave-one-out: advantage R_i - mean_{j != i} R_j (TRL RLOOTrainer), GRPO's clipped surrogate.
 
-    Same arguments as `grpo_loss` (no reward scaling).
+    Same arguments as `grpo_loss` (no reward scaling), vocab_parallel_group included.
     """
     return _policy_loss("rloo", hidden, weight, targets, old_logprob, rewards, cu_seqlens, group_size=group_size,
                         epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type, scale_rewards="none",
                         kl_coef=kl_coef, ref_logprob=ref_logprob, use_bias_correction_kl=use_bias_correction_kl,
                         max_len=max_len, normalizer=normalizer, temperature=temperature, ignore_index=ignore_index,
-                        bias=bias, entropy_coef=entropy_coef, with_entropy=with_entropy, backend=backend)
+                        bias=bias, entropy_coef=entropy_coef, with_entropy=with_entropy, backend=backend,
+                        vocab_parallel_group=vocab_parallel_group)

@@ -226,6 +226,15 @@ def _view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 def sliced_forward(hidden, weight, bias, targets, inv_temperature, with_entropy, passes, plan: SlicePlan):
     """(logprob [N], entropy [N] or None, lse [N]) of validated hidden [N, D], targets [N] in [0, V)."""
+    m, s, t, zy = sliced_stats(hidden, weight, bias, targets, inv_temperature, with_entropy, passes, plan)
+    lse, entropy = finalize_stats(m, s, t)
+    logprob = (zy - lse).clamp_max(0.0)  # log p <= 0 mathematically: clamp the rounding above 0
+    return logprob, entropy, lse
+
+
+def sliced_stats(hidden, weight, bias, targets, inv_temperature, with_entropy, passes, plan: SlicePlan):
+    """(m, s, t or None, z_y) [N] each: the softmax statistics of `weight`'s rows merged over its slices, and the
+    target logit (0 for a target outside [0, V): the vocabulary-parallel op passes ids of other shards)."""
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = _gemm._acc_dtype(hidden.dtype)
     slices = _slices(vocab, plan.v_slice)
@@ -240,9 +249,7 @@ def sliced_forward(hidden, weight, bias, targets, inv_temperature, with_entropy,
             z = passes.logits(h, weight[v0:v1], b_v, inv_temperature, _view(z_buf, n1 - n0, v1 - v0))
             passes.stats(z, b_v, y, v0, inv_temperature, with_entropy, stats[:, k, n0:n1])
     m, s, t, zy = stats.unbind(0)
-    lse, entropy = finalize_stats(*merge_stats(m, s, t if with_entropy else None))
-    logprob = (zy.sum(0) - lse).clamp_max(0.0)  # log p <= 0 mathematically: clamp the rounding above 0
-    return logprob, entropy, lse
+    return (*merge_stats(m, s, t if with_entropy else None), zy.sum(0))
 
 
 def sliced_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, inv_temperature, needs,

@@ -1,0 +1,255 @@
+"""Vocabulary-parallel `linear_logprob`: each rank of a process group holds a contiguous row slice of the lm_head.
+
+    out = linear_logprob(hidden, weight_shard, targets, vocab_parallel_group=group)   # weight_shard [V_r, D]
+
+Layout: rank r of `group` holds rows [o_r, o_r + V_r) of the global [V, D] weight (and bias), in rank order:
+o_0 = 0, o_{r+1} = o_r + V_r, V = sum V_r. The shards may differ in size (e.g. V = 151936 over 3 ranks: 50646,
+50645, 50645; or a last shard that is shorter). hidden [..., D] and the global target ids [...] are the same on
+every rank (replicated, as at the input of a tensor-parallel region), and so are temperature and ignore_index.
+
+What crosses the wire, per call (float32 statistics; float64 for float64 inputs):
+
+    set-up    all_gather of LAYOUT_FIELDS int64 per rank (shard size, D, N, valid rows, target range,
+              checksums, an error flag): offsets, V, and the checks every rank decides alike
+    forward   each rank runs the sliced pipeline (`sliced.py`) over its own rows: per token m_r, s_r, t_r and
+              the target logit z_y (0 where another rank owns the target), then
+                  m            = all_reduce MAX m_r                                                 4N bytes
+                  (s, t, z_y)  = all_reduce SUM (s_r e^(m_r - m), (t_r + (m_r - m) s_r) e^(m_r - m), z_y_r)
+                                                                                                   12N bytes
+              (the rescaling is `_stats.merge_stats` across ranks), lse = m + log s, H = log s - t / s
+    backward  each rank recomputes its logits with the global lse and H, so its dz columns, dW_r = dz_r.T @ h and
+              db_r are the shard's rows of the unsharded gradients with no communication;
+              dH = all_reduce SUM (dz_r @ W_r), a float32 [N, D] accumulator                       4ND bytes
+
+At N = 16384 tokens, D = 4096: 256 KiB of statistics forward and 256 MiB of dH backward, against 8 GiB for the
+float32 [N, V] logits at V = 131072 (a ring all-reduce moves about twice its payload per rank).
+
+Gradient convention (tensor parallelism's): the loss built from the outputs is computed identically on every rank
+(the outputs are replicated), so every rank's upstream gradients are the same; each rank's dH is a partial sum
+over its vocabulary and the all-reduce makes `hidden.grad` the unsharded gradient on every rank. Do not all-reduce
+it again. The backward's collective runs on every rank that needs dH; it needs every rank to call backward alike
+(the same outputs used, the same inputs requiring grad).
+
+Bad input (a target outside [0, V), ranks that disagree on D, on the tokens or on the targets, an empty shard,
+any argument the single-device op rejects) raises a ValueError on every rank of the group after the set-up
+gather: no rank leaves the others waiting in a collective.
+
+Backends: "torch" and "triton" (forward_impl="sliced": the fused forward returns finished log-sum-exps, not the
+mergeable statistics). "reference" is refused: it would need the [N, V] logits gathered. The collectives are
+torch.distributed's: NCCL with CUDA tensors on GPUs, gloo with CPU tensors (how the tests run it).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import torch
+
+from ._validation import check_linear_inputs, check_temperature, check_weight_grad_dtype
+from .sliced import passes_for, plan_slices, resolve_budget, sliced_backward, sliced_stats
+
+logger = logging.getLogger("pacs_kernels")
+
+# One row of the set-up gather, per rank.
+LAYOUT_FIELDS = ("error", "shard_rows", "dim", "tokens", "valid_rows", "target_min", "target_max",
+                 "targets_checksum", "options_checksum")
+_DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
+
+
+class VocabLayout(NamedTuple):
+    """This rank's place in the vocabulary: its rows [offset, offset + rows) of the global `vocab`."""
+
+    rank: int
+    world: int
+    offset: int
+    rows: int
+    vocab: int
+    n_valid: int
+
+
+def _comm_device(group, fallback: torch.device | None) -> torch.device:
+    """CUDA (the current device) for NCCL, else the inputs' device (gloo: CPU)."""
+    import torch.distributed as dist
+
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return fallback if fallback is not None and fallback.type == "cpu" else torch.device("cpu")
+
+
+def check_group(group) -> None:
+    """The group must be a torch.distributed process group of an initialized default group."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("vocab_parallel_group needs torch.distributed initialized (init_process_group)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"vocab_parallel_group must be a torch.distributed ProcessGroup (e.g. "
+                         f"torch.distributed.group.WORLD or dist.new_group(...)), got {type(group).__name__}")
+
+
+def _targets_checksum(targets: torch.Tensor) -> int:
+    """A cheap fingerprint of the target ids (ranks must hold the same ones): sum of id * (1 + position % 127)."""
+    flat = targets.reshape(-1).long()
+    weights = torch.arange(flat.numel(), device=flat.device) % 127 + 1
+    return int((flat * weights).sum())
+
+
+def exchange_layout(group, hidden, weight, targets, ignore_index: int, options: tuple, error: ValueError | None):
+    """One all_gather of every rank's sizes and target range; raises the same ValueError on every rank if any
+    rank's inputs are bad (its own message where it is the bad one). Returns the `VocabLayout`."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    row = [0] * len(LAYOUT_FIELDS)
+    n_valid_local = 0
+    if error is None:
+        flat = targets.reshape(-1)
+        valid = flat != ignore_index
+        ids = flat[valid]
+        n_valid_local = int(ids.numel())
+        t_min, t_max = (int(ids.min()), int(ids.max())) if n_valid_local else (0, 0)
+        row = [0, weight.shape[0], weight.shape[1], flat.numel(), n_valid_local, t_min, t_max,
+               _targets_checksum(targets), hash(options) & 0x7FFFFFFFFFFFFFFF]
+    else:
+        row[0] = 1
+    device = _comm_device(group, getattr(hidden, "device", None) if isinstance(hidden, torch.Tensor) else None)
+    mine = torch.tensor(row, dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(table, mine, group=group)
+    table = torch.stack(table).cpu().tolist()
+    fields = [dict(zip(LAYOUT_FIELDS, r)) for r in table]
+
+    bad = [r for r, f in enumerate(fields) if f["error"]]
+    if bad:
+        others = f" (rank(s) {bad} of the vocab-parallel group rejected their inputs)"
+        if error is not None:
+            raise ValueError(f"{error}{others}") from None
+        raise ValueError(f"linear_logprob(vocab_parallel_group=...): this rank's inputs are valid, but{others[1:-1]}; "
+                         "see the error on those ranks")
+    mismatch = [name for name in ("dim", "tokens", "valid_rows", "targets_checksum", "options_checksum")
+                if len({f[name] for f in fields}) > 1]
+    if mismatch:
+        listing = "; ".join(f"rank {r}: weight shard [{f['shard_rows']}, {f['dim']}], {f['tokens']} tokens, "
+                            f"{f['valid_rows']} valid" for r, f in enumerate(fields))
+        raise ValueError(f"vocab-parallel shards do not add up: the ranks disagree on {mismatch} (hidden, targets, "
+                         f"D and the options must be the same on every rank; each holds its own rows of the "
+                         f"weight): {listing}")
+    sizes = [f["shard_rows"] for f in fields]
+    vocab = sum(sizes)
+    lows = [f["target_min"] for f in fields if f["valid_rows"]]
+    highs = [f["target_max"] for f in fields if f["valid_rows"]]
+    if lows and (min(lows) < 0 or max(highs) >= vocab):
+        flat = targets.reshape(-1)
+        out = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+        examples = flat[out][:5].tolist()
+        raise ValueError(f"{int(out.sum())} target id(s) outside the global vocabulary [0, V={vocab}) (shards "
+                         f"{sizes} over {world} ranks) and not ignore_index={ignore_index}, e.g. {examples}")
+    return VocabLayout(rank, world, sum(sizes[:rank]), sizes[rank], vocab, fields[rank]["valid_rows"])
+
+
+def reduce_stats(m, s, t, zy, group):
+    """(lse, entropy or None, logprob) from this rank's per-token statistics over its rows: all_reduce MAX of m
+    (N floats), then one all_reduce SUM of the rescaled s, t and the target logit (3N floats)."""
+    import torch.distributed as dist
+
+    m_all = m.clone()
+    dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
+    live = s > 0  # a shard whose logits are all -inf (banned by the bias) has s = 0: weight 0, never nan
+    gap = torch.where(live, m - m_all, torch.zeros_like(m))
+    scale = torch.where(live, gap.exp(), torch.zeros_like(s))
+    parts = [scale * s, zy] if t is None else [scale * s, zy, scale * (t + gap * s)]
+    packed = torch.stack(parts)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    s_all, zy_all = packed[0], packed[1]
+    log_s = s_all.log()
+    lse = m_all + log_s
+    entropy = None if t is None else (log_s - packed[2] / s_all).clamp_min(0.0)  # as _stats.finalize_stats
+    logprob = (zy_all - lse).clamp_max(0.0)
+    return lse, entropy, logprob
+
+
+class VocabParallelLinearLogprob(torch.autograd.Function):
+    """hidden [N, D] (replicated), weight shard [V_r, D], bias shard [V_r] | None, local targets [N] (global id -
+    offset: out of [0, V_r) where another rank owns the target) -> (logprob [N], entropy [N] | None), unsharded."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, local_targets, params, group):
+        passes = passes_for(params.backend, hidden)
+        plan = plan_slices(hidden.shape[0], weight.shape[0], passes.forward_bytes, params.memory_budget,
+                           hidden.device, params.chunk_n, params.v_slice)
+        m, s, t, zy = sliced_stats(hidden, weight, bias, local_targets, params.inv_temperature, params.with_entropy,
+                                   passes, plan)
+        lse, entropy, logprob = reduce_stats(m, s, t, zy, group)
+        ctx.save_for_backward(hidden, weight, bias, local_targets, lse, entropy)
+        ctx.params, ctx.group = params, group
+        ctx.set_materialize_grads(False)
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprob, grad_entropy):
+        import torch.distributed as dist
+
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        p = ctx.params
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if (grad_logprob is None and grad_entropy is None) or not any(needs):
+            return None, None, None, None, None, None
+        passes = passes_for(p.backend, hidden)
+        plan = plan_slices(hidden.shape[0], weight.shape[0], passes.backward_bytes, p.memory_budget, hidden.device,
+                           p.chunk_n, p.v_slice)
+        d_hidden, d_weight, d_bias = sliced_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob,
+                                                     grad_entropy, p.inv_temperature, needs, passes, plan,
+                                                     p.weight_grad_dtype)
+        if d_hidden is not None:
+            # This rank's columns' share of dH = dz @ W; summed in float32 (float64 for float64 inputs), then
+            # rounded once to hidden's dtype.
+            dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
+            d_hidden = d_hidden.to(hidden.dtype)
+        return (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
+                None if d_bias is None else d_bias.to(bias.dtype), None, None, None)
+
+
+def vocab_parallel_linear_logprob(hidden, weight, targets, *, bias, temperature, ignore_index, with_entropy, backend,
+                                  forward_impl, memory_budget, weight_grad_dtype, group):
+    """`linear_logprob` with `weight`/`bias` this rank's rows of the vocabulary (see the module docstring)."""
+    from .linear_logprob import (LogprobOutput, LogprobParams, _zeros_with_graph, resolve_backend,
+                                 resolve_forward_impl, scatter_rows, valid_rows)
+
+    check_group(group)  # before any collective; the same outcome on every rank of a well-formed job
+    error, problem, params = None, None, None
+    try:  # every check the single-device op makes, except the target range: the ranks decide that together
+        if not isinstance(hidden, torch.Tensor):
+            raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+        backend = resolve_backend(backend, hidden.device)
+        if backend == "reference":
+            raise ValueError("vocab_parallel_group runs on the 'torch' or 'triton' backend; 'reference' would "
+                             "gather the [N, V] logits")
+        inv_temperature = 1.0 / check_temperature(temperature)
+        problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, check_targets=False)
+        check_weight_grad_dtype(weight_grad_dtype, weight)
+        if resolve_forward_impl(forward_impl, backend, hidden) == "fused":
+            logger.info("linear_logprob: vocab_parallel_group uses forward_impl='sliced' (the fused forward "
+                        "returns finished log-sum-exps, not statistics to merge across ranks)")
+        budget = resolve_budget(memory_budget, hidden.device)
+        params = LogprobParams(backend, inv_temperature, bool(with_entropy), weight_grad_dtype, "sliced", budget)
+        options = (_DTYPE_CODES.get(hidden.dtype, 0), round(inv_temperature, 12), int(ignore_index),
+                   bool(with_entropy), bias is not None)
+    except ValueError as err:
+        error, options = err, ()
+    layout = exchange_layout(group, hidden, weight, targets, ignore_index, options, error)
+
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    lead = problem.lead_shape
+    if layout.n_valid == 0:  # the same on every rank (checked): no collective at all
+        zeros = _zeros_with_graph(hidden, weight, lead, out_dtype)
+        return LogprobOutput(zeros, zeros.clone() if with_entropy else None)
+    problem = problem._replace(vocab=layout.vocab, n_valid=layout.n_valid)
+    flat_hidden, flat_targets, index = valid_rows(hidden, targets, problem, ignore_index)
+    local_targets = flat_targets - layout.offset
+    logprob, entropy = VocabParallelLinearLogprob.apply(flat_hidden, weight, bias, local_targets, params, group)
+
+    def unflatten(x):
+        return None if x is None else scatter_rows(x, index, problem.n_tokens).view(lead)
+
+    return LogprobOutput(unflatten(logprob), unflatten(entropy))
