@@ -18,7 +18,7 @@ trl = pytest.importorskip("trl")
 
 from pacs.integrations import trl as pacs_trl  # noqa: E402
 from pacs.integrations.trl import PACSConfig, PACSTrainer  # noqa: E402
-from tests.pacs_reference import pacs_reference  # noqa: E402
+from .pacs_reference import pacs_reference  # noqa: E402
 
 V = 4096
 D = 32

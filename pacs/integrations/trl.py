@@ -225,6 +225,9 @@ def install_pacs_head(model, *, temperature: float, backend: str = "auto", memor
             extra = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
                                        ("num_items_in_batch", num_items_in_batch)) if v is not None}
             return previous_forward(*args, **extra, **kwargs)
+        if kwargs.get("output_router_logits"):
+            raise ValueError("pacs_kernels' fused head does not compute the MoE load-balancing loss TRL asks for "
+                             "(output_router_logits=True); set pacs_fused_head=False, or router_aux_loss_coef=0")
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         if shift_labels is None:  # position t predicts token t + 1
@@ -239,7 +242,8 @@ def install_pacs_head(model, *, temperature: float, backend: str = "auto", memor
         weight, bias = head.weight, head.bias
         hidden, targets = hidden.to(weight.device), targets.to(weight.device)
         # linear_logprob takes hidden and weight in one dtype and accumulates in float32 itself: use the autocast
-        # dtype when autocast is on (as the matmul would), float32 when the head is cast to it, else hidden's.
+        # dtype when autocast is on (as autocast's own lm_head matmul would, weight cast included), float32 when
+        # the head is cast to it, else hidden's. Unlike TRL's head it keeps the logits in float32 under autocast.
         device_type = hidden.device.type
         if cast_lm_head_to_fp32:
             dtype = torch.float32
