@@ -314,6 +314,15 @@ def test_pacs_accumulation_and_steps_per_generation(tokenizer):
     assert steps[1]["pacs/psi_std"] > 0
 
 
+def test_pacs_evaluate(tokenizer):
+    """TRL's evaluation loop: groups of num_generations_eval, the same metrics under eval_."""
+    trainer = make_trainer(PACSTrainer, config(per_device_eval_batch_size=4), tokenizer,
+                           eval_dataset=dataset().select(range(2)))
+    metrics = trainer.evaluate()
+    assert math.isclose(metrics["eval_loss"], math.log(2), abs_tol=1e-6)
+    assert metrics["eval_pacs/critic_auc"] == 0.5 and "eval_pacs/psi_std" in metrics
+
+
 def test_pacs_triton_backend_matches_torch(tokenizer):
     trainer = make_trainer(PACSTrainer, config(), tokenizer)
     inputs = hand_batch(trainer)
