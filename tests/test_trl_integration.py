@@ -358,6 +358,11 @@ def test_split_group_raises(tokenizer):
         trainer.compute_loss(trainer.model, hand_batch(trainer, groups=(0, 0, 0, 1)))
 
 
+def test_pacs_needs_pacs_config(tokenizer):
+    with pytest.raises(ValueError, match="PACSConfig"):
+        make_trainer(PACSTrainer, config(trl.GRPOConfig, loss_type="pacs"), tokenizer)
+
+
 def test_trl_internals_check(monkeypatch):
     pacs_trl.check_trl()  # the installed TRL is a tested one
     monkeypatch.setattr(trl, "__version__", "9.0.0")

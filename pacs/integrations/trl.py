@@ -283,6 +283,9 @@ class PACSTrainer(GRPOTrainer):
         check_trl()
         super().__init__(*args, **kwargs)
         cfg = self.args
+        if cfg.loss_type == "pacs" and not isinstance(cfg, PACSConfig):
+            raise ValueError("loss_type='pacs' needs a PACSConfig (it holds the PACS options and checks them); got "
+                             f"{type(cfg).__name__}")
         self.pacs_beta = getattr(cfg, "pacs_beta", 1.0)
         self.pacs_advantage = getattr(cfg, "pacs_advantage", "rloo")
         self.pacs_class_balance = getattr(cfg, "pacs_class_balance", True)
