@@ -21,6 +21,9 @@ Two things, each usable without the other:
    loss is exactly ln 2). To keep groups whole, the generation batch is shuffled by whole groups before TRL splits
    it into `steps_per_generation` micro-batches; a micro-batch that still holds a partial group (a batch size that
    is not a multiple of `num_generations`, or groups cut across processes) raises a ValueError naming the settings.
+   A micro-batch's loss is the mean weighted BCE over its sequences divided by the accumulation steps (as TRL
+   scales grpo's); a fixed `entropy_coef` subtracts the mean completion-token entropy as TRL does. TRL's
+   advantages (`scale_rewards`, `multi_objective_aggregation`) are still computed for its logs but not used.
    Logged next to TRL's metrics: `pacs/psi_mean`, `pacs/psi_std`, `pacs/bce`, and the implicit critic's
    `pacs/critic_brier` and `pacs/critic_auc` (sigmoid(psihat) against the labels).
 
