@@ -314,6 +314,24 @@ def test_pacs_accumulation_and_steps_per_generation(tokenizer):
     assert steps[1]["pacs/psi_std"] > 0
 
 
+def test_pacs_entropy_bonus(tokenizer):
+    """On-policy PACS with TRL's entropy_coef: ln 2 minus coef x the mean completion-token entropy, whose gradient
+    the loss carries (the gradient differs from the loss without the bonus)."""
+    coef = 0.1
+    trainer = make_trainer(PACSTrainer, config(entropy_coef=coef), tokenizer)
+    inputs = hand_batch(trainer, off_policy=False)
+    loss, grads = loss_and_grads(trainer, inputs)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        _, entropy, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, 6, compute_entropy=True)
+    m = inputs["completion_mask"]
+    assert math.isclose(loss.item(), math.log(2) - coef * ((entropy * m).sum() / m.sum()).item(), rel_tol=1e-6)
+    plain = make_trainer(PACSTrainer, config(), tokenizer, copy.deepcopy(trainer.model))
+    _, plain_grads = loss_and_grads(plain, inputs)
+    assert not torch.allclose(grads["model.norm.weight"], plain_grads["model.norm.weight"])
+
+
 def test_pacs_evaluate(tokenizer):
     """TRL's evaluation loop: groups of num_generations_eval, the same metrics under eval_."""
     trainer = make_trainer(PACSTrainer, config(per_device_eval_batch_size=4), tokenizer,
