@@ -380,7 +380,9 @@ class PACSTrainer(GRPOTrainer):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:  # tool-call output tokens are not the policy's
+            mask = mask * inputs["tool_mask"]
         extra = {name: inputs.get(name) for name in (
             "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
             "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")}
@@ -491,7 +493,8 @@ def _pacs_soft_balanced(logps, old, mask, rewards, group_size, beta, score, adva
     r = rewards.view(-1, group_size).to(psihat.dtype)
     positive = r > 0.5
     k = positive.sum(1, keepdim=True).to(r.dtype)
-    balanced = torch.where(positive, group_size / (2 * k.clamp(min=1)), group_size / (2 * (group_size - k).clamp(min=1)))
+    balanced = torch.where(positive, group_size / (2 * k.clamp(min=1)),
+                           group_size / (2 * (group_size - k).clamp(min=1)))
     weight = torch.where((k > 0) & (k < group_size), balanced, torch.ones_like(r))
     bce = torch.nn.functional.binary_cross_entropy_with_logits(psihat, r, reduction="none")
     loss = (weight * bce).sum() / r.numel()
