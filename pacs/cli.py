@@ -13,6 +13,7 @@ exit status 2, before any work; -v shows its traceback too.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -93,7 +94,8 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args).validate()  # before logging, models or data: errors come first
     _setup_logging(args.verbose)
     run_dir = train(cfg)
-    print(f"run directory: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 only
+        print(f"run directory: {run_dir}")
     return 0
 
 

@@ -128,6 +128,9 @@ def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
     """Last hidden states [N, D] of the packed sequences, each attending only to itself."""
+    packed_forward = getattr(model, "packed_forward", None)  # an FSDP-sharded model (pacs/distributed.py)
+    if packed_forward is not None:
+        return packed_forward(batch.input_ids, batch.position_ids)[0]
     out = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
                            use_cache=False)
     return out.last_hidden_state[0]

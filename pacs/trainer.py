@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 import pacs_kernels
 
+from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, snapshot_interval
 from .data import format_prompt, load_dataset
@@ -89,6 +90,7 @@ class Session:
     generator: HFGenerator
     run_dir: Path
     info: dict = field(default_factory=dict)
+    dist: distributed.DistContext = distributed.SINGLE
 
 
 def seed_everything(seed: int) -> None:
@@ -97,11 +99,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(cfg: TrainConfig) -> Session:
+def setup(cfg: TrainConfig, dist: distributed.DistContext = distributed.SINGLE) -> Session:
+    """Data, model, tokenizer and generator. Under torchrun (`dist.enabled`) the model is FSDP2-sharded
+    (pacs/distributed.py; on CUDA float32 master weights computed in `dtype`) and rank r seeds with seed + r."""
     cfg.validate()
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    seed_everything(cfg.seed + dist.rank)
+    device = distributed.device_for(dist, cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    compute_dtype = dtype
+    if dist.enabled and device.type == "cuda":
+        dtype = torch.float32  # FSDP's MixedPrecisionPolicy gathers the float32 shards in compute_dtype
     attn = attention_implementation(cfg.attn, device)
     train, test = load_dataset(cfg.data, split_seed=cfg.split_seed, level=cfg.level, n_train=cfg.n_train,
                                n_test=cfg.n_test, problem_key=cfg.problem_key, answer_key=cfg.answer_key,
@@ -124,20 +131,22 @@ def setup(cfg: TrainConfig) -> Session:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False  # packed training passes must not build a cache (see modeling.py)
+    n_params = sum(p.numel() for p in model.parameters())
+    if dist.enabled:
+        distributed.shard_model(model, dist, device, compute_dtype)
     synthetic = cfg.synthetic
     encode = lambda p: format_prompt(tokenizer, p, synthetic=synthetic, use_chat_template=cfg.use_chat_template)
     generator = HFGenerator(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                             batch_size=cfg.generation_batch)
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    n_params = sum(p.numel() for p in model.parameters())
-    info = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "attention": attn,
+    info = {"device": str(device), "dtype": str(compute_dtype).replace("torch.", ""), "attention": attn,
             "parameters": n_params, "train_problems": len(train), "test_problems": len(test),
-            **environment_info(device)}
+            **environment_info(device), "world_size": dist.world}
     logger.info("model %s: %.2fM parameters, %s, %s, attention=%s", cfg.model, n_params / 1e6, device,
                 info["dtype"], attn)
     return Session(cfg, model, tokenizer, device, train, test, [encode(p) for p in train],
-                   [encode(p) for p in test], generator, run_dir, info)
+                   [encode(p) for p in test], generator, run_dir, info, dist)
 
 
 def _cpu_name() -> str:
@@ -202,7 +211,7 @@ def kernel_backend(cfg: TrainConfig) -> str:
 
 
 def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor | None, rewards: torch.Tensor,
-                cfg: TrainConfig, dapo_normalizer: float | None = None):
+                cfg: TrainConfig, dapo_normalizer: float | None = None, entropy_coef: float | None = None):
     """The configured loss on one packed mini-batch of whole groups; returns (loss, output of pacs_kernels).
 
     old_logprob None: on-policy (the model is the rollout policy), the losses' one-pass path.
@@ -210,11 +219,13 @@ def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor | None, rew
     GRPO/RLOO get TRL's normalizers: dr_grpo divides by max_new_tokens (TRL's max_completion_length), dapo by
     `dapo_normalizer` (the rollout batch's response tokens / its mini-batches: TRL's num_items_in_batch over
     steps_per_generation), so every mini-batch step of a rollout has the same scale.
+    `entropy_coef` overrides cfg.entropy_coef (a rank's share under torchrun, `distributed.loss_scales`).
     """
     hidden = packed_hidden_states(model, batch)
     weight, bias = lm_head_params(model)
     backend = kernel_backend(cfg)
-    common = dict(group_size=cfg.group_size, temperature=cfg.temperature, bias=bias, entropy_coef=cfg.entropy_coef,
+    entropy_coef = cfg.entropy_coef if entropy_coef is None else entropy_coef
+    common = dict(group_size=cfg.group_size, temperature=cfg.temperature, bias=bias, entropy_coef=entropy_coef,
                   with_entropy=True, backend=backend)
     args = (hidden, weight, batch.targets, old_logprob, rewards, batch.cu_seqlens)
     if cfg.algo == "pacs":
@@ -246,16 +257,28 @@ def auc_score(scores: list[float], labels: list[float]) -> float | None:
 
 
 def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rewards: list[float],
-                       cfg: TrainConfig, device, reference=None, reference_fresh: bool = False) -> dict:
+                       cfg: TrainConfig, device, reference=None, reference_fresh: bool = False,
+                       dist: distributed.DistContext = distributed.SINGLE) -> dict:
     """Old log-probs, then one optimizer step per mini-batch of whole groups. Returns the step's statistics.
 
     `reference`: PACS's snapshot policy (`--reference snapshot:K`); its log-probs take the old-log-prob slot of
     every mini-batch, so psi = beta * sum(log pi - log pi_ref). `reference_fresh`: it was refreshed from the
-    model at this rollout step, so it still equals the model at the first mini-batch."""
+    model at this rollout step, so it still equals the model at the first mini-batch.
+    Under torchrun (`dist.enabled`, an FSDP model) `rollouts` are this rank's groups, part `rank` of each
+    mini-batch (`distributed.rank_share`); each rank's loss is scaled so that the averaged gradients are the
+    single-process ones of the whole mini-batch (`distributed.loss_scales`), and the statistics are global."""
     G = cfg.group_size
     n_groups = len(rollouts) // G
-    k = max(1, min(cfg.minibatches_per_rollout, n_groups))
-    bounds = [round(i * n_groups / k) for i in range(k + 1)]
+    if dist.enabled:  # the global number of groups -> this rank's groups per mini-batch
+        n_global = int(dist.all_reduce_sum(torch.tensor([float(n_groups)]))[0])
+        k = max(1, min(cfg.minibatches_per_rollout, n_global))
+        sizes = [len(part) for part in distributed.rank_share(n_global, k, dist.world, dist.rank)]
+        if sum(sizes) != n_groups:
+            raise ValueError(f"rank {dist.rank} got {n_groups} groups; distributed.rank_share gives it {sum(sizes)}")
+        bounds = [sum(sizes[:i]) for i in range(k + 1)]
+    else:
+        k = max(1, min(cfg.minibatches_per_rollout, n_groups))
+        bounds = distributed.minibatch_bounds(n_groups, k)
     minibatches = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         chunk = rollouts[a * G:b * G]
@@ -271,18 +294,29 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
     skip = [cfg.on_policy_shortcut and (t or (cfg.algo == "pacs" and cfg.score == "logprob_mean")) for t in trivial]
     scorer = model if reference is None else reference
     olds = [None if s else old_logprobs(scorer, batch, cfg) for s, (batch, _) in zip(skip, minibatches)]
-    response_tokens = sum(int((batch.targets != -100).sum()) for batch, _ in minibatches)
+    counts = torch.tensor([[float(batch.cu_seqlens.numel() - 1), float((batch.targets != -100).sum())]
+                           for batch, _ in minibatches], dtype=torch.float64)  # [k, 2]: sequences, tokens
+    totals = dist.all_reduce_sum(counts)  # one all-reduce for the whole rollout under torchrun
+    response_tokens = int(totals[:, 1].sum())
     dapo_normalizer = max(response_tokens, 1) / len(minibatches)
+    scales = distributed.loss_scales(cfg, counts, totals, dist.world) if dist.enabled else [(1.0, 1.0)] * k
 
     stats = {"loss": [], "grad_norm": [], "skipped": 0, "entropy": [], "psi": [], "critic_prob": [],
              "critic_label": [], "clip_fraction": [], "train_tokens": 0}
     model.train()
+    scaled_losses = []
     for i, ((batch, r), old) in enumerate(zip(minibatches, olds)):
-        loss, out = policy_loss(model, batch, old, r, cfg, dapo_normalizer)
+        scale, entropy_factor = scales[i]
+        loss, out = policy_loss(model, batch, old, r, cfg, dapo_normalizer,
+                                entropy_coef=cfg.entropy_coef * entropy_factor)
+        if dist.enabled:
+            loss = loss * scale
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        # FSDP2: a Replicate DTensor holding the global norm, the same on every rank
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if math.isfinite(grad_norm):
             optimizer.step()
             scheduler.step()
@@ -291,11 +325,11 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
             optimizer.zero_grad(set_to_none=True)
             logger.warning("non-finite gradient norm (%s): optimizer step skipped", grad_norm)
         mask = batch.targets != -100
-        stats["loss"].append(loss.item())
+        scaled_losses.append(loss.item())
         stats["grad_norm"].append(grad_norm)
         stats["train_tokens"] += batch.n_tokens
-        if out.entropy is not None and mask.any():
-            stats["entropy"].append(out.entropy[mask].mean().item())
+        if out.entropy is not None and (mask.any() or dist.enabled):  # distributed: one value per mini-batch
+            stats["entropy"].append(out.entropy[mask].mean().item() if mask.any() else 0.0)
         if cfg.algo == "pacs":
             stats["psi"].extend(out.score.tolist())
             if not trivial[i]:
@@ -303,7 +337,12 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
                 stats["critic_label"].extend(r.tolist())
         else:
             stats["clip_fraction"].append(out.clip_fraction.item())
-    return stats
+    if not dist.enabled:
+        stats["loss"] = scaled_losses
+        return stats
+    # The mean over ranks of the scaled losses is the single-process loss of each mini-batch.
+    stats["loss"] = (dist.all_reduce_sum(torch.tensor(scaled_losses, dtype=torch.float64)) / dist.world).tolist()
+    return distributed.merge_stats(stats, dist, {"tokens": counts[:, 1].tolist()})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -342,7 +381,7 @@ def sft_warmup(session: Session, log) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     rng = random.Random(cfg.seed + 17)
     model.train()
-    bar = tqdm(range(cfg.sft_steps), desc="supervised warm-up", dynamic_ncols=True)
+    bar = tqdm(range(cfg.sft_steps), desc="supervised warm-up", dynamic_ncols=True, disable=not session.dist.is_main)
     for step in bar:
         idx = [rng.randrange(len(session.train)) for _ in range(cfg.sft_batch)]
         prompts = [session.train_prompts[i] for i in idx]
@@ -372,9 +411,12 @@ def peak_memory_mb(device) -> float:
 
 def run_eval(session: Session, tag: str, log) -> dict:
     cfg = session.cfg
-    result = evaluate(session.generator, session.tokenizer, session.test, session.test_prompts, n=cfg.eval_n,
-                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
+    with distributed.gathered_for_generation(session.model):  # under torchrun every rank evaluates; rank 0 writes
+        result = evaluate(session.generator, session.tokenizer, session.test, session.test_prompts, n=cfg.eval_n,
+                          temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
     result["tag"] = tag
+    if not session.dist.is_main:
+        return result
     save_result(result, session.run_dir / "eval" / f"{tag}.json")
     tqdm.write(f"eval [{tag}] pass@k on {result['problems']} held-out problems (n={cfg.eval_n}, "
                f"T={cfg.eval_temperature}):\n{format_table(result)}")
@@ -411,8 +453,14 @@ def train(cfg: TrainConfig) -> Path:
     """Run training as configured; returns the run directory (metrics.jsonl, eval/, checkpoints/, plots/).
 
     A bad configuration raises ValueError (`TrainConfig.validate`) before anything is built.
+    Under torchrun it runs on every rank with an FSDP2-sharded model (pacs/distributed.py); rank 0 writes the
+    metrics, config.json, eval results and plots, and checkpoints go through torch.distributed.checkpoint.
     """
-    session = setup(cfg)  # validates first
+    dist = distributed.init_distributed(cfg.device)
+    problems = distributed.config_problems(cfg, dist.world)
+    if problems:
+        raise ValueError("; ".join(problems))
+    session = setup(cfg, dist)  # validates first
     model, device, run_dir = session.model, session.device, session.run_dir
     optimizer, scheduler = make_optimizer(model, cfg)
     interval = snapshot_interval(cfg.reference)
@@ -424,12 +472,14 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.resume and ckpt is None:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    if ckpt is None:
+    if ckpt is None and dist.is_main:
         metrics_path.write_text("")
         (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), **session.info}, indent=2))
-    writer = _tensorboard(cfg, run_dir)
+    writer = _tensorboard(cfg, run_dir) if dist.is_main else None
 
     def log(row: dict) -> None:
+        if not dist.is_main:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if writer is not None:
@@ -438,9 +488,14 @@ def train(cfg: TrainConfig) -> Path:
                     writer.add_scalar(f"{row.get('phase', 'train')}/{key}", value, row.get("step", 0))
 
     if ckpt is not None:
-        state.update(load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     extra_models=extra_models))
-        tqdm.write(f"resumed from {ckpt} at step {state['step']}")
+        if dist.enabled:
+            state.update(distributed.load_dcp_checkpoint(ckpt, model=model, optimizer=optimizer,
+                                                         scheduler=scheduler, ctx=dist))
+        else:
+            state.update(load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
+                                         extra_models=extra_models))
+        if dist.is_main:
+            tqdm.write(f"resumed from {ckpt} at step {state['step']}")
     else:
         if cfg.sft_steps > 0:
             run_eval(session, "init", log)
@@ -451,9 +506,15 @@ def train(cfg: TrainConfig) -> Path:
     saved = {"step": state["step"] if ckpt is not None else None}
 
     def checkpoint():
-        save_checkpoint(run_dir, state["step"], model=model, optimizer=optimizer, scheduler=scheduler,
-                        trainer_state={k: v for k, v in state.items() if k != "step"}, config=cfg.to_dict(),
-                        keep=cfg.keep_checkpoints, extra_models=extra_models)
+        trainer_state = {k: v for k, v in state.items() if k != "step"}
+        if dist.enabled:
+            distributed.save_dcp_checkpoint(run_dir, state["step"], model=model, optimizer=optimizer,
+                                            scheduler=scheduler, trainer_state=trainer_state, config=cfg.to_dict(),
+                                            keep=cfg.keep_checkpoints, ctx=dist)
+        else:
+            save_checkpoint(run_dir, state["step"], model=model, optimizer=optimizer, scheduler=scheduler,
+                            trainer_state=trainer_state, config=cfg.to_dict(), keep=cfg.keep_checkpoints,
+                            extra_models=extra_models)
         saved["step"] = state["step"]
 
     if ckpt is None and cfg.sft_steps > 0:
@@ -461,7 +522,8 @@ def train(cfg: TrainConfig) -> Path:
 
     sampling = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=cfg.max_new_tokens)
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{cfg.algo} steps", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{cfg.algo} steps", dynamic_ncols=True,
+               disable=not dist.is_main)
     with _StopFlag() as stop:
         while state["step"] < cfg.steps and not stop.stop:
             t0 = time.perf_counter()
@@ -471,15 +533,22 @@ def train(cfg: TrainConfig) -> Path:
                 if cfg.reset_optimizer:
                     optimizer.state.clear()
             idx = batch_indices(len(session.train), cfg.prompts_per_step, state["data_position"], cfg.seed)
-            rollouts = session.generator.generate([session.train_prompts[i] for i in idx], sampling)
+            if dist.enabled:  # this rank's part of every mini-batch, whole groups
+                k = max(1, min(cfg.minibatches_per_rollout, len(idx)))
+                idx = [idx[g] for part in distributed.rank_share(len(idx), k, dist.world, dist.rank) for g in part]
+            with distributed.gathered_for_generation(model):
+                rollouts = session.generator.generate([session.train_prompts[i] for i in idx], sampling)
             t_gen = time.perf_counter() - t0
             texts = [session.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
             answers = [session.train[i].answer for i in idx for _ in range(cfg.group_size)]
             rewards = math_reward(texts, answers)
             t1 = time.perf_counter()
             stats = update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, device,
-                                       reference=reference, reference_fresh=fresh)
+                                       reference=reference, reference_fresh=fresh, dist=dist)
             t_update = time.perf_counter() - t1
+            if dist.enabled:  # the whole rollout batch for the logged row
+                rollouts = [x for part in dist.gather(rollouts) for x in part]
+                rewards = [x for part in dist.gather(rewards) for x in part]
             state["step"] += 1
             state["data_position"] += cfg.prompts_per_step
             state["skipped_steps"] += stats["skipped"]
@@ -490,6 +559,8 @@ def train(cfg: TrainConfig) -> Path:
             log(row)
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
+            if dist.enabled:  # a signal reaches the ranks at different moments: stop together
+                stop.stop = bool(dist.all_reduce_sum(torch.tensor([float(stop.stop)]))[0] > 0)
             if cfg.save_every and state["step"] % cfg.save_every == 0 or stop.stop:
                 checkpoint()
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.steps:
@@ -500,7 +571,7 @@ def train(cfg: TrainConfig) -> Path:
             checkpoint()
         if state["step"] > 0 or ckpt is not None:  # step 0 was evaluated before the loop
             run_eval(session, f"step_{state['step']:06d}", log)
-        if cfg.plot:
+        if cfg.plot and dist.is_main:
             from .plot import plot_run
 
             for path in plot_run(run_dir):

@@ -1,0 +1,191 @@
+"""`pacs train` under torchrun (FSDP2, gloo on the CPU): the world-size-2 update equals the single-process one,
+and the smoke run writes, checkpoints and resumes.
+
+The update test runs one `update_on_rollouts` (2 mini-batches, so 2 AdamW steps) on fixed rollouts in this
+process with the plain model, then in 2 spawned gloo workers with the FSDP2-sharded model, each given its part
+of every mini-batch (`distributed.rank_share`), and compares the parameters and the logged losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pacs import distributed
+from pacs.config import TrainConfig
+from pacs.modeling import build_tiny_model
+from pacs.rollout import Rollout
+from pacs.tasks import CharTokenizer
+from pacs.trainer import make_optimizer, update_on_rollouts
+
+from .dist_helpers import run_workers
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+G = 4
+N_GROUPS = 6  # 2 mini-batches of 3 groups: ranks get 2 and 1 groups of each (a ragged split)
+CONFIGS = {
+    "pacs": dict(algo="pacs", entropy_coef=0.01, grad_clip=0.5),
+    "grpo_dapo": dict(algo="grpo", loss_type="dapo", entropy_coef=0.01),
+    "rloo_bnpo_two_pass": dict(algo="rloo", loss_type="bnpo", grad_clip=0.5, on_policy_shortcut=False),
+}
+
+
+def make_config(name) -> TrainConfig:
+    return TrainConfig(group_size=G, minibatches_per_rollout=2, lr=1e-3, weight_decay=0.0, temperature=0.9,
+                       kernel_backend="torch", **CONFIGS[name])
+
+
+def fixed_rollouts(seed=7):
+    """N_GROUPS groups of G random (prompt, response + EOS) sequences, rewards mixed within most groups."""
+    gen = random.Random(seed)
+    vocab = CharTokenizer().vocab_size
+    rollouts, rewards = [], []
+    for g in range(N_GROUPS):
+        prompt = [1] + [gen.randrange(3, vocab) for _ in range(gen.randint(2, 5))]
+        for j in range(G):
+            response = [gen.randrange(3, vocab) for _ in range(gen.randint(1, 6))] + [2]
+            rollouts.append(Rollout(prompt, response, False))
+            rewards.append(float(j % 2 if g % 3 else gen.random() < 0.5))
+    return rollouts, rewards
+
+
+def tiny():
+    return build_tiny_model(CharTokenizer(), hidden=32, layers=2, heads=2, intermediate=64, max_positions=64, seed=5)
+
+
+def local_share(rollouts, rewards, rank):
+    share = distributed.rank_share(N_GROUPS, 2, WORLD, rank)
+    groups = [g for part in share for g in part]
+    return ([r for g in groups for r in rollouts[g * G:(g + 1) * G]],
+            [x for g in groups for x in rewards[g * G:(g + 1) * G]])
+
+
+def update_worker(rank, world, out_dir):
+    ctx = distributed.DistContext(rank, world, rank, True)
+    rollouts, rewards = fixed_rollouts()
+    mine, my_rewards = local_share(rollouts, rewards, rank)
+    results = {}
+    for name in CONFIGS:
+        cfg = make_config(name)
+        model = tiny()
+        distributed.shard_model(model, ctx, torch.device("cpu"), torch.float32)
+        optimizer, scheduler = make_optimizer(model, cfg)
+        stats = update_on_rollouts(model, optimizer, scheduler, mine, my_rewards, cfg, torch.device("cpu"), dist=ctx)
+        results[name] = {"params": distributed.full_state_dict(model), "stats": stats}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_update")
+    run_workers(update_worker, WORLD, str(out), timeout=600)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_update_world2_equals_world1(sharded_results, name):
+    """Same parameters after one update (2 optimizer steps) with 2 FSDP ranks as with one process (rel 1e-5),
+    and the same logged loss, grad norm and entropy on both ranks."""
+    rollouts, rewards = fixed_rollouts()
+    cfg = make_config(name)
+    model = tiny()
+    optimizer, scheduler = make_optimizer(model, cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, torch.device("cpu"))
+    moved = 0.0
+    for rank, result in enumerate(sharded_results):
+        params = result[name]["params"]
+        assert set(params) == set(model.state_dict())
+        keys = list(model.state_dict())
+        whole = (torch.cat([params[k].flatten() for k in keys]),
+                 torch.cat([model.state_dict()[k].flatten() for k in keys]))
+        assert rel(*whole) < 1e-5, (name, rank, rel(*whole))
+        for key, value in model.state_dict().items():
+            # The key bias shifts every score of a query alike: its gradient is 0 in exact arithmetic and AdamW
+            # turns the rounding noise into +-lr steps, which differ between any two summation orders. It is
+            # held to the whole-model bound above only.
+            if not key.endswith("k_proj.bias"):
+                assert rel(params[key], value) < 1e-5, (name, rank, key, rel(params[key], value))
+            moved = max(moved, rel(value, before[key]))
+        got = result[name]["stats"]
+        for key in ("loss", "grad_norm", "entropy", "clip_fraction"):
+            assert len(got[key]) == len(stats[key]), (key, got[key], stats[key])
+            for x, y in zip(got[key], stats[key]):
+                # + 1e-6: GRPO's loss is a sum of O(1) terms that cancel to ~1e-4; float32 rounds the terms
+                assert abs(x - y) <= 1e-5 * abs(y) + 1e-6, (name, key, got[key], stats[key])
+        assert sorted(got["psi"]) == pytest.approx(sorted(stats["psi"]), rel=1e-4, abs=1e-6)
+        assert got["train_tokens"] == stats["train_tokens"]
+    assert moved > 1e-4  # the update did something
+
+
+def test_rank_share_whole_groups():
+    """Each single-process mini-batch is split into contiguous whole-group parts, one per rank, none empty."""
+    for n, k, w in ((6, 2, 2), (32, 4, 8), (7, 3, 2)):
+        shares = [distributed.rank_share(n, k, w, r) for r in range(w)]
+        bounds = distributed.minibatch_bounds(n, k)
+        for i in range(k):
+            parts = [s[i] for s in shares]
+            assert all(parts) and sum(parts, []) == list(range(bounds[i], bounds[i + 1]))
+    with pytest.raises(ValueError, match="cannot give each of 4 ranks"):
+        distributed.rank_share(6, 2, 4, 0)
+    cfg = TrainConfig(prompts_per_step=6, minibatches_per_rollout=2, algo="grpo", scale_rewards="batch")
+    problems = distributed.config_problems(cfg, 4)
+    assert len(problems) == 2 and "--prompts-per-step >= 8" in problems[0] and "scale-rewards" in problems[1]
+    assert distributed.config_problems(cfg, 1) == []
+
+
+def _torchrun(out_dir, *flags, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), "-m",
+           "pacs", "train", "--preset", "smoke", "--out-dir", str(out_dir), "--device", "cpu", *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def train_rows(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("phase") == "train"]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not hasattr(torch.distributed, "run"),
+                    reason="torch.distributed.run unavailable")
+def test_torchrun_smoke_train_and_resume(tmp_path):
+    """torchrun --nproc-per-node 2 -m pacs train --preset smoke --steps 3, then --steps 4 --resume: 3 train rows
+    from rank 0 alone, DCP checkpoints, and the resumed run adds the 4th row."""
+    out = tmp_path / "run"
+    proc = _torchrun(out, "--steps", "3", "--no-plot")
+    assert proc.stdout.count("run directory:") == 1  # rank 0 only
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert ckpt.name == "step_000003"
+    assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "model.pt").is_file()
+    assert {p.name for p in ckpt.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    assert not list((out / "checkpoints").glob(".tmp_*"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == WORLD
+
+    _torchrun(out, "--steps", "4", "--resume", "--plot")
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    assert (out / "plots" / "training.png").is_file()
+    # the consolidated weights load into a plain model (pacs eval --run uses them)
+    state = torch.load(out / "checkpoints" / "step_000004" / "model.pt", weights_only=True)
+    model = build_tiny_model(CharTokenizer(), hidden=32, layers=2, heads=2, intermediate=64, max_positions=256,
+                             seed=0)
+    model.load_state_dict(state)
