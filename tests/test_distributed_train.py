@@ -81,7 +81,31 @@ def update_worker(rank, world, out_dir):
         optimizer, scheduler = make_optimizer(model, cfg)
         stats = update_on_rollouts(model, optimizer, scheduler, mine, my_rewards, cfg, torch.device("cpu"), dist=ctx)
         results[name] = {"params": distributed.full_state_dict(model), "stats": stats}
+        if name == "pacs":
+            results["resume"] = _save_and_load(ctx, cfg, model, optimizer, scheduler, out_dir)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def _save_and_load(ctx, cfg, model, optimizer, scheduler, out_dir):
+    """A DCP checkpoint of the updated model and AdamW, loaded into a fresh sharded model: what differs."""
+    path = distributed.save_dcp_checkpoint(out_dir, 2, model=model, optimizer=optimizer, scheduler=scheduler,
+                                           trainer_state={"data_position": 48}, config={"seed": 0}, keep=1,
+                                           ctx=ctx)
+    fresh = tiny()
+    distributed.shard_model(fresh, ctx, torch.device("cpu"), torch.float32)
+    fresh_optimizer, fresh_scheduler = make_optimizer(fresh, cfg)
+    state = distributed.load_dcp_checkpoint(path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler,
+                                            ctx=ctx)
+    before, after = distributed.full_state_dict(model), distributed.full_state_dict(fresh)
+    moments = []
+    for p_old, p_new in zip(model.parameters(), fresh.parameters()):
+        old, new = optimizer.state[p_old], fresh_optimizer.state[p_new]
+        moments.append(float(old["step"]) == float(new["step"]))
+        for key in ("exp_avg", "exp_avg_sq"):
+            moments.append(torch.equal(old[key].to_local(), new[key].to_local()))
+    return {"state": state, "params_equal": all(torch.equal(before[k], after[k]) for k in before),
+            "moments_equal": all(moments), "scheduler": fresh_scheduler.last_epoch == scheduler.last_epoch,
+            "files": sorted(p.name for p in path.iterdir())}
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +153,17 @@ def test_update_world2_equals_world1(sharded_results, name):
         assert sorted(got["psi"]) == pytest.approx(sorted(stats["psi"]), rel=1e-4, abs=1e-6)
         assert got["train_tokens"] == stats["train_tokens"]
     assert moved > 1e-4  # the update did something
+
+
+def test_dcp_checkpoint_round_trip(sharded_results):
+    """save_dcp_checkpoint then load_dcp_checkpoint into a fresh sharded model (same world size): the same
+    parameters, AdamW moments and steps, scheduler position and trainer state on every rank."""
+    for result in sharded_results:
+        got = result["resume"]
+        assert got["params_equal"] and got["moments_equal"] and got["scheduler"], got
+        assert got["state"] == {"step": 2, "data_position": 48}
+        assert got["files"] == ["config.json", "dcp", "model.pt", "rng_rank0.pt", "rng_rank1.pt",
+                                "trainer_state.json", "training.pt"]
 
 
 def test_rank_share_whole_groups():
