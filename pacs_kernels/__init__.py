@@ -9,6 +9,8 @@
   pass and the two-pass loss (2NDV + 8NDV).
 - `known_gradient_logprob` + `attach_gradients`: that one pass for any loss whose per-token gradient is known
   before the forward (e.g. an NLL).
+- `linear_logprob(..., vocab_parallel_group=group)` (and the three losses): the lm_head split by vocabulary rows
+  over a torch.distributed group; only per-token statistics and dH cross the wire (`vocab_parallel.py`).
 """
 
 from .linear_logprob import LogprobOutput, linear_logprob
