@@ -31,7 +31,8 @@ Checkpoints (`save_dcp_checkpoint`): every rank writes its shards of the model a
 consolidated `model.pt` (so `pacs eval --run` and `--init-checkpoint` work unchanged), every rank its RNG state,
 then rank 0 fsyncs, renames the directory into place and moves `latest`, as `pacs/checkpoint.py` does for one
 process. Resume with the same world size is tested; DCP reshards the model and optimizer on load, so another
-world size loads them too (each rank then reseeds its sampler: seed + rank + step), but that is untested.
+world size loads them too (each rank then reseeds its sampler: seed + rank + step): 2 ranks resumed on 1 was
+checked by hand once, it is not in the tests.
 
 Not supported at world size > 1 (refused by `config_problems`): `--reference snapshot:K` and GRPO's
 `--scale-rewards batch` (a standard deviation over the whole mini-batch, which no rank holds).
