@@ -31,8 +31,9 @@ Checkpoints (`save_dcp_checkpoint`): every rank writes its shards of the model a
 consolidated `model.pt` (so `pacs eval --run` and `--init-checkpoint` work unchanged), every rank its RNG state,
 then rank 0 fsyncs, renames the directory into place and moves `latest`, as `pacs/checkpoint.py` does for one
 process. Resume with the same world size is tested; DCP reshards the model and optimizer on load, so another
-world size loads them too (each rank then reseeds its sampler: seed + rank + step): 2 ranks resumed on 1 was
-checked by hand once, it is not in the tests.
+world size loads them too (each rank then reseeds its sampler: seed + rank + step): a 2-rank checkpoint loads
+into one process without torchrun (tested; the single-process trainer's --resume uses `load_dcp_checkpoint` for
+a checkpoint with dcp/) and into 1 torchrun rank (checked by hand); other combinations are untested.
 
 Not supported at world size > 1 (refused by `config_problems`): `--reference snapshot:K` and GRPO's
 `--scale-rewards batch` (a standard deviation over the whole mini-batch, which no rank holds).
@@ -337,6 +338,7 @@ def save_dcp_checkpoint(run_dir, step: int, *, model, optimizer, scheduler, trai
 
 def load_dcp_checkpoint(path: Path, *, model, optimizer, scheduler, ctx: DistContext) -> dict:
     """Restore the sharded model and AdamW states, the scheduler and this rank's RNG; returns the trainer state.
+    Without a process group (ctx SINGLE, a plain model) DCP loads the whole tensors into this one process.
 
     A checkpoint written by one process (model.pt, no dcp/) loads too: the full weights into the shards, AdamW
     starting afresh (a warning says so)."""

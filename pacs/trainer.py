@@ -488,7 +488,7 @@ def train(cfg: TrainConfig) -> Path:
                     writer.add_scalar(f"{row.get('phase', 'train')}/{key}", value, row.get("step", 0))
 
     if ckpt is not None:
-        if dist.enabled:
+        if dist.enabled or ((ckpt / "dcp").is_dir() and extra_models is None):  # torchrun's, also in one process
             state.update(distributed.load_dcp_checkpoint(ckpt, model=model, optimizer=optimizer,
                                                          scheduler=scheduler, ctx=dist))
         else:

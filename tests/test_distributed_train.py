@@ -103,9 +103,14 @@ def _save_and_load(ctx, cfg, model, optimizer, scheduler, out_dir):
         moments.append(float(old["step"]) == float(new["step"]))
         for key in ("exp_avg", "exp_avg_sq"):
             moments.append(torch.equal(old[key].to_local(), new[key].to_local()))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    full_optim = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))[1]["state"]
     return {"state": state, "params_equal": all(torch.equal(before[k], after[k]) for k in before),
             "moments_equal": all(moments), "scheduler": fresh_scheduler.last_epoch == scheduler.last_epoch,
-            "files": sorted(p.name for p in path.iterdir())}
+            "files": sorted(p.name for p in path.iterdir()), "path": str(path), "params": before,
+            "optim": {k: {n: v.detach().cpu() if torch.is_tensor(v) else v for n, v in st.items()}
+                      for k, st in full_optim.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +169,28 @@ def test_dcp_checkpoint_round_trip(sharded_results):
         assert got["state"] == {"step": 2, "data_position": 48}
         assert got["files"] == ["config.json", "dcp", "model.pt", "rng_rank0.pt", "rng_rank1.pt",
                                 "trainer_state.json", "training.pt"]
+
+
+def test_dcp_checkpoint_loads_in_one_process(sharded_results):
+    """The 2-rank checkpoint loads into a plain model and AdamW in this process (no process group: DCP
+    reshards to one rank), as `pacs train --resume` without torchrun does: the same weights and moments."""
+    saved = sharded_results[0]["resume"]
+    cfg = make_config("pacs")
+    model = tiny()
+    optimizer, scheduler = make_optimizer(model, cfg)
+    state = distributed.load_dcp_checkpoint(Path(saved["path"]), model=model, optimizer=optimizer,
+                                            scheduler=scheduler, ctx=distributed.SINGLE)
+    assert state["step"] == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved["params"][key]), key
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    loaded = get_state_dict(model, optimizer)[1]["state"]
+    assert set(loaded) == set(saved["optim"])
+    for name, moments in saved["optim"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(loaded[name][key]).float(), torch.as_tensor(moments[key]).float())
+    assert scheduler.last_epoch == 2
 
 
 def test_rank_share_whole_groups():
