@@ -63,7 +63,6 @@ from .modeling import (
     pack_sequences,
     packed_hidden_states,
     packed_logprobs,
-    pick_device,
     pick_dtype,
 )
 from .rollout import HFGenerator, Rollout, SamplingParams
