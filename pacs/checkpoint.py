@@ -76,10 +76,18 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, schedul
                 "rng": rng_state()}, tmp / "training.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    for f in tmp.iterdir():
+    return publish_checkpoint(tmp, final, keep)
+
+
+def publish_checkpoint(tmp: Path, final: Path, keep: int) -> Path:
+    """Make the complete checkpoint directory `tmp` the checkpoint `final`: fsync every file below it, rename it
+    into place, point `latest` at it, then delete the oldest beyond `keep` (0 keeps all). Returns `final`."""
+    root = final.parent
+    for f in [p for p in tmp.rglob("*") if p.is_file()]:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+        _fsync_dir(d)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

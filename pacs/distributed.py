@@ -296,7 +296,7 @@ def save_dcp_checkpoint(run_dir, step: int, *, model, optimizer, scheduler, trai
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    from .checkpoint import LATEST, _fsync_dir, _write_atomic, rng_state
+    from .checkpoint import publish_checkpoint, rng_state
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
@@ -319,19 +319,7 @@ def save_dcp_checkpoint(run_dir, step: int, *, model, optimizer, scheduler, trai
     ctx.barrier()  # every rank's files are complete
     if ctx.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        for f in [p for p in tmp.rglob("*") if p.is_file()]:
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp / "dcp")
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST, final.name)
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(tmp, final, keep)
     ctx.barrier()
     return final
 
