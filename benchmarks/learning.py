@@ -224,7 +224,7 @@ def run_record(path: Path, algo: str, seed: int) -> dict:
         "start_pass@1": pct(evals[0], 1), "final_pass@1": pct(evals[-1], 1),
         "start_pass@8": pct(evals[0], 8), "final_pass@8": pct(evals[-1], 8),
         "critic_auc": mean("critic_auc"), "critic_brier": mean("critic_brier"),
-        "curve": [[int(r["tag"].split("_")[1]), pct(r, 1)] for r in evals],
+        "curve": [[int(r["tag"].split("_")[1]), pct(r, 1), pct(r, 8)] for r in evals],
         "critic_curve": [[r["step"], r.get("critic_auc"), r.get("critic_brier")] for r in train],
     }
 
@@ -289,24 +289,30 @@ def plot_study(records: list[dict], algos: list[str], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, algo in enumerate(algos):
-        rs = [r for r in records if r["algo"] == algo]
-        steps = sorted({s for r in rs for s, _ in r["curve"]})
-        pts = [(s, mean_ci([v for r in rs for t, v in r["curve"] if t == s])) for s in steps]
-        pts = [(s, m) for s, m in pts if m["mean"] is not None]
-        if not pts:
-            continue
-        xs = [s for s, _ in pts]
-        ax.plot(xs, [m["mean"] for _, m in pts], color=f"C{i}", label=f"{algo} (n={len(rs)})", linewidth=2)
-        if all(m["ci95"] for _, m in pts):
-            ax.fill_between(xs, [m["ci95"][0] for _, m in pts], [m["ci95"][1] for _, m in pts], color=f"C{i}",
-                            alpha=0.15)
-    ax.set_xlabel("RL step (rollout batch)")
-    ax.set_ylabel("held-out pass@1 (%)")
-    ax.set_title("held-out pass@1: mean over seeds, 95% t-interval shaded")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    # pass@1, its gain over the run's own start (the seeds' different starts cancel), and pass@8
+    panels = [("held-out pass@1 (%)", lambda c, c0: c[1]), ("pass@1 gain over the start (points)",
+                                                           lambda c, c0: c[1] - c0[1]),
+              ("held-out pass@8 (%)", lambda c, c0: c[2])]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (label, value) in zip(axes, panels):
+        for i, algo in enumerate(algos):
+            rs = [r for r in records if r["algo"] == algo]
+            steps = sorted({c[0] for r in rs for c in r["curve"]})
+            pts = [(s, mean_ci([value(c, r["curve"][0]) for r in rs for c in r["curve"]
+                                if c[0] == s and value(c, r["curve"][0]) is not None])) for s in steps]
+            pts = [(s, m) for s, m in pts if m["mean"] is not None]
+            if not pts:
+                continue
+            xs = [s for s, _ in pts]
+            ax.plot(xs, [m["mean"] for _, m in pts], color=f"C{i}", label=f"{algo} (n={len(rs)})", linewidth=2)
+            if all(m["ci95"] for _, m in pts):
+                ax.fill_between(xs, [m["ci95"][0] for _, m in pts], [m["ci95"][1] for _, m in pts],
+                                color=f"C{i}", alpha=0.12)
+        ax.set_xlabel("RL step (rollout batch)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("held-out evaluation: mean over seeds, 95% t-interval shaded")
     fig.tight_layout()
     path = out / "learning_curves.png"
     fig.savefig(path, dpi=120)

@@ -85,7 +85,7 @@ def test_run_record_reads_a_run_directory(tmp_path):
     assert r["start_pass@1"] == pytest.approx(40.0) and r["final_pass@1"] == pytest.approx(55.0)
     assert r["final_pass@8"] == pytest.approx(87.5)
     assert r["critic_auc"] == pytest.approx(0.65) and r["critic_brier"] == pytest.approx(0.23)
-    assert r["curve"] == [[0, pytest.approx(40.0)], [3, pytest.approx(55.0)]]
+    assert r["curve"] == [[0, pytest.approx(40.0), pytest.approx(80.0)], [3, pytest.approx(55.0), pytest.approx(87.5)]]
 
 
 def test_algo_flags():
