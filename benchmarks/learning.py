@@ -361,6 +361,9 @@ def write_summary(out: Path, seeds: list[int], algos: list[str], steps: int) -> 
     info = json.loads((first / "config.json").read_text())
     summary["setup"] = {k: info.get(k) for k in ("level", "steps", "prompts_per_step", "group_size", "lr",
                                                  "eval_n", "eval_problems", "versions", "hardware")}
+    warm = warmup_dir(out, records[0]["seed"]) / "config.json"
+    if warm.exists():
+        summary["setup"]["warmup_sft_steps"] = json.loads(warm.read_text()).get("sft_steps")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(summary_table(summary))
     for path in plot_study(records, list(summary["algos"]), out):
