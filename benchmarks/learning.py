@@ -288,6 +288,8 @@ def plot_study(records: list[dict], algos: list[str], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pacs.plot import save_figure
+
     written = []
     # pass@1, its gain over the run's own start (the seeds' different starts cancel), and pass@8
     panels = [("held-out pass@1 (%)", lambda c, c0: c[1]), ("pass@1 gain over the start (points)",
@@ -313,11 +315,7 @@ def plot_study(records: list[dict], algos: list[str], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("held-out evaluation: mean over seeds, 95% t-interval shaded")
-    fig.tight_layout()
-    path = out / "learning_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, out / "learning_curves.png", dpi=120))
 
     critics = [a for a in algos if any(r["algo"] == a and r["critic_auc"] is not None for r in records)]
     if critics:
@@ -343,11 +341,7 @@ def plot_study(records: list[dict], algos: list[str], out: Path) -> list[Path]:
         axes[1].axhline(0.25, color="0.5", linestyle=":")
         axes[0].legend()
         fig.suptitle("implicit critic on the training rollouts: 10-step mean per seed, averaged over seeds")
-        fig.tight_layout()
-        path = out / "critic.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / "critic.png", dpi=120))
     return written
 
 

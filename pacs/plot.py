@@ -24,6 +24,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _smooth(values: list[float], window: int = 5) -> list[float]:
     out = []
     for i in range(len(values)):
@@ -60,11 +72,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         for ax in list(axes.flat)[len(curves):]:
             ax.axis("off")
         fig.suptitle(f"{run_dir.name}: training curves (grey raw, blue 5-step mean)")
-        fig.tight_layout()
-        path = out_dir / "training.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / "training.png"))
 
     evals = sorted((run_dir / "eval").glob("*.json"))
     if evals:
@@ -79,11 +87,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_title("held-out pass@k")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / "pass_at_k.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / "pass_at_k.png"))
     return written
 
 
@@ -112,9 +116,4 @@ def compare_runs(run_dirs: list[str | Path], out_path: str | Path) -> Path:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
