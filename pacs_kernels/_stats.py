@@ -33,14 +33,21 @@ def merge_stats(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None):
     t may be None (no entropy). A slice of only -inf logits has m = -inf and s = 0: it gets weight 0, never nan.
     """
     m_all = m.amax(dim=0)
+    s_part, t_part = rescale_stats(m, s, t, m_all)
+    return m_all, s_part.sum(0), None if t_part is None else t_part.sum(0)
+
+
+def rescale_stats(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None, m_all: torch.Tensor):
+    """(s, t) of one part of the vocabulary re-expressed relative to the overall max m_all, so that the parts'
+    values add up to the whole's: s e^(m - m_all) and (t + (m - m_all) s) e^(m - m_all). The sum is over slices
+    in `merge_stats` and over ranks (an all-reduce) in the vocabulary-parallel op. A part of only -inf logits
+    (s = 0) contributes 0, never nan."""
     live = s > 0
     scale = torch.where(live, (m - m_all).exp(), torch.zeros_like(s))
-    s_all = (scale * s).sum(0)
-    t_all = None
-    if t is not None:
-        shift = torch.where(live, (m - m_all) * s, torch.zeros_like(s))
-        t_all = (scale * (t + shift)).sum(0)
-    return m_all, s_all, t_all
+    if t is None:
+        return scale * s, None
+    shift = torch.where(live, (m - m_all) * s, torch.zeros_like(s))
+    return scale * s, scale * (t + shift)
 
 
 def finalize_stats(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None):

@@ -16,7 +16,7 @@ What crosses the wire, per call (float32 statistics; float64 for float64 inputs)
                   m            = all_reduce MAX m_r                                                 4N bytes
                   (s, t, z_y)  = all_reduce SUM (s_r e^(m_r - m), (t_r + (m_r - m) s_r) e^(m_r - m), z_y_r)
                                                                                                    12N bytes
-              (the rescaling is `_stats.merge_stats` across ranks), lse = m + log s, H = log s - t / s
+              (`_stats.rescale_stats`, then the sum over ranks), lse = m + log s, H = log s - t / s
     backward  each rank recomputes its logits with the global lse and H, so its dz columns, dW_r = dz_r.T @ h and
               db_r are the shard's rows of the unsharded gradients with no communication;
               dH = all_reduce SUM (dz_r @ W_r), a float32 [N, D] accumulator                       4ND bytes
@@ -46,8 +46,9 @@ from typing import NamedTuple
 
 import torch
 
+from ._stats import finalize_stats, rescale_stats
 from ._validation import check_linear_inputs, check_temperature, check_weight_grad_dtype
-from .sliced import passes_for, plan_slices, resolve_budget, sliced_backward, sliced_stats
+from .sliced import passes_for, resolve_budget, sliced_backward, sliced_stats
 
 logger = logging.getLogger("pacs_kernels")
 
@@ -155,17 +156,11 @@ def reduce_stats(m, s, t, zy, group):
 
     m_all = m.clone()
     dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
-    live = s > 0  # a shard whose logits are all -inf (banned by the bias) has s = 0: weight 0, never nan
-    gap = torch.where(live, m - m_all, torch.zeros_like(m))
-    scale = torch.where(live, gap.exp(), torch.zeros_like(s))
-    parts = [scale * s, zy] if t is None else [scale * s, zy, scale * (t + gap * s)]
-    packed = torch.stack(parts)
+    s_part, t_part = rescale_stats(m, s, t, m_all)  # a shard of only -inf logits (s = 0) adds 0, never nan
+    packed = torch.stack([s_part, zy] if t_part is None else [s_part, zy, t_part])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    s_all, zy_all = packed[0], packed[1]
-    log_s = s_all.log()
-    lse = m_all + log_s
-    entropy = None if t is None else (log_s - packed[2] / s_all).clamp_min(0.0)  # as _stats.finalize_stats
-    logprob = (zy_all - lse).clamp_max(0.0)
+    lse, entropy = finalize_stats(m_all, packed[0], None if t is None else packed[2])
+    logprob = (packed[1] - lse).clamp_max(0.0)  # as sliced_forward
     return lse, entropy, logprob
 
 
@@ -175,9 +170,10 @@ class VocabParallelLinearLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, local_targets, params, group):
+        from .linear_logprob import _plan
+
         passes = passes_for(params.backend, hidden)
-        plan = plan_slices(hidden.shape[0], weight.shape[0], passes.forward_bytes, params.memory_budget,
-                           hidden.device, params.chunk_n, params.v_slice)
+        plan = _plan(hidden, weight, params, passes.forward_bytes)
         m, s, t, zy = sliced_stats(hidden, weight, bias, local_targets, params.inv_temperature, params.with_entropy,
                                    passes, plan)
         lse, entropy, logprob = reduce_stats(m, s, t, zy, group)
@@ -195,9 +191,10 @@ class VocabParallelLinearLogprob(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if (grad_logprob is None and grad_entropy is None) or not any(needs):
             return None, None, None, None, None, None
+        from .linear_logprob import _plan
+
         passes = passes_for(p.backend, hidden)
-        plan = plan_slices(hidden.shape[0], weight.shape[0], passes.backward_bytes, p.memory_budget, hidden.device,
-                           p.chunk_n, p.v_slice)
+        plan = _plan(hidden, weight, p, passes.backward_bytes)
         d_hidden, d_weight, d_bias = sliced_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob,
                                                      grad_entropy, p.inv_temperature, needs, passes, plan,
                                                      p.weight_grad_dtype)
