@@ -52,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from pacs_kernels.vocab_parallel import comm_device
+
 logger = logging.getLogger("pacs")
 
 
@@ -76,7 +78,7 @@ class DistContext:
         """The element-wise sum over ranks of a float64 CPU tensor (a copy; itself when not distributed)."""
         if not self.enabled:
             return values
-        out = values.to(_comm_device(), torch.float64, copy=True)
+        out = values.to(comm_device(), torch.float64, copy=True)
         torch.distributed.all_reduce(out)
         return out.cpu()
 
@@ -95,12 +97,6 @@ SINGLE = DistContext()
 def launched() -> bool:
     """True when torchrun (or another launcher setting RANK and WORLD_SIZE) started this process."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def _comm_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def init_distributed(device_name: str = "auto") -> DistContext:

@@ -69,13 +69,13 @@ class VocabLayout(NamedTuple):
     n_valid: int
 
 
-def _comm_device(group, fallback: torch.device | None) -> torch.device:
-    """CUDA (the current device) for NCCL, else the inputs' device (gloo: CPU)."""
+def comm_device(group=None) -> torch.device:
+    """Where `group`'s collectives take their tensors: the current CUDA device for NCCL, else the CPU (gloo)."""
     import torch.distributed as dist
 
     if "nccl" in str(dist.get_backend(group)).lower():
         return torch.device("cuda", torch.cuda.current_device())
-    return fallback if fallback is not None and fallback.type == "cpu" else torch.device("cpu")
+    return torch.device("cpu")
 
 
 def check_group(group) -> None:
@@ -114,8 +114,7 @@ def exchange_layout(group, hidden, weight, targets, ignore_index: int, options: 
                _targets_checksum(targets), hash(options) & 0x7FFFFFFFFFFFFFFF]
     else:
         row[0] = 1
-    device = _comm_device(group, getattr(hidden, "device", None) if isinstance(hidden, torch.Tensor) else None)
-    mine = torch.tensor(row, dtype=torch.int64, device=device)
+    mine = torch.tensor(row, dtype=torch.int64, device=comm_device(group))
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
     table = torch.stack(table).cpu().tolist()
