@@ -37,6 +37,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 DEFAULT_OUT = Path("benchmarks/results/learning")
 
@@ -133,66 +134,72 @@ def _run(cmd: list[str], log: Path, threads: int) -> float:
     return time.perf_counter() - t0
 
 
+class _Run(NamedTuple):
+    name: str
+    warmup: bool
+    seed: int
+    cmd: list
+    path: Path  # run directory
+    log: Path
+    final_step: int  # finished when eval/step_FINAL.json exists
+
+
 def run_study(out: Path, seeds: list[int], algos: list[str], *, jobs: int, preset: str, steps: int | None,
-              extra: list[str]) -> None:
+              final_step: int, extra: list[str]) -> None:
     """Warm-ups first (one per seed), then the RL runs seed by seed; finished runs are skipped."""
     base = [sys.executable, "-m", "pacs.cli", "train", "--preset", preset, *extra]
-    final_step = steps if steps is not None else _preset_steps(preset, extra)
     if steps is not None:
         base += ["--steps", str(steps)]
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    tasks = []  # (name, command, run directory, log, done step)
+    runs = []
     for seed in seeds:
         w = warmup_dir(out, seed)
         cmd = base + ["--seed", str(seed), "--steps", "0", "--plot", "false", "--out-dir", str(w)]
-        tasks.append((f"warm-up seed {seed}", cmd, w, out / "logs" / f"warmup_seed_{seed}.log", 0))
+        runs.append(_Run(f"warm-up seed {seed}", True, seed, cmd, w, out / "logs" / f"warmup_seed_{seed}.log", 0))
     for seed in seeds:
         init = warmup_dir(out, seed) / "checkpoints" / "step_000000"
         for algo in algos:
             d = run_dir(out, algo, seed)
             cmd = base + ["--seed", str(seed), *algo_flags(algo), "--init-checkpoint", str(init), "--sft-steps", "0",
                           "--out-dir", str(d)]
-            tasks.append((f"{algo} seed {seed}", cmd, d, out / "logs" / f"{d.parent.name}_seed_{seed}.log",
-                          final_step))
-    todo = [t for t in tasks if not _finished(t[2], t[4])]
-    print(f"learning study: {len(tasks)} runs ({len(tasks) - len(todo)} already done), {jobs} at a time, "
+            runs.append(_Run(f"{algo} seed {seed}", False, seed, cmd, d,
+                             out / "logs" / f"{d.parent.name}_seed_{seed}.log", final_step))
+    todo = [r for r in runs if not _finished(r.path, r.final_step)]
+    print(f"learning study: {len(runs)} runs ({len(runs) - len(todo)} already done), {jobs} at a time, "
           f"{threads} thread(s) each; logs in {out / 'logs'}", flush=True)
-    lock, done, durations = threading.Lock(), [0], {"warm": [], "rl": []}
+    lock, finished, durations = threading.Lock(), set(), {True: [], False: []}
     started = time.perf_counter()
 
-    def work(task):
-        name, cmd, d, log, _ = task
-        if d.exists():
-            shutil.rmtree(d)  # an unfinished run starts over
-        seconds = _run(cmd, log, threads)
+    def work(run: _Run):
+        if run.path.exists():
+            shutil.rmtree(run.path)  # an unfinished run starts over
+        seconds = _run(run.cmd, run.log, threads)
         with lock:
-            done[0] += 1
-            durations["warm" if name.startswith("warm-up") else "rl"].append(seconds)
-            remaining = todo[done[0]:]
-            eta = sum(_mean_or(durations["warm" if t[0].startswith("warm-up") else "rl"], seconds)
-                      for t in remaining) / jobs
+            finished.add(run.name)
+            durations[run.warmup].append(seconds)
+            eta = sum(_mean_or(durations[r.warmup], seconds) for r in todo if r.name not in finished) / jobs
             result = ""
-            if not name.startswith("warm-up"):
-                evals = [r for r in _eval_rows(d) if r.get("phase") == "eval"]
+            if not run.warmup:
+                evals = [r for r in _eval_rows(run.path) if r.get("phase") == "eval"]
                 result = f": pass@1 {100 * evals[0]['pass@1']:.1f} -> {100 * evals[-1]['pass@1']:.1f}"
-            print(f"[{done[0]}/{len(todo)}] {name}{result} ({seconds / 60:.1f} min); elapsed "
+            print(f"[{len(finished)}/{len(todo)}] {run.name}{result} ({seconds / 60:.1f} min); elapsed "
                   f"{(time.perf_counter() - started) / 60:.1f} min, ETA {eta / 60:.0f} min", flush=True)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # warm-ups are queued first: RL runs never wait on them
-        futures = []
-        for task in todo:
-            if not task[0].startswith("warm-up"):
-                warm = [f for t, f in futures if t[0] == "warm-up seed " + task[0].rsplit(" ", 1)[1]]
-                futures.append((task, pool.submit(_after, warm, work, task)))
-            else:
-                futures.append((task, pool.submit(work, task)))
-        for _, f in futures:
+        warmups, futures = {}, []
+        for run in todo:
+            if run.warmup:
+                warmups[run.seed] = pool.submit(work, run)
+                futures.append(warmups[run.seed])
+            else:  # an RL run starts once its seed's warm-up (if it had to run) is done
+                futures.append(pool.submit(_after, warmups.get(run.seed), work, run))
+        for f in futures:
             f.result()
 
 
-def _after(dependencies, fn, arg):
-    for dep in dependencies:
-        dep.result()
+def _after(dependency, fn, arg):
+    if dependency is not None:
+        dependency.result()
     return fn(arg)
 
 
@@ -395,7 +402,8 @@ def main(argv=None) -> None:
     steps = args.steps if args.steps is not None else _preset_steps(args.preset, extra)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summarize:
-        run_study(args.out, seeds, algos, jobs=args.jobs, preset=args.preset, steps=args.steps, extra=extra)
+        run_study(args.out, seeds, algos, jobs=args.jobs, preset=args.preset, steps=args.steps, final_step=steps,
+                  extra=extra)
     write_summary(args.out, seeds, algos, steps)
 
 
