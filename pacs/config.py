@@ -103,6 +103,15 @@ class TrainConfig:
     sft_one_pass: bool = opt(False, "warm-up NLL in one vocabulary pass (its gradient is known in advance); off by "
                              "default: equal to the two-pass NLL within float rounding, which the demo's 1,500 "
                              "steps amplify into a different warm-up outcome", "warmup")
+    sft_target_pass1: float = opt(0.0, "stop the warm-up as soon as the probe's pass@1 reaches this (in (0, 1]; 0 = "
+                                  "off: run all --sft-steps, which are then the cap). Supervised learning of the "
+                                  "synthetic task is a plateau then a sharp drop whose step depends on the seed, so "
+                                  "a fixed step count starts RL anywhere from 10% to 90%; a target starts every seed "
+                                  "at the same level", "warmup")
+    sft_probe_every: int = opt(50, "with --sft-target-pass1: warm-up steps between probes", "warmup")
+    sft_probe_problems: int = opt(200, "with --sft-target-pass1: training problems in the probe (a fixed set, drawn "
+                                  "with --split-seed; the held-out split is never used to stop), each sampled "
+                                  "--eval-n times at --eval-temperature", "warmup")
     sft_noise: float = opt(0.0, "fraction of warm-up answers replaced by a near miss (integer answers +-1 or +-2): "
                            "an imperfect demonstrator whose slips RL must then unlearn", "warmup")
     # evaluation
@@ -219,6 +228,9 @@ def _problems(cfg: TrainConfig) -> list[str]:
     for name in ("adam_beta1", "adam_beta2"):
         check(name, lambda x: 0 <= x < 1, "in [0, 1)")
     check("sft_noise", lambda x: 0 <= x <= 1, "in [0, 1]")
+    check("sft_target_pass1", lambda x: 0 <= x <= 1, "in [0, 1] (0 = off)")
+    for name in ("sft_probe_every", "sft_probe_problems"):
+        check(name, lambda x: x >= 1, ">= 1")
     check("seed", lambda x: 0 <= x < 2**32, "in [0, 2**32)")
     check("split_seed", lambda x: 0 <= x < 2**32, "in [0, 2**32)")
     for name in ("model", "problem_key", "answer_key", "out_dir"):
@@ -246,6 +258,8 @@ def _problems(cfg: TrainConfig) -> list[str]:
         elif cfg.advantage != "naive":
             out.append(f"--group-size must be >= 2 for PACS with --advantage {cfg.advantage} (a baseline from the "
                        f"other answers of the group; --advantage naive takes 1), got {cfg.group_size}")
+    if good("sft_target_pass1", "sft_steps") and cfg.sft_target_pass1 > 0 and cfg.sft_steps == 0:
+        out.append(f"--sft-target-pass1 {cfg.sft_target_pass1} needs --sft-steps > 0 (the warm-up's cap), got 0")
     if good("reference", "algo", "score", "reset_optimizer"):
         out += _reference_problems(cfg)
     if good("out_dir") and Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():

@@ -373,14 +373,28 @@ def sft_loss(model, batch: PackedBatch, cfg: TrainConfig) -> torch.Tensor:
     return pacs_kernels.attach_gradients(-known.logprob.sum() / n_resp, hidden, weight, bias, known)
 
 
-def sft_warmup(session: Session, log) -> None:
+def sft_probe_set(session: Session) -> tuple[list, list]:
+    """The warm-up's probe: `sft_probe_problems` training problems drawn with the split seed (the same set for every
+    run seed), and their prompts."""
+    cfg = session.cfg
+    count = min(cfg.sft_probe_problems, len(session.train))
+    idx = sorted(random.Random(cfg.split_seed + 101).sample(range(len(session.train)), count))
+    return [session.train[i] for i in idx], [session.train_prompts[i] for i in idx]
+
+
+def sft_warmup(session: Session, log) -> int:
     """Teacher-forced training on (prompt, gold answer + EOS) pairs with the fused log-prob op; with
-    `sft_noise`, that fraction of the answers is a near miss instead."""
-    cfg, model, tok = session.cfg, session.model, session.tokenizer
+    `sft_noise`, that fraction of the answers is a near miss instead. With `sft_target_pass1`, every
+    `sft_probe_every` steps the probe (`sft_probe_set`) is sampled as the held-out evaluation samples, and the
+    warm-up stops at the first probe whose pass@1 reaches the target (rank 0's probe decides under torchrun).
+    Returns the number of warm-up steps taken."""
+    cfg, model, tok, dist = session.cfg, session.model, session.tokenizer, session.dist
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     rng = random.Random(cfg.seed + 17)
+    probe = sft_probe_set(session) if cfg.sft_target_pass1 > 0 else None
     model.train()
-    bar = tqdm(range(cfg.sft_steps), desc="supervised warm-up", dynamic_ncols=True, disable=not session.dist.is_main)
+    bar = tqdm(range(cfg.sft_steps), desc="supervised warm-up", dynamic_ncols=True, disable=not dist.is_main)
+    probed = None
     for step in bar:
         idx = [rng.randrange(len(session.train)) for _ in range(cfg.sft_batch)]
         prompts = [session.train_prompts[i] for i in idx]
@@ -394,8 +408,26 @@ def sft_warmup(session: Session, log) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % 10 == 0 or step == cfg.sft_steps - 1:
-            bar.set_postfix(nll=f"{loss.item():.3f}")
+            bar.set_postfix(nll=f"{loss.item():.3f}", **({} if probed is None else {"probe": f"{probed:.1%}"}))
             log({"phase": "sft", "sft_step": step, "nll": loss.item()})
+        if probe is not None and (step + 1) % cfg.sft_probe_every == 0:
+            with distributed.gathered_for_generation(model):
+                result = evaluate(session.generator, tok, *probe, n=cfg.eval_n, temperature=cfg.eval_temperature,
+                                  top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
+            model.train()
+            probed = result["pass@k"][1]
+            log({"phase": "sft_probe", "sft_step": step + 1, "pass@1": probed})
+            reached = torch.tensor([float(dist.is_main and probed >= cfg.sft_target_pass1)], dtype=torch.float64)
+            if dist.all_reduce_sum(reached).item() > 0:
+                if dist.is_main:
+                    tqdm.write(f"warm-up: probe pass@1 {probed:.1%} >= target {cfg.sft_target_pass1:.1%} after "
+                               f"{step + 1} steps; stopping")
+                return step + 1
+    if probe is not None and dist.is_main:
+        tqdm.write(f"warm-up: the probe's pass@1 never reached the target {cfg.sft_target_pass1:.1%} in "
+                   f"{cfg.sft_steps} steps (last probe {'-' if probed is None else f'{probed:.1%}'}); RL starts "
+                   "from the last step: raise --sft-steps or lower the target")
+    return cfg.sft_steps
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -498,7 +530,8 @@ def train(cfg: TrainConfig) -> Path:
     else:
         if cfg.sft_steps > 0:
             run_eval(session, "init", log)
-            sft_warmup(session, log)
+            state["sft_steps_done"] = sft_warmup(session, log)
+            log({"phase": "sft_done", "sft_steps": state["sft_steps_done"]})
         state["sft_done"] = True
         run_eval(session, "step_000000", log)
 
