@@ -230,10 +230,25 @@ def run_record(path: Path, algo: str, seed: int) -> dict:
         "algo": algo, "seed": seed,
         "start_pass@1": pct(evals[0], 1), "final_pass@1": pct(evals[-1], 1),
         "start_pass@8": pct(evals[0], 8), "final_pass@8": pct(evals[-1], 8),
+        "mean_pass@1": _mean_or([pct(r, 1) for r in evals[1:]], None),
         "critic_auc": mean("critic_auc"), "critic_brier": mean("critic_brier"),
+        "critic_auc_group": mean("critic_auc_group"), "critic_ref_lp_corr": mean("critic_ref_lp_corr"),
         "curve": [[int(r["tag"].split("_")[1]), pct(r, 1), pct(r, 8)] for r in evals],
-        "critic_curve": [[r["step"], r.get("critic_auc"), r.get("critic_brier")] for r in train],
+        "critic_curve": [[r["step"], r.get("critic_auc"), r.get("critic_brier"), r.get("critic_auc_group")]
+                         for r in train],
     }
+
+
+def warmup_steps(path: Path) -> int | None:
+    """The supervised steps a warm-up run took: its `sft_done` row, else (runs that predate it) its config's
+    --sft-steps; None without a run."""
+    if not (path / "metrics.jsonl").exists():
+        return None
+    rows = [r for r in _eval_rows(path) if r.get("phase") == "sft_done"]
+    if rows:
+        return rows[-1]["sft_steps"]
+    config = path / "config.json"
+    return json.loads(config.read_text()).get("sft_steps") if config.exists() else None
 
 
 def summarize(runs: list[dict], algos: list[str]) -> dict:
@@ -244,8 +259,9 @@ def summarize(runs: list[dict], algos: list[str]) -> dict:
     for algo, rs in by_algo.items():
         entry = {"n": len(rs), "seeds": [r["seed"] for r in rs]}
         entry["gain_pass@1"] = mean_ci([r["final_pass@1"] - r["start_pass@1"] for r in rs])
-        for key in ("start_pass@1", "final_pass@1", "start_pass@8", "final_pass@8", "critic_auc", "critic_brier"):
-            values = [r[key] for r in rs if r[key] is not None]
+        for key in ("start_pass@1", "final_pass@1", "start_pass@8", "final_pass@8", "mean_pass@1", "critic_auc",
+                    "critic_brier", "critic_auc_group", "critic_ref_lp_corr"):
+            values = [r[key] for r in rs if r.get(key) is not None]
             entry[key] = mean_ci(values) if values else None
         stats[algo] = entry
     differences = {}
@@ -256,8 +272,9 @@ def summarize(runs: list[dict], algos: list[str]) -> dict:
             common = sorted(set(pa) & set(pb))
             differences[f"{a}-{b}"] = {
                 "seeds": common,
-                **{key: mean_ci([pa[s][key] - pb[s][key] for s in common])
-                   for key in ("final_pass@1", "final_pass@8")},
+                **{key: mean_ci([pa[s][key] - pb[s][key] for s in common
+                                 if pa[s].get(key) is not None and pb[s].get(key) is not None])
+                   for key in ("final_pass@1", "final_pass@8", "mean_pass@1")},
             }
     slim = [{k: v for k, v in r.items() if k not in ("curve", "critic_curve")} for r in runs]
     return {"interval": "Student-t 95% over seeds; differences paired by seed; percent points",
@@ -273,19 +290,40 @@ def _fmt(stat, digits=1) -> str:
     return f"{stat['mean']:.{digits}f} ± {half:.{digits}f}"
 
 
+def _fmt_ci(stat, digits=1) -> str:
+    """mean ± half-width [lo, hi] (signed): for differences, where the interval's sign is the point."""
+    if stat is None or stat["ci95"] is None:
+        return _fmt(stat, digits)
+    lo, hi = stat["ci95"]
+    return f"{_fmt(stat, digits)} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
 def summary_table(summary: dict) -> str:
-    """The markdown table of summary.md (and the README)."""
-    lines = ["| algorithm | seeds | pass@1 start | pass@1 final | gain | pass@8 start | pass@8 final | critic AUC "
-             "| critic Brier |", "|---|---|---|---|---|---|---|---|---|"]
-    for algo, s in summary["algos"].items():
+    """The markdown tables of summary.md (and the README): held-out results, the implicit critic, and the paired
+    differences."""
+    algos = summary["algos"]
+    lines = ["| algorithm | seeds | pass@1 start | pass@1 final | gain | pass@1 mean over RL | pass@8 start "
+             "| pass@8 final |", "|---|---|---|---|---|---|---|---|"]
+    for algo, s in algos.items():
         lines.append(f"| {algo} | {s['n']} | {_fmt(s['start_pass@1'])} | {_fmt(s['final_pass@1'])} | "
-                     f"{_fmt(s['gain_pass@1'])} | {_fmt(s['start_pass@8'])} | {_fmt(s['final_pass@8'])} | "
-                     f"{_fmt(s['critic_auc'], 3)} | {_fmt(s['critic_brier'], 3)} |")
-    lines += ["", "| paired difference | seeds | final pass@1 | final pass@8 |", "|---|---|---|---|"]
+                     f"{_fmt(s['gain_pass@1'])} | {_fmt(s.get('mean_pass@1'))} | {_fmt(s['start_pass@8'])} | "
+                     f"{_fmt(s['final_pass@8'])} |")
+    critics = [a for a, s in algos.items() if s.get("critic_auc") is not None]
+    if critics:
+        lines += ["", "| algorithm | critic AUC | critic AUC within groups | critic Brier | corr(psi, reference "
+                  "log-prob) |", "|---|---|---|---|---|"]
+        for algo in critics:
+            s = algos[algo]
+            lines.append(f"| {algo} | {_fmt(s['critic_auc'], 3)} | {_fmt(s.get('critic_auc_group'), 3)} | "
+                         f"{_fmt(s['critic_brier'], 3)} | {_fmt(s.get('critic_ref_lp_corr'), 3)} |")
+    lines += ["", "| paired difference | seeds | final pass@1 | mean pass@1 over RL | final pass@8 |",
+              "|---|---|---|---|---|"]
     for name, d in summary["differences"].items():
-        lo_hi = d["final_pass@1"]["ci95"]
-        lines.append(f"| {name} | {len(d['seeds'])} | {_fmt(d['final_pass@1'])}"
-                     f"{f' [{lo_hi[0]:+.1f}, {lo_hi[1]:+.1f}]' if lo_hi else ''} | {_fmt(d['final_pass@8'])} |")
+        lines.append(f"| {name} | {len(d['seeds'])} | {_fmt_ci(d['final_pass@1'])} | "
+                     f"{_fmt_ci(d.get('mean_pass@1'))} | {_fmt_ci(d['final_pass@8'])} |")
+    if summary.get("warmup_steps"):
+        lines += ["", "warm-up steps per seed: " + ", ".join(f"{seed}: {steps}" for seed, steps in
+                                                              summary["warmup_steps"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -331,17 +369,24 @@ def plot_study(records: list[dict], algos: list[str], out: Path) -> list[Path]:
             if algo not in critics:
                 continue
             rs = [r for r in records if r["algo"] == algo]
-            for ax, col, title in ((axes[0], 1, "implicit critic AUC (0.5 = uninformative)"),
-                                   (axes[1], 2, "implicit critic Brier score (0.25 = always 0.5)")):
+            for ax, col, title, style in (
+                    (axes[0], 1, "implicit critic AUC (0.5 = uninformative); dashed: within groups", "-"),
+                    (axes[0], 3, None, "--"),
+                    (axes[1], 2, "implicit critic Brier score (0.25 = always 0.5)", "-")):
                 steps = sorted({row[0] for r in rs for row in r["critic_curve"]})
-                per_seed = [{row[0]: row[col] for row in r["critic_curve"] if row[col] is not None} for r in rs]
+                per_seed = [{row[0]: row[col] for row in r["critic_curve"] if len(row) > col and row[col] is not None}
+                            for r in rs]
+                if not any(per_seed):
+                    continue
                 means = []
                 for s in steps:  # a 10-step window per seed, then the mean over seeds
                     vals = [_mean_or([d[t] for t in range(s - 9, s + 1) if t in d], None) for d in per_seed]
                     vals = [v for v in vals if v is not None]
                     means.append(sum(vals) / len(vals) if vals else float("nan"))
-                ax.plot(steps, means, color=f"C{i}", label=algo, linewidth=2)
-                ax.set_title(title, fontsize=10)
+                ax.plot(steps, means, color=f"C{i}", label=algo if style == "-" else None, linewidth=2,
+                        linestyle=style)
+                if title:
+                    ax.set_title(title, fontsize=10)
                 ax.set_xlabel("RL step")
                 ax.grid(alpha=0.3)
         axes[0].axhline(0.5, color="0.5", linestyle=":")
@@ -364,7 +409,10 @@ def write_summary(out: Path, seeds: list[int], algos: list[str], steps: int) -> 
                                                  "eval_n", "eval_problems", "versions", "hardware")}
     warm = warmup_dir(out, records[0]["seed"]) / "config.json"
     if warm.exists():
-        summary["setup"]["warmup_sft_steps"] = json.loads(warm.read_text()).get("sft_steps")
+        warm_cfg = json.loads(warm.read_text())
+        summary["setup"]["warmup_sft_steps"] = warm_cfg.get("sft_steps")
+        summary["setup"]["warmup_sft_target_pass1"] = warm_cfg.get("sft_target_pass1")
+    summary["warmup_steps"] = {str(s): warmup_steps(warmup_dir(out, s)) for s in sorted({r["seed"] for r in records})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(summary_table(summary))
     for path in plot_study(records, list(summary["algos"]), out):

@@ -265,11 +265,13 @@ def merge_stats(stats: dict, ctx: DistContext, weights: dict) -> dict:
     `weights`: per-mini-batch lists of this rank's response tokens ("tokens"), for the token-weighted means of
     entropy and clip fraction. loss and grad_norm are already global (the loss all-reduced by the caller).
     """
-    gathered = ctx.gather({key: stats[key] for key in ("entropy", "clip_fraction", "psi", "critic_prob",
-                                                       "critic_label", "train_tokens")} | weights)
+    lists = ("psi", "critic_prob", "critic_label", "critic_psi", "critic_ref_lp")
+    gathered = ctx.gather({key: stats[key] for key in ("entropy", "clip_fraction", "train_tokens",
+                                                       "critic_group_pairs", *lists)} | weights)
     merged = dict(stats)
-    for key in ("psi", "critic_prob", "critic_label"):
+    for key in lists:
         merged[key] = [x for part in gathered for x in part[key]]
+    merged["critic_group_pairs"] = [sum(part["critic_group_pairs"][j] for part in gathered) for j in (0, 1)]
     merged["train_tokens"] = sum(part["train_tokens"] for part in gathered)
     for key in ("entropy", "clip_fraction"):
         per_batch = []

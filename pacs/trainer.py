@@ -255,6 +255,40 @@ def auc_score(scores: list[float], labels: list[float]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
+def group_auc_counts(scores: list[float], labels: list[float], group_size: int) -> tuple[float, int]:
+    """(wins, pairs) of the AUC restricted to pairs of answers to the same prompt (consecutive groups of
+    `group_size`; ties count half): the critic's ranking within a group, which the pooled AUC mixes with how
+    psi differs between prompts."""
+    wins, pairs = 0.0, 0
+    for a in range(0, len(scores), group_size):
+        pos = [s for s, y in zip(scores[a:a + group_size], labels[a:a + group_size]) if y > 0.5]
+        neg = [s for s, y in zip(scores[a:a + group_size], labels[a:a + group_size]) if y <= 0.5]
+        wins += sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+        pairs += len(pos) * len(neg)
+    return wins, pairs
+
+
+def sequence_mean(per_token: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """[S] mean over each sequence's response tokens of a per-token [N] tensor (0 for an empty response)."""
+    mask = batch.targets != -100
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=per_token.device), lengths)
+    zeros = torch.zeros(lengths.numel(), dtype=torch.float64, device=per_token.device)
+    total = zeros.index_add(0, seq, torch.where(mask, per_token.double(), 0.0))
+    count = zeros.index_add(0, seq, mask.double())
+    return (total / count.clamp_min(1)).cpu()
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson correlation; None with fewer than 3 points or a constant side."""
+    if len(xs) < 3:
+        return None
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / denom) if denom > 0 else None
+
+
 def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rewards: list[float],
                        cfg: TrainConfig, device, reference=None, reference_fresh: bool = False,
                        dist: distributed.DistContext = distributed.SINGLE) -> dict:
@@ -301,7 +335,8 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
     scales = distributed.loss_scales(cfg, counts, totals, dist.world) if dist.enabled else [(1.0, 1.0)] * k
 
     stats = {"loss": [], "grad_norm": [], "skipped": 0, "entropy": [], "psi": [], "critic_prob": [],
-             "critic_label": [], "clip_fraction": [], "train_tokens": 0}
+             "critic_label": [], "critic_group_pairs": [0.0, 0.0], "critic_psi": [], "critic_ref_lp": [],
+             "clip_fraction": [], "train_tokens": 0}
     model.train()
     scaled_losses = []
     for i, ((batch, r), old) in enumerate(zip(minibatches, olds)):
@@ -334,6 +369,12 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
             if not trivial[i]:
                 stats["critic_prob"].extend(out.prob.tolist())
                 stats["critic_label"].extend(r.tolist())
+                wins, pairs = group_auc_counts(out.prob.tolist(), r.tolist(), G)
+                stats["critic_group_pairs"][0] += wins
+                stats["critic_group_pairs"][1] += pairs
+                if old is not None:
+                    stats["critic_psi"].extend(out.score.tolist())
+                    stats["critic_ref_lp"].extend(sequence_mean(old.detach(), batch).tolist())
         else:
             stats["clip_fraction"].append(out.clip_fraction.item())
     if not dist.enabled:
@@ -631,6 +672,11 @@ def _step_row(state, stats, rollouts, rewards, t_gen, t_update, t_total, optimiz
         "psi_std": float(np.std(psi)) if psi else None,
         "critic_brier": float(np.mean([(p - y) ** 2 for p, y in zip(probs, labels)])) if probs else None,
         "critic_auc": auc_score(probs, labels),
+        # the same AUC over pairs of answers to one prompt only, and how psi follows the reference's mean token
+        # log-prob of the answer (is psi large where the answer was unlikely under the reference?)
+        "critic_auc_group": (stats["critic_group_pairs"][0] / stats["critic_group_pairs"][1]
+                             if stats["critic_group_pairs"][1] else None),
+        "critic_ref_lp_corr": pearson(stats["critic_psi"], stats["critic_ref_lp"]),
         "clip_fraction": _mean(stats["clip_fraction"]),
         "entropy": _mean(stats["entropy"]),
         "grad_norm": _mean([g for g in stats["grad_norm"] if math.isfinite(g)]),
