@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from benchmarks.learning import algo_flags, mean_ci, run_record, summarize, summary_table, t_quantile
+from benchmarks.learning import (algo_flags, mean_ci, run_record, summarize, summary_table, t_quantile,
+                                 warmup_steps)
 
 
 @pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622),
@@ -86,6 +87,55 @@ def test_run_record_reads_a_run_directory(tmp_path):
     assert r["final_pass@8"] == pytest.approx(87.5)
     assert r["critic_auc"] == pytest.approx(0.65) and r["critic_brier"] == pytest.approx(0.23)
     assert r["curve"] == [[0, pytest.approx(40.0), pytest.approx(80.0)], [3, pytest.approx(55.0), pytest.approx(87.5)]]
+    assert r["mean_pass@1"] == pytest.approx(55.0)  # the evaluations after the start only
+
+
+def test_run_record_diagnostics_and_mean_over_rl(tmp_path):
+    rng = random.Random(3)
+    curve = [rng.uniform(0, 1) for _ in range(5)]
+    aucs = [rng.uniform(0.3, 0.7) for _ in range(4)]
+    corrs = [rng.uniform(-1, 1) for _ in range(4)]
+    rows = [{"phase": "eval", "tag": f"step_{10 * i:06d}", "pass@1": v, "pass@8": v} for i, v in enumerate(curve)]
+    rows += [{"phase": "train", "step": i + 1, "critic_auc": 0.5, "critic_brier": 0.25,
+              "critic_auc_group": None if i == 0 else aucs[i], "critic_ref_lp_corr": corrs[i]} for i in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = run_record(tmp_path, "pacs", 0)
+    assert r["mean_pass@1"] == pytest.approx(100 * sum(curve[1:]) / 4)
+    assert r["critic_auc_group"] == pytest.approx(sum(aucs[1:]) / 3)  # steps without a mixed group skipped
+    assert r["critic_ref_lp_corr"] == pytest.approx(sum(corrs) / 4)
+
+
+def test_summary_reports_mean_pass1_differences_critic_table_and_warmup():
+    runs = []
+    for seed in range(4):
+        for algo, shift in (("pacs", 2.0 + seed), ("grpo", 0.0)):
+            r = _record(algo, seed, 40.0, 60.0 + shift, 80.0, 85.0, 0.4 + 0.01 * seed if algo == "pacs" else None)
+            r["mean_pass@1"] = 50.0 + 2 * shift
+            if algo == "pacs":
+                r["critic_auc_group"], r["critic_ref_lp_corr"] = 0.6, -0.3 - 0.1 * seed
+            runs.append(r)
+    s = summarize(runs, ["pacs", "grpo"])
+    d = s["differences"]["pacs-grpo"]["mean_pass@1"]
+    diffs = [2 * (2.0 + seed) for seed in range(4)]  # 4, 6, 8, 10: mean 7, sd sqrt(20/3)
+    half = 3.182446 * math.sqrt(20 / 3) / 2
+    assert d["mean"] == pytest.approx(7.0) and d["ci95"] == pytest.approx([7.0 - half, 7.0 + half], rel=1e-5)
+    assert s["algos"]["pacs"]["critic_ref_lp_corr"]["mean"] == pytest.approx(-0.45)
+    assert s["algos"]["grpo"]["critic_auc_group"] is None
+    s["warmup_steps"] = {"0": 1450, "1": 3100}
+    table = summary_table(s)
+    assert "| pacs | 0.415 ± 0.021 | 0.600 ± 0.000 | 0.250 ± 0.000 | -0.450 ± 0.205 |" in table
+    assert f"| pacs-grpo | 4 | 3.5 ± 2.1 [+1.4, +5.6] | 7.0 ± {half:.1f} [{7 - half:+.1f}, {7 + half:+.1f}] |" in table
+    assert "warm-up steps per seed: 0: 1450, 1: 3100" in table
+
+
+def test_warmup_steps_reads_the_stop_or_the_config(tmp_path):
+    assert warmup_steps(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"phase": "sft", "sft_step": 0, "nll": 3.0}) + "\n")
+    (tmp_path / "config.json").write_text(json.dumps({"sft_steps": 5000}))
+    assert warmup_steps(tmp_path) == 5000  # a run from before the stop row: its configured steps
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"phase": "sft_done", "sft_steps": 1450}) + "\n")
+    assert warmup_steps(tmp_path) == 1450
 
 
 def test_algo_flags():
