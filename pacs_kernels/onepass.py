@@ -39,7 +39,7 @@ import torch
 from . import _gemm
 from ._stats import finalize_stats, merge_stats
 from ._validation import check_linear_inputs, check_temperature, check_weight_grad_dtype
-from .linear_logprob import resolve_backend, scatter_rows, valid_rows
+from .linear_logprob import linear_logprob, resolve_backend, scatter_rows, valid_rows
 from .sliced import BUDGET_ENV, TorchPasses, _slices, _view, passes_for, resolve_budget
 
 GradFn = Callable[[int, int, torch.Tensor, torch.Tensor | None],
@@ -229,3 +229,16 @@ def attach_gradients(value: torch.Tensor, hidden, weight, bias, known: KnownGrad
     if known.d_hidden is None and known.d_weight is None and known.d_bias is None:
         return value
     return _KnownGradientLoss.apply(value, hidden, weight, bias, known.d_hidden, known.d_weight, known.d_bias)
+
+
+def two_pass_old_logprob(hidden, weight, targets, *, bias, temperature, ignore_index, backend,
+                         vocab_parallel_group) -> torch.Tensor | None:
+    """For an on-policy loss call (old_logprob=None): None where the one pass applies; where it does not (the
+    "reference" backend materializes the logits, and the vocabulary-parallel op is split across ranks), the old
+    log-probs under no_grad, for the two-pass loss. Costs 2NDV there, against the one pass's 6NDV that replaces
+    2NDV (old pass) + 8NDV (two-pass loss)."""
+    if vocab_parallel_group is None and resolve_backend(backend, hidden.device) != "reference":
+        return None
+    with torch.no_grad():
+        return linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                              backend=backend, vocab_parallel_group=vocab_parallel_group).logprob

@@ -32,7 +32,7 @@ from ._validation import (
 )
 from ._segments import response_mean, segment_ids, segment_sum
 from .linear_logprob import linear_logprob, resolve_backend
-from .onepass import attach_gradients, known_gradient_logprob
+from .onepass import attach_gradients, known_gradient_logprob, two_pass_old_logprob
 
 
 class PACSOutput(NamedTuple):
@@ -297,13 +297,10 @@ def pacs_loss(
     if old_logprob is None and score == "logratio_sum":
         if not isinstance(hidden, torch.Tensor):
             raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-        if vocab_parallel_group is not None or resolve_backend(backend, hidden.device) == "reference":
-            # no one-pass there: old log-probs, then two passes
-            with torch.no_grad():
-                old_logprob = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature,
-                                             ignore_index=ignore_index, backend=backend,
-                                             vocab_parallel_group=vocab_parallel_group).logprob
-        else:
+        old_logprob = two_pass_old_logprob(hidden, weight, targets, bias=bias, temperature=temperature,
+                                           ignore_index=ignore_index, backend=backend,
+                                           vocab_parallel_group=vocab_parallel_group)
+        if old_logprob is None:
             return _pacs_loss_on_policy(hidden, weight, targets, rewards, cu_seqlens, group_size=group_size,
                                         beta=beta, advantage=advantage, class_balance=class_balance,
                                         temperature=temperature, ignore_index=ignore_index, bias=bias,

@@ -44,8 +44,8 @@ import torch
 
 from ._segments import response_mean, segment_ids, segment_sum
 from ._validation import check_choice, check_finite_number, check_packed_sequences
-from .linear_logprob import linear_logprob, resolve_backend
-from .onepass import attach_gradients, known_gradient_logprob
+from .linear_logprob import linear_logprob
+from .onepass import attach_gradients, known_gradient_logprob, two_pass_old_logprob
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -138,12 +138,11 @@ def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens
                  entropy_coef=entropy_coef)
     linear = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, with_entropy=need_entropy)
     if old_logprob is None:
-        if vocab_parallel_group is None and resolve_backend(backend, hidden.device) != "reference":
+        old_logprob = two_pass_old_logprob(hidden, weight, targets, bias=bias, temperature=temperature,
+                                           ignore_index=ignore_index, backend=backend,
+                                           vocab_parallel_group=vocab_parallel_group)
+        if old_logprob is None:
             return _on_policy(hidden, weight, targets, backend=backend, linear=linear, terms=terms)
-        # no one-pass on the reference backend or vocabulary-parallel: old log-probs, then two passes
-        with torch.no_grad():
-            old_logprob = linear_logprob(hidden, weight, targets, backend=backend,
-                                         vocab_parallel_group=vocab_parallel_group, **linear).logprob
     out = linear_logprob(hidden, weight, targets, backend=backend, vocab_parallel_group=vocab_parallel_group,
                          **linear)
     return _surrogate(out.logprob, old_logprob, out.entropy, **terms)
