@@ -105,10 +105,10 @@ class TrainConfig:
                              "default: equal to the two-pass NLL within float rounding, which 1,500 warm-up "
                              "steps of the demo amplified into a different warm-up outcome", "warmup")
     sft_target_pass1: float = opt(0.0, "stop the warm-up as soon as the probe's pass@1 reaches this (in (0, 1]; 0 = "
-                                  "off: run all --sft-steps, which are then the cap). Supervised learning of the "
-                                  "synthetic task is a plateau then a sharp drop whose step depends on the seed, so "
-                                  "a fixed step count starts RL anywhere from 10% to 90%; a target starts every seed "
-                                  "at the same level", "warmup")
+                                  "off: run all --sft-steps, which are then the cap; --sft-steps 0 skips the warm-up "
+                                  "either way). Supervised learning of the synthetic task is a plateau then a sharp "
+                                  "drop whose step depends on the seed, so a fixed step count starts RL anywhere from "
+                                  "10% to 90%; a target starts every seed at the same level", "warmup")
     sft_probe_every: int = opt(50, "with --sft-target-pass1: warm-up steps between probes", "warmup")
     sft_probe_problems: int = opt(200, "with --sft-target-pass1: training problems in the probe (a fixed set, drawn "
                                   "with --split-seed; the held-out split is never used to stop), each sampled "
@@ -261,8 +261,6 @@ def _problems(cfg: TrainConfig) -> list[str]:
         elif cfg.advantage != "naive":
             out.append(f"--group-size must be >= 2 for PACS with --advantage {cfg.advantage} (a baseline from the "
                        f"other answers of the group; --advantage naive takes 1), got {cfg.group_size}")
-    if good("sft_target_pass1", "sft_steps") and cfg.sft_target_pass1 > 0 and cfg.sft_steps == 0:
-        out.append(f"--sft-target-pass1 {cfg.sft_target_pass1} needs --sft-steps > 0 (the warm-up's cap), got 0")
     if good("reference", "algo", "score", "reset_optimizer"):
         out += _reference_problems(cfg)
     if good("out_dir") and Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
