@@ -144,13 +144,13 @@ class _Run(NamedTuple):
     final_step: int  # finished when eval/step_FINAL.json exists
 
 
-def run_study(out: Path, seeds: list[int], algos: list[str], *, jobs: int, preset: str, steps: int | None,
-              final_step: int, extra: list[str]) -> None:
-    """Warm-ups first (one per seed), then the RL runs seed by seed; finished runs are skipped."""
+def study_runs(out: Path, seeds: list[int], algos: list[str], *, preset: str, steps: int | None, final_step: int,
+               extra: list[str]) -> list[_Run]:
+    """The study's runs and their `pacs train` commands: one warm-up per seed (`--steps 0`), then each algorithm's
+    RL phase from that warm-up's checkpoint (`--init-checkpoint ... --sft-steps 0`)."""
     base = [sys.executable, "-m", "pacs.cli", "train", "--preset", preset, *extra]
     if steps is not None:
         base += ["--steps", str(steps)]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     runs = []
     for seed in seeds:
         w = warmup_dir(out, seed)
@@ -164,6 +164,14 @@ def run_study(out: Path, seeds: list[int], algos: list[str], *, jobs: int, prese
                           "--out-dir", str(d)]
             runs.append(_Run(f"{algo} seed {seed}", False, seed, cmd, d,
                              out / "logs" / f"{d.parent.name}_seed_{seed}.log", final_step))
+    return runs
+
+
+def run_study(out: Path, seeds: list[int], algos: list[str], *, jobs: int, preset: str, steps: int | None,
+              final_step: int, extra: list[str]) -> None:
+    """Warm-ups first (one per seed), then the RL runs seed by seed; finished runs are skipped."""
+    runs = study_runs(out, seeds, algos, preset=preset, steps=steps, final_step=final_step, extra=extra)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     todo = [r for r in runs if not _finished(r.path, r.final_step)]
     print(f"learning study: {len(runs)} runs ({len(runs) - len(todo)} already done), {jobs} at a time, "
           f"{threads} thread(s) each; logs in {out / 'logs'}", flush=True)

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from benchmarks.learning import (algo_flags, mean_ci, run_record, summarize, summary_table, t_quantile,
-                                 warmup_steps)
+from benchmarks.learning import (algo_flags, mean_ci, run_record, study_runs, summarize, summary_table, t_quantile,
+                                 warmup_steps, warmup_dir)
 
 
 @pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622),
@@ -124,7 +124,8 @@ def test_summary_reports_mean_pass1_differences_critic_table_and_warmup():
     s["warmup_steps"] = {"0": 1450, "1": 3100}
     table = summary_table(s)
     assert "| pacs | 0.415 ± 0.021 | 0.600 ± 0.000 | 0.250 ± 0.000 | -0.450 ± 0.205 |" in table
-    assert f"| pacs-grpo | 4 | 3.5 ± 2.1 [+1.4, +5.6] | 7.0 ± {half:.1f} [{7 - half:+.1f}, {7 + half:+.1f}] |" in table
+    expected = f"| pacs-grpo | 4 | 3.5 ± 2.1 [+1.4, +5.6] | 7.0 ± {half:.1f} [{7 - half:+.1f}, {7 + half:+.1f}] |"
+    assert expected in table
     assert "warm-up steps per seed: 0: 1450, 1: 3100" in table
 
 
@@ -144,3 +145,31 @@ def test_algo_flags():
     for bad in ("ppo", "pacs-snapshot:0", "pacs-snapshot:x"):
         with pytest.raises(ValueError):
             algo_flags(bad)
+
+
+def test_study_commands_are_valid_train_configs(tmp_path):
+    """Every command the study would run parses and validates as `pacs train` (extra flags after -- included)."""
+    from pacs.cli import build_parser
+    from pacs.config import config_from_args
+
+    seeds, algos = [0, 3], ["pacs", "pacs-snapshot:20", "grpo", "rloo"]
+    for seed in seeds:  # the RL runs' --init-checkpoint must hold weights
+        ckpt = warmup_dir(tmp_path, seed) / "checkpoints" / "step_000000"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.pt").write_bytes(b"")
+    extra = ["--sft-target-pass1", "0.4", "--sft-steps", "5000"]
+    runs = study_runs(tmp_path, seeds, algos, preset="demo", steps=None, final_step=200, extra=extra)
+    assert len(runs) == len(seeds) * (1 + len(algos))
+    for run in runs:
+        assert run.cmd[1:4] == ["-m", "pacs.cli", "train"]
+        cfg = config_from_args(build_parser().parse_args(run.cmd[3:]))
+        assert cfg.validate() is cfg and cfg.seed == run.seed and cfg.out_dir == str(run.path)
+        if run.warmup:
+            assert (cfg.steps, cfg.sft_steps, cfg.sft_target_pass1) == (0, 5000, 0.4)
+        else:
+            assert cfg.sft_steps == 0 and cfg.steps == 200
+            assert cfg.init_checkpoint == str(warmup_dir(tmp_path, run.seed) / "checkpoints" / "step_000000")
+            algo = run.name.split(" seed ")[0]
+            assert cfg.algo == algo.split("-")[0]
+            assert cfg.reference == ("snapshot:20" if "snapshot" in algo else "old")
+            assert cfg.reset_optimizer == ("snapshot" in algo)
