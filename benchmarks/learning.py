@@ -87,6 +87,20 @@ def mean_ci(values: list[float], level: float = 0.95) -> dict:
     return {"mean": mean, "ci95": [mean - half, mean + half], "sd": sd, "n": n}
 
 
+def paired_t(differences: list[float]) -> dict:
+    """mean_ci of per-seed differences plus "p": the two-sided p-value of the paired t-test of a zero mean (None
+    with fewer than 2 values; 0 or 1 when the differences are all equal)."""
+    out = mean_ci(differences)
+    out["p"] = None
+    if out["n"] >= 2:
+        if out["sd"] == 0:
+            out["p"] = 1.0 if out["mean"] == 0 else 0.0
+        else:
+            t = abs(out["mean"]) / (out["sd"] / math.sqrt(out["n"]))
+            out["p"] = max(0.0, 1.0 - 2 * _t_cdf_upper_half(t, out["n"] - 1))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Runs
 
@@ -280,12 +294,13 @@ def summarize(runs: list[dict], algos: list[str]) -> dict:
             common = sorted(set(pa) & set(pb))
             differences[f"{a}-{b}"] = {
                 "seeds": common,
-                **{key: mean_ci([pa[s][key] - pb[s][key] for s in common
+                **{key: paired_t([pa[s][key] - pb[s][key] for s in common
                                  if pa[s].get(key) is not None and pb[s].get(key) is not None])
                    for key in ("final_pass@1", "final_pass@8", "mean_pass@1")},
             }
     slim = [{k: v for k, v in r.items() if k not in ("curve", "critic_curve")} for r in runs]
-    return {"interval": "Student-t 95% over seeds; differences paired by seed; percent points",
+    return {"interval": "Student-t 95% over seeds; differences paired by seed, with the two-sided p of the paired "
+                        "t-test (no correction for the number of comparisons); percent points",
             "runs": slim, "algos": stats, "differences": differences}
 
 
@@ -299,11 +314,12 @@ def _fmt(stat, digits=1) -> str:
 
 
 def _fmt_ci(stat, digits=1) -> str:
-    """mean ± half-width [lo, hi] (signed): for differences, where the interval's sign is the point."""
+    """mean ± half-width [lo, hi] (signed), p: for differences, where the interval's sign is the point."""
     if stat is None or stat["ci95"] is None:
         return _fmt(stat, digits)
     lo, hi = stat["ci95"]
-    return f"{_fmt(stat, digits)} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+    p = f", p {stat['p']:.2g}" if stat.get("p") is not None else ""
+    return f"{_fmt(stat, digits)} [{lo:+.{digits}f}, {hi:+.{digits}f}]{p}"
 
 
 def summary_table(summary: dict) -> str:

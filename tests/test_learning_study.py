@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from benchmarks.learning import (algo_flags, mean_ci, run_record, study_runs, summarize, summary_table, t_quantile,
-                                 warmup_steps, warmup_dir)
+from benchmarks.learning import (algo_flags, mean_ci, paired_t, run_record, study_runs, summarize, summary_table,
+                                 t_quantile, warmup_dir, warmup_steps)
 
 
 @pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622),
@@ -45,6 +45,30 @@ def test_mean_ci_by_hand():
 def _record(algo, seed, start, final, start8, final8, auc=None):
     return {"algo": algo, "seed": seed, "start_pass@1": start, "final_pass@1": final, "start_pass@8": start8,
             "final_pass@8": final8, "critic_auc": auc, "critic_brier": None if auc is None else 0.25}
+
+
+def _t_sf(t, df):
+    """P(T > t) for Student's t with df = 1, 2 or 3, in closed form."""
+    if df == 1:
+        return 0.5 - math.atan(t) / math.pi
+    if df == 2:
+        return 0.5 * (1 - t / math.sqrt(t * t + 2))
+    x = t / math.sqrt(3)
+    return 0.5 - (math.atan(x) + x / (1 + x * x)) / math.pi
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paired_t_p_value_against_closed_forms(seed):
+    rng = random.Random(seed)
+    for n in (2, 3, 4):
+        diffs = [rng.gauss(1.0, 2.0) for _ in range(n)]
+        out = paired_t(diffs)
+        mean = sum(diffs) / n
+        sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1))
+        assert out["mean"] == pytest.approx(mean) and out["ci95"] == mean_ci(diffs)["ci95"]
+        assert out["p"] == pytest.approx(2 * _t_sf(abs(mean) / (sd / math.sqrt(n)), n - 1), rel=1e-6)
+    assert paired_t([2.0, 1.0, 3.0])["p"] == pytest.approx(1 - 2 * math.sqrt(3) / math.sqrt(14), rel=1e-6)
+    assert paired_t([1.5, 1.5])["p"] == 0.0 and paired_t([0.0, 0.0])["p"] == 1.0 and paired_t([4.0])["p"] is None
 
 
 def test_summary_on_a_toy_study():
@@ -124,7 +148,12 @@ def test_summary_reports_mean_pass1_differences_critic_table_and_warmup():
     s["warmup_steps"] = {"0": 1450, "1": 3100}
     table = summary_table(s)
     assert "| pacs | 0.415 ± 0.021 | 0.600 ± 0.000 | 0.250 ± 0.000 | -0.450 ± 0.205 |" in table
-    expected = f"| pacs-grpo | 4 | 3.5 ± 2.1 [+1.4, +5.6] | 7.0 ± {half:.1f} [{7 - half:+.1f}, {7 + half:+.1f}] |"
+    t_final = 3.5 / (math.sqrt(5 / 3) / 2)  # differences 2, 3, 4, 5: sd sqrt(5/3)
+    assert s["differences"]["pacs-grpo"]["final_pass@1"]["p"] == pytest.approx(2 * _t_sf(t_final, 3), rel=1e-6)
+    p_final = s["differences"]["pacs-grpo"]["final_pass@1"]["p"]
+    p_mean = d["p"]
+    expected = (f"| pacs-grpo | 4 | 3.5 ± 2.1 [+1.4, +5.6], p {p_final:.2g} | 7.0 ± {half:.1f} "
+                f"[{7 - half:+.1f}, {7 + half:+.1f}], p {p_mean:.2g} |")
     assert expected in table
     assert "warm-up steps per seed: 0: 1450, 1: 3100" in table
 
