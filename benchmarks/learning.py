@@ -11,6 +11,7 @@ the same for every run. Algorithms:
     pacs, grpo, rloo     `--algo NAME` with the preset's settings
     pacs-snapshot:K      `--algo pacs --reference snapshot:K --reset-optimizer` (PACS v2: psi against a frozen
                          copy of the policy, hard-reset to the current policy and AdamW every K rollout steps)
+    pacs-snapshot-keep-adam:K   the same without `--reset-optimizer` (AdamW's moments carry over a refresh)
 
 Runs live in OUT/runs/ALGO/seed_S (the usual run directories: metrics.jsonl, eval/, plots/), their logs in
 OUT/logs. A finished run is not redone (rerun the same command to complete an interrupted study); an unfinished one
@@ -109,12 +110,14 @@ def algo_flags(algo: str) -> list[str]:
     """`pacs train` flags of a study algorithm name (ValueError for an unknown one)."""
     if algo in ("pacs", "grpo", "rloo"):
         return ["--algo", algo]
-    if algo.startswith("pacs-snapshot:"):
-        k = algo.split(":", 1)[1]
-        if not k.isdigit() or int(k) < 1:
-            raise ValueError(f"algorithm {algo!r}: K in pacs-snapshot:K must be an integer >= 1")
-        return ["--algo", "pacs", "--reference", f"snapshot:{k}", "--reset-optimizer"]
-    raise ValueError(f"unknown algorithm {algo!r}: use pacs, grpo, rloo or pacs-snapshot:K")
+    for prefix, reset in (("pacs-snapshot:", True), ("pacs-snapshot-keep-adam:", False)):
+        if algo.startswith(prefix):
+            k = algo[len(prefix):]
+            if not k.isdigit() or int(k) < 1:
+                raise ValueError(f"algorithm {algo!r}: K in {prefix}K must be an integer >= 1")
+            return ["--algo", "pacs", "--reference", f"snapshot:{k}"] + (["--reset-optimizer"] if reset else [])
+    raise ValueError(f"unknown algorithm {algo!r}: use pacs, grpo, rloo, pacs-snapshot:K or "
+                     "pacs-snapshot-keep-adam:K")
 
 
 def run_dir(out: Path, algo: str, seed: int) -> Path:
@@ -449,7 +452,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.learning", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default 0,1,2,3,4)")
     p.add_argument("--algos", default="pacs,pacs-snapshot:20,grpo,rloo",
-                   help="comma-separated: pacs, grpo, rloo, pacs-snapshot:K (default pacs,pacs-snapshot:20,grpo,rloo)")
+                   help="comma-separated: pacs, grpo, rloo, pacs-snapshot:K, pacs-snapshot-keep-adam:K (default "
+                   "pacs,pacs-snapshot:20,grpo,rloo)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (the CPU's threads are split between them)")
     p.add_argument("--preset", default="demo", help="the pacs train preset every run starts from (default demo)")
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the preset's)")

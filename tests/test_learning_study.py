@@ -171,7 +171,8 @@ def test_warmup_steps_reads_the_stop_or_the_config(tmp_path):
 def test_algo_flags():
     assert algo_flags("grpo") == ["--algo", "grpo"]
     assert algo_flags("pacs-snapshot:20") == ["--algo", "pacs", "--reference", "snapshot:20", "--reset-optimizer"]
-    for bad in ("ppo", "pacs-snapshot:0", "pacs-snapshot:x"):
+    assert algo_flags("pacs-snapshot-keep-adam:5") == ["--algo", "pacs", "--reference", "snapshot:5"]
+    for bad in ("ppo", "pacs-snapshot:0", "pacs-snapshot:x", "pacs-snapshot-keep-adam:", "pacs-snapshot-keep:3"):
         with pytest.raises(ValueError):
             algo_flags(bad)
 
@@ -181,7 +182,7 @@ def test_study_commands_are_valid_train_configs(tmp_path):
     from pacs.cli import build_parser
     from pacs.config import config_from_args
 
-    seeds, algos = [0, 3], ["pacs", "pacs-snapshot:20", "grpo", "rloo"]
+    seeds, algos = [0, 3], ["pacs", "pacs-snapshot:20", "pacs-snapshot-keep-adam:20", "grpo", "rloo"]
     for seed in seeds:  # the RL runs' --init-checkpoint must hold weights
         ckpt = warmup_dir(tmp_path, seed) / "checkpoints" / "step_000000"
         ckpt.mkdir(parents=True)
@@ -201,4 +202,4 @@ def test_study_commands_are_valid_train_configs(tmp_path):
             algo = run.name.split(" seed ")[0]
             assert cfg.algo == algo.split("-")[0]
             assert cfg.reference == ("snapshot:20" if "snapshot" in algo else "old")
-            assert cfg.reset_optimizer == ("snapshot" in algo)
+            assert cfg.reset_optimizer == algo.startswith("pacs-snapshot:")
