@@ -259,8 +259,8 @@ def run_record(path: Path, algo: str, seed: int) -> dict:
         "critic_auc": mean("critic_auc"), "critic_brier": mean("critic_brier"),
         "critic_auc_group": mean("critic_auc_group"), "critic_ref_lp_corr": mean("critic_ref_lp_corr"),
         "curve": [[int(r["tag"].split("_")[1]), pct(r, 1), pct(r, 8)] for r in evals],
-        "critic_curve": [[r["step"], r.get("critic_auc"), r.get("critic_brier"), r.get("critic_auc_group")]
-                         for r in train],
+        "critic_curve": [[r["step"], r.get("critic_auc"), r.get("critic_brier"), r.get("critic_auc_group"),
+                          r.get("reference_age")] for r in train],
     }
 
 
@@ -274,6 +274,21 @@ def warmup_steps(path: Path) -> int | None:
         return rows[-1]["sft_steps"]
     config = path / "config.json"
     return json.loads(config.read_text()).get("sft_steps") if config.exists() else None
+
+
+def critic_auc_by_age(records: list[dict]) -> dict:
+    """{age: mean critic AUC} over the steps of the given runs whose reference is `age` rollout steps old (the
+    snapshot reference's age; {} for runs without one). Each run's mean per age first, then the mean over runs."""
+    per_run = []
+    for r in records:
+        ages: dict[int, list] = {}
+        for row in r.get("critic_curve", []):
+            if len(row) > 4 and row[4] is not None and row[1] is not None:
+                ages.setdefault(int(row[4]), []).append(row[1])
+        if ages:
+            per_run.append({a: sum(v) / len(v) for a, v in ages.items()})
+    ages = sorted({a for d in per_run for a in d})
+    return {str(a): _mean_or([d[a] for d in per_run if a in d], None) for a in ages}
 
 
 def summarize(runs: list[dict], algos: list[str]) -> dict:
@@ -301,6 +316,10 @@ def summarize(runs: list[dict], algos: list[str]) -> dict:
                                  if pa[s].get(key) is not None and pb[s].get(key) is not None])
                    for key in ("final_pass@1", "final_pass@8", "mean_pass@1")},
             }
+    for algo, rs in by_algo.items():
+        by_age = critic_auc_by_age(rs)
+        if by_age:
+            stats[algo]["critic_auc_by_reference_age"] = by_age
     slim = [{k: v for k, v in r.items() if k not in ("curve", "critic_curve")} for r in runs]
     return {"interval": "Student-t 95% over seeds; differences paired by seed, with the two-sided p of the paired "
                         "t-test (no correction for the number of comparisons); percent points",
@@ -391,7 +410,7 @@ def plot_study(records: list[dict], algos: list[str], out: Path) -> list[Path]:
 
     critics = [a for a in algos if any(r["algo"] == a and r["critic_auc"] is not None for r in records)]
     if critics:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
         for i, algo in enumerate(algos):
             if algo not in critics:
                 continue
@@ -416,6 +435,20 @@ def plot_study(records: list[dict], algos: list[str], out: Path) -> list[Path]:
                     ax.set_title(title, fontsize=10)
                 ax.set_xlabel("RL step")
                 ax.grid(alpha=0.3)
+        aged = {algo: critic_auc_by_age([r for r in records if r["algo"] == algo]) for algo in critics}
+        if any(aged.values()):
+            for i, algo in enumerate(algos):
+                if aged.get(algo):
+                    xs = sorted(int(a) for a in aged[algo])
+                    axes[2].plot(xs, [aged[algo][str(a)] for a in xs], color=f"C{i}", marker="o", markersize=3,
+                                 label=algo)
+            axes[2].axhline(0.5, color="0.5", linestyle=":")
+            axes[2].set_title("critic AUC against the snapshot's age (mean over steps and seeds)", fontsize=10)
+            axes[2].set_xlabel("rollout steps since the reference was refreshed")
+            axes[2].grid(alpha=0.3)
+            axes[2].legend(fontsize=8)
+        else:
+            axes[2].set_visible(False)
         axes[0].axhline(0.5, color="0.5", linestyle=":")
         axes[1].axhline(0.25, color="0.5", linestyle=":")
         axes[0].legend()

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from benchmarks.learning import (algo_flags, mean_ci, paired_t, run_record, study_runs, summarize, summary_table,
-                                 t_quantile, warmup_dir, warmup_steps)
+from benchmarks.learning import (algo_flags, critic_auc_by_age, mean_ci, paired_t, run_record, study_runs, summarize,
+                                 summary_table, t_quantile, warmup_dir, warmup_steps)
 
 
 @pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622),
@@ -203,3 +203,14 @@ def test_study_commands_are_valid_train_configs(tmp_path):
             assert cfg.algo == algo.split("-")[0]
             assert cfg.reference == ("snapshot:20" if "snapshot" in algo else "old")
             assert cfg.reset_optimizer == algo.startswith("pacs-snapshot:")
+
+
+def test_critic_auc_by_reference_age():
+    """Per-run means by the snapshot's age, then the mean over runs; rows without an age or an AUC are skipped."""
+    a = {"critic_curve": [[1, 0.6, 0.2, 0.6, 0], [2, 0.4, 0.3, 0.4, 1], [3, 0.2, 0.3, 0.2, 1], [4, None, None, None, 0],
+                          [5, 0.8, 0.2, 0.8, 0]]}
+    b = {"critic_curve": [[1, 0.5, 0.2, 0.5, 0], [2, 0.9, 0.3, 0.9, 2]]}
+    by_age = critic_auc_by_age([a, b])
+    assert by_age == {"0": pytest.approx((0.7 + 0.5) / 2), "1": pytest.approx(0.3), "2": pytest.approx(0.9)}
+    assert critic_auc_by_age([{"critic_curve": [[1, 0.5, 0.25, 0.5, None]]}]) == {}
+    assert critic_auc_by_age([{"critic_curve": [[1, 0.5, 0.25, 0.5]]}]) == {}  # records from before the age column
