@@ -147,11 +147,11 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # The out-of-the-box CPU job (5-15 minutes on 2 cores, depending on the seed's warm-up): a tiny random-init
-    # model, a supervised warm-up on the synthetic task stopped once a probe of training problems reaches 40%
-    # pass@1 (RL from random init is too sparse: no sampled answer would ever be right; where a fixed step count
-    # stops depends on the seed, 9% to 88% held-out pass@1 in benchmarks/results), then 200 PACS steps with the
-    # verifier as the only signal.
+    # The out-of-the-box CPU job (5 min 37 s on 2 cores for seed 0, longer for seeds whose warm-up needs more
+    # steps): a tiny random-init model, a supervised warm-up on the synthetic task stopped once a probe of training
+    # problems reaches 40% pass@1 (RL from random init is too sparse: no sampled answer would ever be right; where a
+    # fixed step count stops depends on the seed, 9% to 88% held-out pass@1 in benchmarks/results), then 200 PACS
+    # steps with the verifier as the only signal.
     "demo": dict(
         model="tiny", data="synthetic:arithmetic", level=2, n_train=10000, n_test=200,
         tiny_hidden=128, tiny_layers=4, tiny_heads=4, tiny_intermediate=512, dtype="float32",
