@@ -251,3 +251,23 @@ def test_torchrun_smoke_train_and_resume(tmp_path):
     model = build_tiny_model(CharTokenizer(), hidden=32, layers=2, heads=2, intermediate=64, max_positions=256,
                              seed=0)
     model.load_state_dict(state)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not hasattr(torch.distributed, "run"),
+                    reason="torch.distributed.run unavailable")
+def test_torchrun_warmup_target_stops_every_rank(tmp_path):
+    """--sft-target-pass1 under torchrun: rank 0's probe decides for every rank (no rank left in the warm-up, no
+    hang), the probes come every --sft-probe-every steps, the warm-up stops at the first one that reaches the
+    target (or runs to the cap), and RL then runs."""
+    out = tmp_path / "run"
+    cap, every, target = 60, 10, 0.02
+    _torchrun(out, "--sft-steps", str(cap), "--sft-target-pass1", str(target), "--sft-probe-every", str(every),
+              "--sft-probe-problems", "20", "--steps", "1", "--no-plot")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    probes = [r for r in rows if r.get("phase") == "sft_probe"]
+    done = [r["sft_steps"] for r in rows if r.get("phase") == "sft_done"]
+    assert len(done) == 1 and 0 < done[0] <= cap
+    assert [r["sft_step"] for r in probes] == list(range(every, done[0] + 1, every))
+    assert all(r["pass@1"] < target for r in probes[:-1])
+    assert probes[-1]["pass@1"] >= target or done[0] == cap
+    assert [r["step"] for r in rows if r.get("phase") == "train"] == [1]
