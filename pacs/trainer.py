@@ -48,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 import pacs_kernels
+from pacs_kernels._segments import segment_ids, segment_sum
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -245,38 +246,35 @@ def old_logprobs(model, batch: PackedBatch, cfg: TrainConfig) -> torch.Tensor:
     return packed_logprobs(model, batch, temperature=cfg.temperature, backend=kernel_backend(cfg)).logprob
 
 
-def auc_score(scores: list[float], labels: list[float]) -> float | None:
-    """ROC AUC (Mann-Whitney, ties count half); None when only one class is present."""
+def _mann_whitney(scores: list[float], labels: list[float]) -> tuple[float, int]:
+    """(wins, pairs): over every (label > 0.5, label <= 0.5) pair, how often the first scores higher (ties half)."""
     pos = [s for s, y in zip(scores, labels) if y > 0.5]
     neg = [s for s, y in zip(scores, labels) if y <= 0.5]
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg), len(pos) * len(neg)
+
+
+def auc_score(scores: list[float], labels: list[float]) -> float | None:
+    """ROC AUC (Mann-Whitney, ties count half); None when only one class is present."""
+    wins, pairs = _mann_whitney(scores, labels)
+    return wins / pairs if pairs else None
 
 
 def group_auc_counts(scores: list[float], labels: list[float], group_size: int) -> tuple[float, int]:
     """(wins, pairs) of the AUC restricted to pairs of answers to the same prompt (consecutive groups of
     `group_size`; ties count half): the critic's ranking within a group, which the pooled AUC mixes with how
     psi differs between prompts."""
-    wins, pairs = 0.0, 0
-    for a in range(0, len(scores), group_size):
-        pos = [s for s, y in zip(scores[a:a + group_size], labels[a:a + group_size]) if y > 0.5]
-        neg = [s for s, y in zip(scores[a:a + group_size], labels[a:a + group_size]) if y <= 0.5]
-        wins += sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-        pairs += len(pos) * len(neg)
-    return wins, pairs
+    counts = [_mann_whitney(scores[a:a + group_size], labels[a:a + group_size])
+              for a in range(0, len(scores), group_size)]
+    return sum(w for w, _ in counts), sum(p for _, p in counts)
 
 
 def sequence_mean(per_token: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """[S] mean over each sequence's response tokens of a per-token [N] tensor (0 for an empty response)."""
     mask = batch.targets != -100
-    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=per_token.device), lengths)
-    zeros = torch.zeros(lengths.numel(), dtype=torch.float64, device=per_token.device)
-    total = zeros.index_add(0, seq, torch.where(mask, per_token.double(), 0.0))
-    count = zeros.index_add(0, seq, mask.double())
-    return (total / count.clamp_min(1)).cpu()
+    n_seqs = batch.cu_seqlens.numel() - 1
+    seq = segment_ids(batch.cu_seqlens, mask.numel())
+    total = segment_sum(torch.where(mask, per_token.double(), 0.0), seq, n_seqs)
+    return (total / segment_sum(mask.double(), seq, n_seqs).clamp_min(1)).cpu()
 
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:
@@ -452,11 +450,8 @@ def sft_warmup(session: Session, log) -> int:
             bar.set_postfix(nll=f"{loss.item():.3f}", **({} if probed is None else {"probe": f"{probed:.1%}"}))
             log({"phase": "sft", "sft_step": step, "nll": loss.item()})
         if probe is not None and (step + 1) % cfg.sft_probe_every == 0:
-            with distributed.gathered_for_generation(model):
-                result = evaluate(session.generator, tok, *probe, n=cfg.eval_n, temperature=cfg.eval_temperature,
-                                  top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
+            probed = sampled_pass_at_k(session, *probe)["pass@k"][1]
             model.train()
-            probed = result["pass@k"][1]
             log({"phase": "sft_probe", "sft_step": step + 1, "pass@1": probed})
             reached = torch.tensor([float(dist.is_main and probed >= cfg.sft_target_pass1)], dtype=torch.float64)
             if dist.all_reduce_sum(reached).item() > 0:
@@ -481,11 +476,18 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def sampled_pass_at_k(session: Session, problems, prompts) -> dict:
+    """`evaluate` of these problems with the evaluation's sampling (--eval-n, --eval-temperature, --eval-top-p);
+    under torchrun every rank samples, with the FSDP parameters gathered."""
+    cfg = session.cfg
+    with distributed.gathered_for_generation(session.model):
+        return evaluate(session.generator, session.tokenizer, problems, prompts, n=cfg.eval_n,
+                        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
+
+
 def run_eval(session: Session, tag: str, log) -> dict:
     cfg = session.cfg
-    with distributed.gathered_for_generation(session.model):  # under torchrun every rank evaluates; rank 0 writes
-        result = evaluate(session.generator, session.tokenizer, session.test, session.test_prompts, n=cfg.eval_n,
-                          temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
+    result = sampled_pass_at_k(session, session.test, session.test_prompts)  # every rank evaluates; rank 0 writes
     result["tag"] = tag
     if not session.dist.is_main:
         return result
@@ -571,8 +573,7 @@ def train(cfg: TrainConfig) -> Path:
     else:
         if cfg.sft_steps > 0:
             run_eval(session, "init", log)
-            state["sft_steps_done"] = sft_warmup(session, log)
-            log({"phase": "sft_done", "sft_steps": state["sft_steps_done"]})
+            log({"phase": "sft_done", "sft_steps": sft_warmup(session, log)})
         state["sft_done"] = True
         run_eval(session, "step_000000", log)
 
