@@ -43,7 +43,7 @@ def pacs_reference(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *,
         if class_balance and 0 < k < G:
             weights.append(torch.where(r == 1, G / (2 * k), G / (2 * (G - k))).double())
         else:
-            weights.append(torch.ones(G, dtype=torch.float64))
+            weights.append(torch.ones(G, dtype=torch.float64, device=R.device))
     psihat = torch.cat(psihat)
     w = torch.cat(weights)
     sig = torch.sigmoid(psihat)

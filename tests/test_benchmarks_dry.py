@@ -11,6 +11,8 @@ import torch
 
 from benchmarks import impls, report, suite
 
+from .helpers import DEVICE
+
 
 def _settings():
     return suite.Settings(device="cpu", dtype="fp32", warmup=0, reps=1, acc_tokens=0)
@@ -107,7 +109,7 @@ def test_forward_impl_rows_are_skipped_without_the_option(monkeypatch):
 def test_sliced_and_fused_rows_run_and_repeat_bitwise():
     from benchmarks.measure import bitwise_repeat
 
-    st = suite.Settings(device="cpu", dtype="fp32", warmup=0, reps=1, acc_tokens=0, interpret=True)
+    st = suite.Settings(device=DEVICE, dtype="fp32", warmup=0, reps=1, acc_tokens=0, interpret=DEVICE == "cpu")
     prob = suite.make_problem(32, 16, 257, st, 0, grad=True, pacs=False, dist="peaked")
     ref = suite.reference_outputs(impls.MODES["fwd_bwd"], prob)
     for name in ("ours_sliced", "ours_fused"):

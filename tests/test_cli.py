@@ -120,7 +120,7 @@ ERROR_CASES = {
     "unsupported data type": (["train", "--data", "{tmp}/cfg.yaml"], r"unsupported data file type '\.yaml'"),
     "tiny heads": (["train", "--tiny-heads", "3"], r"--tiny-hidden / --tiny-heads \(128 / 3\)"),
     "missing init checkpoint": (["train", "--init-checkpoint", "{tmp}/ckpt"], r"--init-checkpoint: .*model\.pt"),
-    "cuda:7": (["train", "--device", "cuda:7"], r"--device cuda:7"),
+    "cuda:99": (["train", "--device", "cuda:99"], r"--device cuda:99"),  # no such device, with or without CUDA
     "bad device": (["train", "--device", "gpu"], r"--device must be auto, cpu, cuda or cuda:N"),
     "out dir is a file": (["train", "--out-dir", "{tmp}/cfg.yaml"], r"--out-dir .* is a file"),
     "config value": (["train", "--config", "{tmp}/cfg.yaml"], r"--lr must be a finite number > 0, got -0\.001"),

@@ -29,6 +29,8 @@ from pacs.trainer import make_optimizer, update_on_rollouts
 from .dist_helpers import run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
+# With pytest-xdist's --dist loadgroup the module's tests share one worker, so the spawned ranks run once.
+pytestmark = pytest.mark.xdist_group("distributed_train")
 WORLD = 2
 G = 4
 N_GROUPS = 6  # 2 mini-batches of 3 groups: ranks get 2 and 1 groups of each (a ragged split)

@@ -290,24 +290,32 @@ def test_entropy_gradient_of_banned_tokens_with_a_huge_upstream_gradient(backend
     assert torch.isfinite(grad).all()
 
 
+@pytest.mark.cpu
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-def test_triton_dz_is_rounded_like_the_gpu():
+def test_triton_and_torch_dz_differ_on_the_cpu():
     # bf16 inputs: the triton backend's dz reaches the dH/dW GEMMs in bf16 (as on the GPU, also under the
-    # interpreter), the torch backend's on the CPU in float32. Both within the rule; they must differ.
+    # interpreter), the torch backend's on the CPU in float32. Both within the rule; they must differ. (On CUDA
+    # the torch backend rounds dz to bf16 too, for cuBLAS: the two may agree bitwise there.)
     hidden, weight, _, targets = random_problem(64, 32, 300, torch.bfloat16, seed=16)
     grads = []
     for backend in ("triton", "torch"):
         h = hidden.clone().requires_grad_()
         out = pacs_kernels.linear_logprob(h, weight, targets, backend=backend)
-        grads.append(torch.autograd.grad((out.logprob * torch.linspace(-1, 1, 64)).sum(), h)[0])
+        grads.append(torch.autograd.grad((out.logprob * torch.linspace(-1, 1, 64, device=DEVICE)).sum(), h)[0])
     assert not torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_dz_is_rounded_like_the_gpu():
+    # The logit-gradient kernel writes dz = onehot - softmax in bf16: one rounding of the float32 value.
     from pacs_kernels._triton.slice_kernels import logit_grad
 
-    z = torch.randn(5, 40) * 3
-    dz = torch.empty(5, 40, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(16)
+    z = (torch.randn(5, 40, generator=gen) * 3).to(DEVICE)
+    dz = torch.empty(5, 40, dtype=torch.bfloat16, device=DEVICE)
     lse = torch.logsumexp(z, 1)
-    y = torch.randint(0, 40, (5,))
-    logit_grad(z, None, y, 0, lse, None, torch.ones(5), None, 1.0, dz, False)
+    y = torch.randint(0, 40, (5,), generator=gen).to(DEVICE)
+    logit_grad(z, None, y, 0, lse, None, torch.ones(5, device=DEVICE), None, 1.0, dz, False)
     expected = (torch.nn.functional.one_hot(y, 40) - torch.softmax(z, 1)).to(torch.bfloat16)
     torch.testing.assert_close(dz, expected, atol=0, rtol=0.0079)  # one bf16 rounding of the float32 value
 
@@ -335,15 +343,15 @@ def test_triton_gemm_fallback():
 
     gen = torch.Generator().manual_seed(17)
     for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(70, 45, generator=gen).to(dtype)
-        b = torch.randn(90, 45, generator=gen).to(dtype).T  # a transposed view, as W_v.T is
-        out = gemm_f32(a, b, torch.empty(70, 90))
+        a = torch.randn(70, 45, generator=gen).to(DEVICE, dtype)
+        b = torch.randn(90, 45, generator=gen).to(DEVICE, dtype).T  # a transposed view, as W_v.T is
+        out = gemm_f32(a, b, torch.empty(70, 90, device=DEVICE))
         torch.testing.assert_close(out, a.double() @ b.double(), atol=1e-4, rtol=1e-5, check_dtype=False)
 
 
 def test_backward_is_bitwise_deterministic():
     hidden, weight, bias, targets = random_problem(90, 24, 500, torch.float32, bias=True, seed=18)
-    g = torch.randn(90, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(90, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     runs = []
     for _ in range(2):
         leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
@@ -564,3 +572,35 @@ def test_gemm_probe_on_cpu():
 
     info = probe("cpu")
     assert info["device"] == "cpu" and info["mm_out_dtype"] is False and info["torch"] == torch.__version__
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["addmm_out_dtype", "mm_out_dtype", "triton_gemm"])
+def test_cuda_gemm_paths_against_float64(monkeypatch, path):
+    """Each way _gemm multiplies bf16 operands on CUDA gives the float64 products up to float32 accumulation: the
+    float32-output cuBLAS calls where torch has them, else mm into a temporary, else the Triton GEMM. The running
+    torch takes one of them; the others are forced here by overriding what the probe found."""
+    from pacs_kernels import _gemm
+
+    found = _gemm.probe("cuda")
+    supports = {"addmm_out_dtype": {"mm_out_dtype": True, "addmm_out_dtype": True},
+                "mm_out_dtype": {"mm_out_dtype": True, "addmm_out_dtype": False},
+                "triton_gemm": {"mm_out_dtype": False, "addmm_out_dtype": False}}[path]
+    if path == "triton_gemm" and not HAS_TRITON:
+        pytest.skip("triton not installed")
+    missing = [what for what, used in supports.items() if used and not found[what]]
+    if missing:
+        pytest.skip(f"torch {torch.__version__} has no {missing} on CUDA")
+    monkeypatch.setattr(_gemm, "_supports", lambda device, what: supports[what])
+    gen = torch.Generator().manual_seed(19)
+    n, d, v = 70, 96, 200  # no size a multiple of a tile
+    h, w_v, dz = (torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16) for shape in ((n, d), (v, d), (n, v)))
+    acc0 = torch.randn(n, d, generator=gen).cuda()
+    h64, w64, dz64 = h.double(), w_v.double(), dz.double()
+
+    z = _gemm.logits_f32(h, w_v, torch.empty(n, v, device="cuda"))
+    assert z.dtype == torch.float32 and max_err(z, h64 @ w64.T) < 1e-5
+    acc = _gemm.accumulate_(acc0.clone(), dz, w_v)
+    assert acc.dtype == torch.float32 and max_err(acc, acc0.double() + dz64 @ w64) < 1e-5
+    dw = _gemm.weight_grad(dz, h, torch.empty(v, d, dtype=torch.bfloat16, device="cuda"))
+    assert dw.dtype == torch.bfloat16 and max_err(dw, dz64.T @ h64) < 4e-3  # one bf16 rounding: <= 2^-8

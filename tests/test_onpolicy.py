@@ -144,7 +144,7 @@ def test_known_gradient_pass_in_chunks(backend, dtype):
                                        stats_slice=stats_slice)  # triton: the statistics in column slices
         torch.testing.assert_close(known.logprob, out.logprob.detach(), atol=1e-5, rtol=0)
         torch.testing.assert_close(known.entropy, out.entropy.detach(), atol=1e-5, rtol=0)
-        loss = attach_gradients(torch.tensor(0.0), *leaves2, known)
+        loss = attach_gradients(torch.tensor(0.0, device=DEVICE), *leaves2, known)
         grads = torch.autograd.grad(loss, leaves2)
         for g, r in zip(grads, ref):
             assert g.dtype == r.dtype and max_err(g, r) <= tol

@@ -89,7 +89,7 @@ def test_matches_float64_reference(backend, score, advantage, class_balance):
     assert max_err(out.score, psi) <= TOL
     assert max_err(out.advantage, psihat) <= TOL
     assert max_err(out.prob, torch.sigmoid(psihat)) <= TOL
-    assert torch.equal(out.weight.double().cpu(), weights)
+    assert torch.equal(out.weight.double(), weights)
     assert max_err(out.logprob, l) <= TOL
     for g, r in zip(grads, grads_ref):
         assert g.dtype == problem["hidden"].dtype
@@ -320,6 +320,7 @@ def test_sequence_kernel_matches_torch_twin_on_many_groups():
     old = lp + 0.1 * torch.randn(N, generator=gen)
     mask = torch.rand(N, generator=gen) < 0.8
     rewards = torch.randint(0, 2, (S,), generator=gen).float()
+    lp, old, mask, rewards, cu = (x.to(DEVICE) for x in (lp, old, mask, rewards, cu))
     for score, advantage, cb in COMBOS:
         kwargs = dict(group_size=G, beta=1.5, score=score, advantage=advantage, class_balance=cb)
         m = mask.clone()
@@ -338,10 +339,11 @@ def test_sequence_kernel_matches_torch_twin_on_many_groups():
 def test_segment_ids_with_empty_sequences():
     from pacs_kernels._segments import segment_ids, segment_sum
 
-    lengths = torch.tensor([3, 0, 0, 2, 1, 0])
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int()
+    lengths = torch.tensor([3, 0, 0, 2, 1, 0], device=DEVICE)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long, device=DEVICE), lengths.cumsum(0)]).int()
     seq = segment_ids(cu, 6)
-    assert seq.tolist() == torch.repeat_interleave(torch.arange(6), lengths).tolist() == [0, 0, 0, 3, 3, 4]
-    assert segment_sum(torch.ones(6), seq, 6).tolist() == lengths.float().tolist()
-    bad = torch.tensor([0, 9, 2], dtype=torch.int32)  # malformed: indices stay in range
+    expected = torch.repeat_interleave(torch.arange(6, device=DEVICE), lengths).tolist()
+    assert seq.tolist() == expected == [0, 0, 0, 3, 3, 4]
+    assert segment_sum(torch.ones(6, device=DEVICE), seq, 6).tolist() == lengths.float().tolist()
+    bad = torch.tensor([0, 9, 2], dtype=torch.int32, device=DEVICE)  # malformed: indices stay in range
     assert segment_ids(bad, 6).max() < 2 and segment_ids(bad, 6).min() >= 0

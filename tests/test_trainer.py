@@ -18,6 +18,8 @@ from pacs.rollout import Rollout
 from pacs.tasks import CharTokenizer, make_synthetic_split
 from pacs.trainer import auc_score, batch_indices, make_optimizer, train, update_on_rollouts
 
+from .helpers import DEVICE
+
 TINY = dict(hidden=32, layers=2, heads=2, intermediate=64, max_positions=64)
 
 
@@ -38,11 +40,12 @@ def random_sequences(n, seed, vocab, max_prompt=6, max_response=9):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_equals_padded(attn):
-    """Log-probs from the padding-free packed pass equal those of an ordinary padded batch."""
-    model = tiny_model(attn=attn).eval()
+    """Log-probs from the padding-free packed pass equal those of an ordinary padded batch (on the test device:
+    the attention kernels that must keep packed sequences apart differ between CPU and CUDA)."""
+    model = tiny_model(attn=attn).eval().to(DEVICE)
     vocab = model.config.vocab_size
     prompts, responses = random_sequences(7, seed=1, vocab=vocab)
-    batch = pack_sequences(prompts, responses)
+    batch = pack_sequences(prompts, responses).to(DEVICE)
     with torch.no_grad():
         packed = packed_logprobs(model, batch, temperature=0.7, backend="torch").logprob
         # Padded reference: right-padded batch with an attention mask, materialized logits.
@@ -53,8 +56,8 @@ def test_packed_equals_padded(attn):
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.tensor(s)
             mask[i, :len(s)] = 1
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.double() / 0.7
-        logp = torch.log_softmax(logits, -1)
+        logits = model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), use_cache=False).logits
+        logp = torch.log_softmax(logits.double() / 0.7, -1).cpu()
     expected = []
     for i, (p, r) in enumerate(zip(prompts, responses)):
         s = seqs[i]
@@ -63,17 +66,18 @@ def test_packed_equals_padded(attn):
                 expected.append(logp[i, t, s[t + 1]].item())
             else:
                 expected.append(0.0)
-    torch.testing.assert_close(packed.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.double().cpu(), torch.tensor(expected, dtype=torch.float64), atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_packing_without_position_restart_would_leak():
     """Negative control: with positions running on across sequences, the states differ (the test above can fail)."""
-    model = tiny_model().eval()
+    model = tiny_model().eval().to(DEVICE)
     prompts, responses = random_sequences(4, seed=2, vocab=model.config.vocab_size)
-    batch = pack_sequences(prompts, responses)
+    batch = pack_sequences(prompts, responses).to(DEVICE)
     with torch.no_grad():
         good = packed_hidden_states(model, batch)
-        batch.position_ids = torch.arange(batch.n_tokens)[None]
+        batch.position_ids = torch.arange(batch.n_tokens, device=DEVICE)[None]
         leaky = packed_hidden_states(model, batch)
     first = int(batch.cu_seqlens[1])
     torch.testing.assert_close(good[:first], leaky[:first])  # the first sequence is unaffected
@@ -225,10 +229,11 @@ def test_killed_save_leaves_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def small_run_config(out_dir, **overrides):
+    """A few-second `train` run on the CPU (the runs compared bitwise need its deterministic kernels)."""
     base = dict(model="tiny", tiny_hidden=32, tiny_layers=2, tiny_heads=2, tiny_intermediate=64, dtype="float32",
                 data="synthetic:arithmetic", level=1, n_train=60, n_test=4, prompts_per_step=4, group_size=4,
                 max_new_tokens=3, minibatches_per_rollout=2, lr=1e-2, eval_n=2, eval_problems=4, save_every=2,
-                plot=False, out_dir=str(out_dir), kernel_backend="torch")
+                plot=False, out_dir=str(out_dir), kernel_backend="torch", device="cpu")
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -268,18 +273,19 @@ def fixed_rollouts(n_steps: int, n_seqs: int, *, seed: int, reward_seed: int):
 
 @pytest.mark.parametrize("algo", ["pacs", "grpo"])
 def test_fused_and_reference_losses_give_the_same_curve(algo):
-    """20 optimizer-step pairs on the same fixed rollouts: the loss curves agree within float32 tolerance."""
+    """20 optimizer-step pairs on the same fixed rollouts, on the test device: the loss curves agree within float32
+    tolerance."""
     batches = fixed_rollouts(10, 16, seed=100, reward_seed=0)
     curves = {}
     for impl in ("fused", "reference"):
         torch.manual_seed(0)
-        model = tiny_model(seed=3)
+        model = tiny_model(seed=3).to(DEVICE)
         cfg = TrainConfig(algo=algo, group_size=4, minibatches_per_rollout=2, lr=3e-3, weight_decay=0.0,
                           loss_impl=impl, kernel_backend="torch", temperature=0.9)
         optimizer, scheduler = make_optimizer(model, cfg)
         losses = []
         for rollouts, rewards in batches:
-            losses += update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, torch.device("cpu"))[
+            losses += update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, torch.device(DEVICE))[
                 "loss"]
         curves[impl] = losses
     assert len(curves["fused"]) == 20
@@ -382,6 +388,24 @@ def test_grpo_and_rloo_get_trls_normalizers(monkeypatch, algo, loss_type):
             assert "normalizer" not in kwargs
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("algo", ["pacs", "grpo"])
+def test_train_on_cuda_in_bf16_with_the_triton_kernels(tmp_path, algo):
+    """The trainer on a GPU: a 2-step warm-up and 2 RL steps of the tiny model in bf16, the losses on the Triton
+    kernels; finite losses and gradients, a checkpoint of finite bf16 weights, the card in config.json."""
+    run = train(small_run_config(tmp_path, algo=algo, steps=2, device="cuda", dtype="bfloat16",
+                                 kernel_backend="triton", sft_steps=2, sft_batch=4))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("phase") == "train"]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
+    assert all(r["peak_memory_mb"] > 0 for r in steps)
+    assert latest_checkpoint(run).name == "step_000002"
+    weights = torch.load(latest_checkpoint(run) / "model.pt")
+    assert all(v.dtype == torch.bfloat16 and torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert json.loads((run / "config.json").read_text())["hardware"]["gpu"]
+
+
 def test_train_validates_before_building_anything(tmp_path, monkeypatch):
     import pacs.trainer
 
@@ -401,7 +425,7 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     from pacs.cli import main
 
     out = tmp_path / "run"
-    common = ["--model", "tiny", "--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2",
+    common = ["--device", "cpu", "--model", "tiny", "--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2",
               "--tiny-intermediate", "64", "--level", "1", "--n-train", "40", "--n-test", "4", "--eval-n", "2",
               "--max-new-tokens", "3"]
     assert main(["train", *common, "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
@@ -452,7 +476,7 @@ def test_train_a_local_hugging_face_model_on_a_jsonl_file(tmp_path):
                             for a in range(4) for b in range(4)))
     cfg = TrainConfig(model=str(model_dir), data=str(data), problem_key="question", answer_key="solution",
                       steps=2, prompts_per_step=2, group_size=2, minibatches_per_rollout=1, max_new_tokens=3,
-                      eval_n=1, eval_problems=2, lr=1e-3, plot=False, out_dir=str(tmp_path / "run"))
+                      eval_n=1, eval_problems=2, lr=1e-3, plot=False, out_dir=str(tmp_path / "run"), device="cpu")
     run = train(cfg)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["phase"] == "train"] == [1, 2]
@@ -482,7 +506,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     args = [sys.executable, "-m", "pacs.cli", "train", "--model", "tiny", "--tiny-hidden", "32", "--tiny-layers",
             "1", "--tiny-heads", "2", "--tiny-intermediate", "64", "--level", "1", "--n-train", "40", "--n-test", "2",
             "--eval-n", "1", "--max-new-tokens", "3", "--prompts-per-step", "2", "--group-size", "2",
-            "--save-every", "0", "--plot", "false", "--out-dir", str(out)]
+            "--save-every", "0", "--plot", "false", "--out-dir", str(out), "--device", "cpu"]
     proc = subprocess.Popen([*args, "--steps", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120

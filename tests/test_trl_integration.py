@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -63,8 +64,17 @@ def alternating_reward(completions, **kwargs):
     return [float(i % 2 == 0) for i in range(len(completions))]
 
 
+@pytest.fixture(autouse=True)
+def _output_dir(tmp_path, monkeypatch):
+    """Each test's trainers write under its own tmp_path (parallel runs share no directory)."""
+    monkeypatch.setattr(sys.modules[__name__], "OUTPUT_DIR", str(tmp_path / "trl-output"))
+
+
+OUTPUT_DIR = None
+
+
 def config(cls=PACSConfig, **overrides):
-    base = dict(output_dir="/tmp/pacs-trl-test", use_cpu=True, per_device_train_batch_size=4, num_generations=2,
+    base = dict(output_dir=OUTPUT_DIR, use_cpu=True, per_device_train_batch_size=4, num_generations=2,
                 max_completion_length=6, max_steps=1, logging_steps=1, report_to="none", seed=0,
                 learning_rate=1e-2, save_strategy="no", disable_tqdm=True, bf16=False)
     if cls is PACSConfig:
@@ -341,6 +351,7 @@ def test_pacs_evaluate(tokenizer):
     assert metrics["eval_pacs/critic_auc"] == 0.5 and "eval_pacs/psi_std" in metrics
 
 
+@pytest.mark.cpu  # use_cpu=True: the triton backend on CPU tensors runs under the interpreter only
 def test_pacs_triton_backend_matches_torch(tokenizer):
     trainer = make_trainer(PACSTrainer, config(), tokenizer)
     inputs = hand_batch(trainer)

@@ -13,8 +13,9 @@ from pacs.data import load_dataset
 
 
 def run_config(out_dir, **overrides):
+    """The smoke preset, shorter, on the CPU on any machine (what is tested is where the warm-up stops)."""
     return TrainConfig(**{**PRESETS["smoke"], "out_dir": str(out_dir), "n_train": 40, "steps": 1, "sft_batch": 4,
-                          "save_every": 0, "plot": False, "kernel_backend": "torch", **overrides})
+                          "save_every": 0, "plot": False, "kernel_backend": "torch", "device": "cpu", **overrides})
 
 
 # --------------------------------------------------------------------------------------------------------------
