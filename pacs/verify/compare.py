@@ -1,7 +1,7 @@
 """Stages 3 and 4 of the verifier: parse answer trees into sympy and compare them.
 
 Parsing uses latex2sympy2_extended (an ANTLR LaTeX grammar producing sympy objects, unevaluated where it matters),
-on strings already normalized by ``_verify_normalize``. Comparison, in order of cost:
+on strings already normalized by ``normalize.py``. Comparison, in order of cost:
 
 1. structure: lists, sets, intervals, unions and matrices are compared item by item (sets and bare lists
    unordered, tuples and intervals ordered, interval brackets must agree);
@@ -25,7 +25,7 @@ import sympy
 from latex2sympy2_extended import latex2sympy
 from latex2sympy2_extended.latex2sympy2 import ConversionConfig
 
-from pacs._verify_normalize import (
+from .normalize import (
     Expr,
     Matrix,
     Node,
