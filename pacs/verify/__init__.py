@@ -10,8 +10,9 @@ The pipeline, one stage per module of this package:
    text (``1/2``, ``x = 3``, ``(A)``, ``[2, 5)``) or a full solution;
 2. normalize (``normalize.py``): strip styling, spacing, units and delimiters, record percent and degree marks,
    split into an answer tree (choice, text, expression, list / set / tuple / interval, union, matrix);
-3. parse and compare (``compare.py``): expressions become sympy objects through latex2sympy2_extended; structure
-   first, then numbers, (in)equalities and symbolic equality with a random-point fallback.
+3. parse (``parse.py``): expressions become sympy objects through latex2sympy2_extended, under size guards;
+4. compare (``compare.py``): structure first, then numbers, (in)equalities and symbolic equality with a
+   random-point fallback.
 
 ``pipeline.py`` strings the stages together. Stages 1-2 and the comparison of plain numbers, letters and words run
 in the calling process (microseconds). Everything that touches sympy runs in a persistent pool of worker processes
