@@ -18,7 +18,7 @@ CORE_REQUIRES = [
     "tqdm",
 ]
 
-# The math verifier (pacs/verify.py): sympy-based parsing of LaTeX answers.
+# The math verifier (pacs/verify/): sympy-based parsing of LaTeX answers.
 VERIFY_REQUIRES = [
     "sympy>=1.12",
     "latex2sympy2_extended>=1.11,<2",

@@ -7,8 +7,8 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pacs._verify_extract import extract_answer, extract_gold
-from pacs._verify_normalize import parse_answer, quick_equal
+from pacs.verify.extract import extract_answer, extract_gold
+from pacs.verify.normalize import parse_answer, quick_equal
 from pacs.verify import verify
 
 LIMIT = 2.0

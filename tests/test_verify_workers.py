@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pacs import verify as verify_module
+from pacs.verify import pool as pool_module
 from pacs.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,11 +35,12 @@ UNGUARDED = textwrap.dedent(
     f"""\
     import threading
 
-    from pacs.verify import _quick_verdict, verify
+    from pacs.verify import verify
+    from pacs.verify.pipeline import quick_verdict
 
     print({MARKER!r}, flush=True)
     PAIRS = {PAIRS!r}
-    assert all(_quick_verdict(r, g, True) is None for r, g, _ in PAIRS)  # all of them need a worker
+    assert all(quick_verdict(r, g, True) is None for r, g, _ in PAIRS)  # all of them need a worker
     serial = [verify(r, g) for r, g, _ in PAIRS]
     threaded = [None] * (4 * len(PAIRS))
 
@@ -55,8 +56,8 @@ UNGUARDED = textwrap.dedent(
     print("serial", serial, flush=True)
     print("threaded", threaded, flush=True)
     print("boxed half", verify("\\\\boxed{{\\\\frac{{2}}{{4}}}}", "0.5"), flush=True)
-    from pacs.verify import _POOL
-    print("pooled", len(_POOL._idle) > 0, flush=True)
+    from pacs.verify.pool import POOL
+    print("pooled", len(POOL._idle) > 0, flush=True)
     """
 )
 
@@ -110,8 +111,8 @@ SLOW = "\\boxed{\\sum_{n=1}^{10^{12}} n^{n}}"  # passes the size guards, then ru
 
 @pytest.fixture
 def one_worker_pool(monkeypatch: pytest.MonkeyPatch):
-    pool = verify_module._Pool(1)
-    monkeypatch.setattr(verify_module, "_POOL", pool)
+    pool = pool_module.Pool(1)
+    monkeypatch.setattr(pool_module, "POOL", pool)
     yield pool
     pool.close()
 

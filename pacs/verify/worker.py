@@ -1,6 +1,6 @@
 """The verifier's worker: a separate interpreter that ``pacs.verify`` starts and talks to over its stdin and stdout.
 
-It is started as ``python -c "<bootstrap>" <sys.path entries>`` (see ``pacs.verify._command``), never through
+It is started as ``python -c "<bootstrap>" <sys.path entries>`` (see ``pacs.verify.pool._command``), never through
 multiprocessing, so it never imports the caller's ``__main__``. Messages are ``multiprocessing.connection``
 frames (length-prefixed pickles): it sends ``"ready"`` once sympy is imported, then answers each
 ``(response, gold, last_number)`` request with a bool. It exits when its stdin reaches end of file, i.e. when the
@@ -28,8 +28,8 @@ def main() -> None:
     sys.stdin = open(os.devnull)  # noqa: SIM115
     sys.stdout = sys.stderr
 
-    import pacs._verify_compare  # noqa: F401  (import sympy before reporting ready)
-    from pacs.verify import judge
+    import pacs.verify.compare  # noqa: F401  (import sympy before reporting ready)
+    from pacs.verify.pipeline import judge
 
     replies.send("ready")
     while True:

@@ -1,7 +1,7 @@
-"""Stages 3 and 4 of the verifier: parse answer trees into sympy and compare them.
+"""Stage 4 of the verifier: compare answer trees.
 
-Parsing uses latex2sympy2_extended (an ANTLR LaTeX grammar producing sympy objects, unevaluated where it matters),
-on strings already normalized by ``_verify_normalize``. Comparison, in order of cost:
+Answer trees come from ``normalize.py``; their expressions become sympy objects in ``parse.py``. Comparison, in
+order of cost:
 
 1. structure: lists, sets, intervals, unions and matrices are compared item by item (sets and bare lists
    unordered, tuples and intervals ordered, interval brackets must agree);
@@ -22,10 +22,8 @@ import random
 import re
 
 import sympy
-from latex2sympy2_extended import latex2sympy
-from latex2sympy2_extended.latex2sympy2 import ConversionConfig
 
-from pacs._verify_normalize import (
+from .normalize import (
     Expr,
     Matrix,
     Node,
@@ -35,151 +33,20 @@ from pacs._verify_normalize import (
     Union,
     decimal_places,
     parse_normalized,
-    numbers_close,
     quick_equal,
+)
+from .parse import (
+    RANDOM_POINTS,
+    TooLarge,
+    exprs_equal,
+    numeric,
+    structures_equal,
+    to_sympy,
 )
 
 __all__ = ["nodes_equal", "trees_equal"]
 
-MAX_LATEX_CHARS = 600
-MAX_NESTING = 40
-MAX_LOG10 = 5000.0  # numbers beyond 10**5000 are never evaluated
-MAX_FACTORIAL = 2000
-RANDOM_POINTS = 4
-
-_CONVERSION = ConversionConfig(interpret_as_mixed_fractions=True, lowercase_symbols=False)
-_I = sympy.Symbol("i")
 _REL_SPLIT = re.compile(r"\\le |\\ge |\\ne |<|>|\\approx|=")
-
-
-class TooLarge(Exception):
-    """An expression whose evaluation could not finish in reasonable time or memory."""
-
-
-def _log10_bound(expr: sympy.Basic) -> float:
-    """An upper bound on log10 of the largest magnitude the numeric subtree can produce (inf when unbounded)."""
-    if expr.is_Integer or expr.is_Rational or expr.is_Float:
-        value = abs(expr)
-        return math.log10(float(value)) if 0 < value < sympy.Float("1e300") else (0.0 if value == 0 else 300.0)
-    if isinstance(expr, sympy.Pow):
-        base, exp = expr.args
-        base_log = _log10_bound(base)
-        exp_log = _log10_bound(exp)
-        if exp_log > 6:
-            return math.inf if base_log > 0 else 0.0
-        exp_value = _numeric(exp) if not exp.free_symbols else None
-        scale = exp_value.real if exp_value is not None else 10**exp_log
-        return max(base_log * scale, 0.0) + 1
-    if isinstance(expr, (sympy.factorial, sympy.gamma)):
-        n_log = _log10_bound(expr.args[0])
-        return math.inf if n_log > math.log10(MAX_FACTORIAL) else 10**n_log * n_log
-    if not expr.args:
-        return 0.0
-    logs = [_log10_bound(a) for a in expr.args]
-    return sum(max(v, 0.0) for v in logs) if isinstance(expr, sympy.Mul) else max(logs) + 1
-
-
-def _guard(expr):
-    for node in sympy.preorder_traversal(expr) if isinstance(expr, sympy.Basic) else ():
-        if isinstance(node, (sympy.Pow, sympy.factorial, sympy.gamma)) and _log10_bound(node) > MAX_LOG10:
-            raise TooLarge(str(node)[:40])
-    return expr
-
-
-def _to_sympy(latex: str, degrees: bool):
-    if len(latex) > MAX_LATEX_CHARS:
-        raise TooLarge("answer too long")
-    depth = deepest = 0
-    for ch in latex:  # the grammar is slow on deep nesting (``((((...``); no real answer nests this deep
-        depth += (ch in "([{") - (ch in ")]}")
-        deepest = max(deepest, depth)
-    if deepest > MAX_NESTING:
-        raise TooLarge("nested too deep")
-    latex = re.sub(r"(\d(?:\.\d+)?)[eE]([+-]?\d+)(?![\w])", r"\1\\times 10^{\2}", latex)
-    latex = latex.replace("°", "^{\\circ}")
-    expr = latex2sympy(latex, convert_degrees=degrees, conversion_config=_CONVERSION)
-    _guard(expr)
-    if isinstance(expr, sympy.Basic) and not isinstance(expr, (sympy.Set, sympy.Tuple)):
-        expr = expr.doit()
-    if isinstance(expr, sympy.Basic) and _I in expr.free_symbols:
-        expr = expr.subs(_I, sympy.I)
-    return expr
-
-
-def _numeric(expr) -> complex | None:
-    try:
-        value = complex(sympy.N(expr, 30))
-    except (TypeError, ValueError, OverflowError, ZeroDivisionError, AttributeError):
-        return None
-    return None if any(map(math.isnan, (value.real, value.imag))) else value
-
-
-def _values_close(gold, pred, places: int, gold_exact: bool) -> bool:
-    if gold == pred:
-        return True
-    if gold in (sympy.oo, -sympy.oo, sympy.zoo) or pred in (sympy.oo, -sympy.oo, sympy.zoo):
-        return False
-    if gold.is_Rational and pred.is_Rational:
-        return numbers_close(gold, pred, places, gold_exact)
-    g, p = _numeric(gold), _numeric(pred)
-    if g is None or p is None:
-        return False
-    if abs(g.imag) > 1e-12 * max(1, abs(g)) or abs(p.imag) > 1e-12 * max(1, abs(p)):
-        return abs(g - p) <= 1e-8 * max(1, abs(g))
-    return numbers_close(g.real, p.real, places, gold_exact)
-
-
-def _random_points_equal(a, b) -> bool | None:
-    """Compare two expressions at random points: True/False when decided, None when no point evaluated."""
-    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
-    rng = random.Random(0)
-    checked = 0
-    for _ in range(RANDOM_POINTS * 2):
-        point = {s: sympy.Rational(rng.randint(11, 97), rng.randint(7, 31)) for s in symbols}
-        va, vb = _numeric(a.subs(point)), _numeric(b.subs(point))
-        if va is None or vb is None or not all(map(math.isfinite, (va.real, va.imag, vb.real, vb.imag))):
-            continue
-        if abs(va - vb) > 1e-7 * max(1, abs(va)):
-            return False
-        checked += 1
-        if checked >= RANDOM_POINTS:
-            return True
-    return None
-
-
-def _exprs_equal(a, b, places: int = 0, gold_exact: bool = True) -> bool:
-    """Equality of two sympy scalars: exact, numeric, then symbolic."""
-    if isinstance(a, (sympy.MatrixBase, sympy.Tuple, sympy.Set)) or isinstance(b, (sympy.MatrixBase, sympy.Tuple, sympy.Set)):
-        return _structures_equal(a, b)
-    if not isinstance(a, sympy.Expr) or not isinstance(b, sympy.Expr):
-        return a == b
-    if not a.free_symbols and not b.free_symbols:
-        return _values_close(a, b, places, gold_exact)
-    if a == b:
-        return True
-    try:
-        if sympy.expand(a - b) == 0:
-            return True
-    except (TypeError, ValueError, AttributeError):
-        pass
-    decided = _random_points_equal(a, b)
-    if decided is not None:
-        return decided
-    try:
-        return sympy.simplify(a - b) == 0
-    except (TypeError, ValueError, AttributeError, NotImplementedError):
-        return False
-
-
-def _structures_equal(a, b) -> bool:
-    if isinstance(a, sympy.MatrixBase) and isinstance(b, sympy.MatrixBase):
-        return a.shape == b.shape and all(_exprs_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, sympy.Set) and isinstance(b, sympy.Set):
-        try:
-            return bool(a == b or (a.symmetric_difference(b)).is_empty)
-        except (TypeError, ValueError):
-            return False
-    return a == b
 
 
 def _sides(latex: str) -> tuple[list[str], list[str]]:
@@ -214,7 +81,7 @@ def _simple_lhs(side: str) -> bool:
 
 def _scalar_value(node: Expr, latex: str):
     degrees = node.degree or bool(re.search(r"\\(?:sin|cos|tan|cot|sec|csc)", latex) and "°" in latex)
-    return _to_sympy(latex, degrees=degrees)
+    return to_sympy(latex, degrees=degrees)
 
 
 def _alternatives(node: Expr, value) -> list:
@@ -232,7 +99,7 @@ def _scalar_equal(gold: Expr, pred: Expr, gold_latex: str, pred_latex: str) -> b
     places = decimal_places(pred_latex)
     gold_exact = decimal_places(gold_latex) > 0 or gold_latex.strip().lstrip("-").isdigit()
     return any(
-        _exprs_equal(gv, pv, places + 2 * k, gold_exact)
+        exprs_equal(gv, pv, places + 2 * k, gold_exact)
         for gv in _alternatives(gold, g)
         for k, pv in enumerate(_alternatives(pred, p))
     )
@@ -241,7 +108,7 @@ def _scalar_equal(gold: Expr, pred: Expr, gold_latex: str, pred_latex: str) -> b
 def _relation_expr(sides: list[str], ops: list[str]):
     """``lhs - rhs`` and its relation for a single (in)equality, oriented so that ``>`` becomes ``<``."""
     lhs, rhs, op = sides[0], sides[-1], ops[-1]
-    diff = _to_sympy(lhs, False) - _to_sympy(rhs, False)
+    diff = to_sympy(lhs, False) - to_sympy(rhs, False)
     if op in (">", "\\ge"):
         return -diff, {">": "<", "\\ge": "\\le"}[op]
     return diff, op
@@ -260,7 +127,7 @@ def _relations_equal(g_sides, g_ops, p_sides, p_ops) -> bool:
             return False
         return _proportional(g, p, positive=g_op in ("<", "\\le"))
     if len(g_sides) == 2 and len(p_sides) >= 2 and _simple_lhs(g_sides[0]) and g_sides[0] == p_sides[0]:
-        return _exprs_equal(_to_sympy(g_sides[1], False), _to_sympy(p_sides[-1], False))
+        return exprs_equal(to_sympy(g_sides[1], False), to_sympy(p_sides[-1], False))
     g, _ = _relation_expr([g_sides[0], g_sides[-1]], ["="])
     p, _ = _relation_expr([p_sides[0], p_sides[-1]], ["="])
     return _proportional(g, p, positive=False)
@@ -272,7 +139,7 @@ def _chain_equal(g_sides, g_ops, p_sides, p_ops) -> bool:
         p_sides, p_ops = p_sides[::-1], [flip.get(o, o) for o in reversed(p_ops)]
     if g_ops != p_ops:
         return False
-    return all(_exprs_equal(_to_sympy(a, False), _to_sympy(b, False)) for a, b in zip(g_sides, p_sides))
+    return all(exprs_equal(to_sympy(a, False), to_sympy(b, False)) for a, b in zip(g_sides, p_sides))
 
 
 def _proportional(g, p, positive: bool) -> bool:
@@ -289,7 +156,7 @@ def _proportional(g, p, positive: bool) -> bool:
         values = []
         for _ in range(RANDOM_POINTS):
             point = {s: sympy.Rational(rng.randint(11, 97), rng.randint(7, 31)) for s in symbols}
-            value = _numeric(ratio.subs(point))
+            value = numeric(ratio.subs(point))
             if value is None:
                 return False
             values.append(value)
@@ -297,7 +164,7 @@ def _proportional(g, p, positive: bool) -> bool:
             return False
         ratio_value = values[0]
     else:
-        ratio_value = _numeric(ratio)
+        ratio_value = numeric(ratio)
     if ratio_value is None or abs(ratio_value) < 1e-12 or abs(ratio_value.imag) > 1e-12:
         return False
     return ratio_value.real > 0 or not positive
@@ -376,7 +243,7 @@ def _relation_set(node: Expr) -> sympy.Set | None:
     sides, ops = _sides(node.latex)
     if not ops or any(o not in _RELATIONS for o in ops):
         return None
-    exprs = [_to_sympy(side, False) for side in sides]
+    exprs = [to_sympy(side, False) for side in sides]
     free = set().union(*(e.free_symbols for e in exprs))
     if len(free) != 1:
         return None
@@ -392,9 +259,9 @@ def _node_set(node: Node) -> sympy.Set | None:
         parts = [_node_set(p) for p in node.parts]
         return None if any(p is None for p in parts) else sympy.Union(*parts)
     if isinstance(node, Seq) and node.open == "{":
-        return sympy.FiniteSet(*(_to_sympy(i.latex, False) for i in node.items if isinstance(i, Expr)))
+        return sympy.FiniteSet(*(to_sympy(i.latex, False) for i in node.items if isinstance(i, Expr)))
     if isinstance(node, Seq) and node.open in "([" and len(node.items) == 2 and all(isinstance(i, Expr) for i in node.items):
-        lo, hi = (_to_sympy(i.latex, False) for i in node.items)
+        lo, hi = (to_sympy(i.latex, False) for i in node.items)
         return sympy.Interval(lo, hi, node.open == "(", node.close == ")")
     return None
 
@@ -404,7 +271,7 @@ def _relation_matches_set(relation: Expr, other: Node) -> bool:
     if interval is not None and nodes_equal(interval, other):
         return True
     solved, target = _relation_set(relation), _node_set(other)
-    return solved is not None and target is not None and _structures_equal(solved, target)
+    return solved is not None and target is not None and structures_equal(solved, target)
 
 
 def _unordered_equal(gold: tuple, pred: tuple) -> bool:
@@ -477,9 +344,9 @@ def nodes_equal(gold: Node, pred: Node) -> bool:
     if isinstance(gold, Expr) and isinstance(pred, Expr):
         return _expr_equal(gold, pred)
     if isinstance(gold, Matrix) and isinstance(pred, Expr) or isinstance(gold, Expr) and isinstance(pred, Matrix):
-        g = _to_sympy(gold.latex, False)
-        p = _to_sympy(pred.latex, False)
-        return isinstance(g, sympy.MatrixBase) and isinstance(p, sympy.MatrixBase) and _structures_equal(g, p)
+        g = to_sympy(gold.latex, False)
+        p = to_sympy(pred.latex, False)
+        return isinstance(g, sympy.MatrixBase) and isinstance(p, sympy.MatrixBase) and structures_equal(g, p)
     if isinstance(gold, Matrix) and isinstance(pred, Matrix):
         return [len(r) for r in gold.rows] == [len(r) for r in pred.rows] and all(
             nodes_equal(g, p) for gr, pr in zip(gold.rows, pred.rows) for g, p in zip(gr, pr)
