@@ -122,6 +122,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def load_init_checkpoint(model, checkpoint: Path) -> None:
+    """--init-checkpoint: the model weights of a checkpoint directory; a missing file or weights of another
+    shape are a ValueError naming the checkpoint."""
+    path = Path(checkpoint) / "model.pt"
+    if not path.exists():
+        raise ValueError(f"--init-checkpoint: {path} does not exist")
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except RuntimeError as err:
+        first = " ".join(str(err).split())[:300]
+        raise ValueError(f"--init-checkpoint {checkpoint}: its weights do not fit this model (another --model, "
+                         f"tiny size or tokenizer?): {first}") from None
+
+
 def read_trainer_state(path: Path) -> dict:
     """A checkpoint's trainer state (step, data position, warm-up progress, ...) without loading any tensor."""
     return json.loads((Path(path) / "trainer_state.json").read_text())

@@ -52,7 +52,7 @@ import pacs_kernels
 from pacs_kernels._segments import segment_ids, segment_sum
 
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_init_checkpoint, read_trainer_state, save_checkpoint
 from .config import TrainConfig, snapshot_interval
 from .data import format_prompt, load_data
 from .evaluate import evaluate, format_table, save_result, summary_line
@@ -68,6 +68,7 @@ from .modeling import (
     packed_logprobs,
     pick_dtype,
 )
+from .progress import WarmupBar
 from .rollout import HFGenerator, Rollout, SamplingParams
 from .rundir import check_run_dir, clear_run
 from .tasks import tiny_tokenizer
@@ -151,20 +152,6 @@ def setup(cfg: TrainConfig, dist: distributed.DistContext = distributed.SINGLE) 
                 info["dtype"], attn)
     return Session(cfg, model, tokenizer, device, train, test, [encode(p) for p in train],
                    [encode(p) for p in test], generator, run_dir, info, dist)
-
-
-def load_init_checkpoint(model, checkpoint: Path) -> None:
-    """--init-checkpoint: the model weights of a checkpoint directory; a missing file or weights of another
-    shape are a ValueError naming the checkpoint."""
-    path = checkpoint / "model.pt"
-    if not path.exists():
-        raise ValueError(f"--init-checkpoint: {path} does not exist")
-    try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except RuntimeError as err:
-        first = " ".join(str(err).split())[:300]
-        raise ValueError(f"--init-checkpoint {checkpoint}: its weights do not fit this model (another --model, "
-                         f"tiny size or tokenizer?): {first}") from None
 
 
 def _cpu_name() -> str:
@@ -458,7 +445,7 @@ def sft_warmup(session: Session, log, stop: "_StopFlag | None" = None, resume: P
         rng.setstate((version, tuple(internal), gauss))
     probe = sft_probe_set(session) if cfg.sft_target_pass1 > 0 else None
     model.train()
-    bar = _WarmupBar(cfg, start, probed, disable=not dist.is_main)
+    bar = WarmupBar(cfg.sft_steps, cfg.sft_target_pass1, start, probed, disable=not dist.is_main)
     for step in range(start, cfg.sft_steps):
         if stop is not None and stop.agreed(dist):
             _save_state(session, "warmup", step, optimizer, None, {
@@ -498,45 +485,6 @@ def sft_warmup(session: Session, log, stop: "_StopFlag | None" = None, resume: P
                    f"{done} steps (last probe {'-' if probed is None else f'{probed:.1%}'}); RL starts "
                    "from the last step: raise --sft-steps or lower the target")
     return done
-
-
-class _WarmupBar:
-    """The warm-up's progress bar. With a probe target it shows the probe's pass@1 against the target (the step
-    cap is only a cap: a step count would promise hours that the target ends early), else steps of --sft-steps."""
-
-    def __init__(self, cfg: TrainConfig, start: int, probed: float | None, disable: bool):
-        self.cfg, self.target = cfg, cfg.sft_target_pass1 > 0
-        if self.target:
-            self.bar = tqdm(total=round(100 * cfg.sft_target_pass1, 1), desc="supervised warm-up", disable=disable,
-                            dynamic_ncols=True, bar_format="{desc}: probe pass@1 {n:.1f}% of target {total:.1f}% "
-                            "|{bar}| [{elapsed}{postfix}]")
-            if probed is not None:
-                self.probe(probed)
-        else:
-            self.bar = tqdm(total=cfg.sft_steps, initial=start, desc="supervised warm-up", disable=disable,
-                            dynamic_ncols=True)
-        self.nll = None
-
-    def step(self, done: int, loss: torch.Tensor) -> None:
-        if done % 10 == 1 or done == self.cfg.sft_steps:
-            self.nll = loss.item()
-        if self.target:
-            if done % 10 == 1:
-                self.bar.set_postfix_str(f"step {done} (cap {self.cfg.sft_steps}), nll {self.nll:.3f}")
-        else:
-            self.bar.update(1)
-            if done % 10 == 1:
-                self.bar.set_postfix(nll=f"{self.nll:.3f}")
-
-    def probe(self, probed: float) -> None:
-        if self.target:
-            self.bar.n = min(round(100 * probed, 1), self.bar.total)
-            self.bar.refresh()
-        else:
-            self.bar.set_postfix(nll=f"{self.nll:.3f}", probe=f"{probed:.1%}")
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 # ------------------------------------------------------------------------------------------------------------
