@@ -8,7 +8,8 @@
 
 A user error (bad option, missing or malformed file, a configuration the losses reject, a run directory already
 in use) ends in `pacs COMMAND: error: ...` and exit status 2, before any work; -v shows its traceback too.
-Ctrl-C ends in one line too (exit status 130); during `pacs train` the first one saves a checkpoint first.
+Ctrl-C ends in one line too: during `pacs train` the first one stops after the current step with a checkpoint
+(exit status 0), a second one stops at once (exit status 130, like Ctrl-C in the other commands).
 """
 
 from __future__ import annotations
