@@ -1,7 +1,7 @@
 """PACS inside TRL's own training loop: `PACSTrainer` is `trl.GRPOTrainer` with the PACS loss and pacs_kernels'
 fused LM head (no [tokens x vocab] logits).
 
-    pip install "pacs[trl]"
+    pip install -e ".[trl]"                                                   # in a clone of the repository
     python examples/trl_pacs.py --model Qwen/Qwen2.5-0.5B-Instruct            # a real model (downloads it)
     python examples/trl_pacs.py --tiny --max-steps 2                          # offline smoke run, random weights
     python examples/trl_pacs.py --tiny --loss-type dapo                       # TRL's DAPO loss on the fused head

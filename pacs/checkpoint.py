@@ -5,6 +5,10 @@ RNG states (python, numpy, torch, cuda), the data position and the config. It is
 sibling directory, fsync'ed, then renamed into place (rename is atomic within a file system); `RUN/checkpoints/
 latest` names the newest complete one and is itself replaced atomically. Older checkpoints beyond `keep` are
 deleted only after the new one is in place.
+
+A signal during the supervised warm-up writes `RUN/checkpoints/warmup_000340/` the same way (the warm-up's model,
+optimizer, RNG states and step); the first RL checkpoint (`step_000000`, written when the warm-up ends) replaces
+the warm-up checkpoints.
 """
 
 from __future__ import annotations
@@ -57,15 +61,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, scheduler, trainer_state: dict,
-                    config: dict, keep: int = 2, extra_models: dict | None = None) -> Path:
-    """Write checkpoint `step` atomically and point `latest` at it; returns its directory.
+                    config: dict, keep: int = 2, extra_models: dict | None = None, prefix: str = "step") -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; returns its directory (PREFIX_STEP, e.g.
+    step_000042; `prefix="warmup"` for the warm-up's).
 
     `extra_models` ({name: module}): further modules saved beside the model as NAME.pt (e.g. PACS's snapshot
     reference policy), inside the same atomic directory."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
+    final = root / f"{prefix}_{step:06d}"
+    tmp = root / f".tmp_{prefix}_{step:06d}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -81,7 +86,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, schedul
 
 def publish_checkpoint(tmp: Path, final: Path, keep: int) -> Path:
     """Make the complete checkpoint directory `tmp` the checkpoint `final`: fsync every file below it, rename it
-    into place, point `latest` at it, then delete the oldest beyond `keep` (0 keeps all). Returns `final`."""
+    into place, point `latest` at it, then delete the oldest of its kind (step_ or warmup_) beyond `keep` (0 keeps
+    all), and with an RL checkpoint (step_) every warm-up checkpoint. Returns `final`."""
     root = final.parent
     for f in [p for p in tmp.rglob("*") if p.is_file()]:
         with open(f, "rb") as fh:
@@ -93,7 +99,11 @@ def publish_checkpoint(tmp: Path, final: Path, keep: int) -> Path:
     os.replace(tmp, final)
     _fsync_dir(root)
     _write_atomic(root / LATEST, final.name)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
+    kind = final.name.rsplit("_", 1)[0]
+    doomed = sorted(p for p in root.glob(f"{kind}_*") if p.is_dir())[:-keep] if keep > 0 else []
+    if kind == "step":  # the warm-up has ended: its checkpoints are superseded
+        doomed += [p for p in root.glob("warmup_*") if p.is_dir()]
+    for old in doomed:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -107,8 +117,28 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         candidate = root / pointer.read_text().strip()
         if (candidate / "trainer_state.json").exists():
             return candidate
-    complete = sorted(p for p in root.glob("step_*") if (p / "trainer_state.json").exists())
+    complete = [p for kind in ("warmup", "step")
+                for p in sorted(root.glob(f"{kind}_*")) if (p / "trainer_state.json").exists()]
     return complete[-1] if complete else None
+
+
+def load_init_checkpoint(model, checkpoint: Path) -> None:
+    """--init-checkpoint: the model weights of a checkpoint directory; a missing file or weights of another
+    shape are a ValueError naming the checkpoint."""
+    path = Path(checkpoint) / "model.pt"
+    if not path.exists():
+        raise ValueError(f"--init-checkpoint: {path} does not exist")
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except RuntimeError as err:
+        first = " ".join(str(err).split())[:300]
+        raise ValueError(f"--init-checkpoint {checkpoint}: its weights do not fit this model (another --model, "
+                         f"tiny size or tokenizer?): {first}") from None
+
+
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer state (step, data position, warm-up progress, ...) without loading any tensor."""
+    return json.loads((Path(path) / "trainer_state.json").read_text())
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, extra_models: dict | None = None) -> dict:

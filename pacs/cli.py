@@ -2,12 +2,14 @@
 
     pacs train --preset demo                 # the out-of-the-box CPU job (tiny model, synthetic task)
     pacs train --model Qwen/Qwen2.5-0.5B --data train.jsonl --algo pacs --beta 1.0
-    pacs eval --run runs/demo --eval-n 16    # pass@k of a run's latest checkpoint
-    pacs plot runs/demo                      # PNG curves
+    pacs eval --run runs/demo-pacs --eval-n 16   # pass@k of a run's latest checkpoint
+    pacs plot runs/demo-pacs                 # PNG curves
     pacs verify --gold '1/2' --response '... \\boxed{0.5}'
 
-A user error (bad option, missing file, a configuration the losses reject) ends in `pacs COMMAND: error: ...` and
-exit status 2, before any work; -v shows its traceback too.
+A user error (bad option, missing or malformed file, a configuration the losses reject, a run directory already
+in use) ends in `pacs COMMAND: error: ...` and exit status 2, before any work; -v shows its traceback too.
+Ctrl-C ends in one line too: during `pacs train` the first one stops after the current step with a checkpoint
+(exit status 0), a second one stops at once (exit status 130, like Ctrl-C in the other commands).
 """
 
 from __future__ import annotations
@@ -88,12 +90,18 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from pacs.checkpoint import latest_checkpoint
     from pacs.config import config_from_args
     from pacs.trainer import train
 
     cfg = config_from_args(args).validate()  # before logging, models or data: errors come first
     _setup_logging(args.verbose)
-    run_dir = train(cfg)
+    try:
+        run_dir = train(cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after a checkpoint)
+        ckpt = latest_checkpoint(cfg.out_dir)
+        raise KeyboardInterrupt(f"the last checkpoint is {ckpt} (continue with --resume)" if ckpt else
+                                "no checkpoint was written") from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 only
         print(f"run directory: {run_dir}")
     return 0
@@ -104,11 +112,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from pacs.checkpoint import latest_checkpoint
     from pacs.config import TrainConfig, config_from_args
     from pacs.trainer import run_eval, setup
 
     cfg = config_from_args(args)
+    ckpt = None
     if args.run:
         run = Path(args.run)
         if not (run / "config.json").exists():
@@ -117,9 +125,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                     if getattr(args, f.name, None) is not None}
-        ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run)
-        if ckpt is None:
-            raise ValueError(f"--run {run} holds no checkpoint")
+        ckpt = _eval_checkpoint(run, args.checkpoint)
         # The run's config, its weights from the checkpoint, flags on top; results go into the run directory.
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in fields}, **explicit,
                              "init_checkpoint": str(ckpt), "out_dir": str(run)})
@@ -129,9 +135,31 @@ def _run_eval(args: argparse.Namespace) -> int:
     if not args.tag or Path(args.tag).name != args.tag:
         raise ValueError(f"--tag must be a plain file name, got {args.tag!r}")
     _setup_logging(args.verbose)
-    result = run_eval(setup(cfg), args.tag, log=lambda row: None)
+    what = ckpt or cfg.init_checkpoint
+    print(f"evaluating {what if what else f'--model {cfg.model} as it is (no checkpoint)'}", flush=True)
+    result = run_eval(setup(cfg), args.tag, log=lambda row: None, meta={"checkpoint": str(what) if what else None})
     print(f"wrote {Path(cfg.out_dir) / 'eval' / (args.tag + '.json')}")
     return 0 if result["problems"] else 1
+
+
+def _eval_checkpoint(run, checkpoint: str | None):
+    """The checkpoint `pacs eval --run RUN [--checkpoint C]` evaluates: C (a directory, or a checkpoint's name in
+    RUN/checkpoints), else RUN's latest."""
+    from pathlib import Path
+
+    from pacs.checkpoint import latest_checkpoint
+
+    if checkpoint is None:
+        latest = latest_checkpoint(run)
+        if latest is None:
+            raise ValueError(f"--run {run} holds no checkpoint")
+        return latest
+    for candidate in (Path(checkpoint), run / "checkpoints" / checkpoint):
+        if (candidate / "model.pt").is_file():
+            return candidate
+    names = sorted(p.name for p in (run / "checkpoints").glob("*_*") if (p / "model.pt").is_file())
+    raise ValueError(f"--checkpoint {checkpoint}: no such checkpoint (no model.pt there or in {run / 'checkpoints'}); "
+                     f"{run} has {', '.join(names) if names else 'none'}")
 
 
 def _run_plot(args: argparse.Namespace) -> int:
@@ -152,26 +180,27 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train(subparsers: argparse._SubParsersAction) -> None:
+def _add_train(subparsers: argparse._SubParsersAction, preset: str | None) -> None:
     from pacs.config import add_train_arguments
 
     cmd = subparsers.add_parser("train", help="train with PACS (or GRPO / RLOO)",
                                 description="Train a causal LM with PACS, GRPO or RLOO on verifiable rewards.")
-    add_train_arguments(cmd)
+    add_train_arguments(cmd, preset=preset)
     cmd.add_argument("-v", "--verbose", action="store_true", help="debug logging; the traceback of an error")
     cmd.set_defaults(func=_run_train)
 
 
-def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+def _add_eval(subparsers: argparse._SubParsersAction, preset: str | None) -> None:
     from pacs.config import add_train_arguments
 
     cmd = subparsers.add_parser("eval", help="pass@k of a model or of a run's checkpoint",
                                 description="Sample --eval-n answers per held-out problem and report unbiased "
                                             "pass@k for k = 1, 2, 4, ..., n (table on screen, JSON on disk).")
     cmd.add_argument("--run", help="run directory: its config and latest checkpoint (flags override the config)")
-    cmd.add_argument("--checkpoint", help="a specific checkpoint directory of --run")
+    cmd.add_argument("--checkpoint", help="a checkpoint of --run: its directory or its name in RUN/checkpoints "
+                     "(e.g. step_000100; default: the latest)")
     cmd.add_argument("--tag", default="pacs_eval", help="name of the result: OUT_DIR/eval/TAG.json (default: pacs_eval)")
-    add_train_arguments(cmd)
+    add_train_arguments(cmd, preset=preset, eval_only=True)
     cmd.add_argument("-v", "--verbose", action="store_true", help="debug logging; the traceback of an error")
     cmd.set_defaults(func=_run_eval)
 
@@ -185,20 +214,32 @@ def _add_plot(subparsers: argparse._SubParsersAction) -> None:
     cmd.set_defaults(func=_run_plot)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `pacs` parser; with the command line `argv` at hand, `--preset NAME --help` shows NAME's values as the
+    defaults."""
+    from pacs.config import preset_in
+
+    preset = preset_in(argv)
     parser = argparse.ArgumentParser(prog="pacs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_train(subparsers)
-    _add_eval(subparsers)
+    _add_train(subparsers, preset)
+    _add_eval(subparsers, preset)
     _add_plot(subparsers)
     _add_verify(subparsers)
     return parser
 
 
+def _close_progress_bars() -> None:
+    tqdm_class = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
+    for bar in list(getattr(tqdm_class, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; its exit status (2 for a user error, reported like argparse reports bad flags)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
@@ -210,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{parser.prog} {args.command}: error: {str(err) or type(err).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        _close_progress_bars()  # the line below starts on a line of its own
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{parser.prog} {args.command}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

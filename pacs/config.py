@@ -1,8 +1,9 @@
 """Training configuration: one dataclass whose fields are the command-line flags and the config-file keys.
 
-Precedence: dataclass defaults < `--preset NAME` < `--config FILE` (YAML or TOML, keys = field names) < flags.
-`TrainConfig.validate()` checks every option's range and the combinations the losses reject, before any work
+Precedence: dataclass defaults < `--preset NAME` < `--config FILE` (YAML, TOML or JSON, keys = field names) <
+flags. `TrainConfig.validate()` checks every option's range and the combinations the losses reject, before any work
 (the CLI and `pacs.trainer.train` call it): a bad configuration raises one ValueError naming every problem.
+`{algo}` in `out_dir` becomes the algorithm, so runs of different algorithms get different default directories.
 """
 
 from __future__ import annotations
@@ -12,50 +13,56 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def opt(default, help: str, group: str, **extra):
-    return field(default=default, metadata={"help": help, "group": group, **extra})
+def opt(default, help: str, group: str, *, eval: bool = False, **extra):
+    """A TrainConfig field: its flag's help and group; `eval`: `pacs eval` takes it too."""
+    return field(default=default, metadata={"help": help, "group": group, "eval": eval, **extra})
 
 
 @dataclass
 class TrainConfig:
     # model
-    model: str = opt("tiny", "'tiny' (random-init Qwen2-shaped model from a config) or a local path / hub id",
-                     "model")
-    tiny_hidden: int = opt(128, "tiny model: hidden size", "model")
-    tiny_layers: int = opt(4, "tiny model: layers", "model")
-    tiny_heads: int = opt(4, "tiny model: attention heads", "model")
-    tiny_intermediate: int = opt(512, "tiny model: MLP size", "model")
+    model: str = opt("tiny", "'tiny' (random-init Qwen2-shaped model from a config, character tokenizer), a local "
+                     "model directory (/abs, ./rel, ~/...) or a hub id (org/name)", "model", eval=True)
+    tiny_hidden: int = opt(128, "tiny model: hidden size", "model", eval=True)
+    tiny_layers: int = opt(4, "tiny model: layers", "model", eval=True)
+    tiny_heads: int = opt(4, "tiny model: attention heads", "model", eval=True)
+    tiny_intermediate: int = opt(512, "tiny model: MLP size", "model", eval=True)
     dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", "model",
-                     choices=("auto", "float32", "bfloat16", "float16"))
+                     choices=("auto", "float32", "bfloat16", "float16"), eval=True)
     attn: str = opt("auto", "attention: auto (flash_attention_2 if installed and CUDA, else sdpa) | sdpa | eager | "
-                    "flash_attention_2", "model", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+                    "flash_attention_2", "model", choices=("auto", "sdpa", "eager", "flash_attention_2"), eval=True)
     init_checkpoint: str | None = opt(None, "start from the model weights of this checkpoint directory (e.g. a "
-                                      "previous run's RUN/checkpoints/step_000100)", "model")
+                                      "previous run's RUN/checkpoints/step_000100)", "model", eval=True)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward", "model")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N", "model")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N", "model", eval=True)
     # data
-    data: str = opt("synthetic:arithmetic", "synthetic:arithmetic|linear|mixed, or a .jsonl/.parquet file", "data")
+    data: str = opt("synthetic:arithmetic", "synthetic:arithmetic|linear|mixed, or a .jsonl (one JSON object per "
+                    "line), .json (an array of objects) or .parquet file of problems", "data", eval=True)
     test_data: str | None = opt(None, "held-out data file for a file --data (unset: the first 10% of --data is "
-                                "held out; synthetic tasks have their own split)", "data")
-    problem_key: str = opt("problem", "field holding the problem text in data files", "data")
-    answer_key: str = opt("answer", "field holding the gold answer in data files", "data")
-    level: int = opt(2, "synthetic difficulty level (1 = one-digit operands, 2 = two digits, ...)", "data")
-    n_train: int = opt(10000, "synthetic: training problems", "data")
-    n_test: int = opt(200, "synthetic: held-out problems", "data")
-    split_seed: int = opt(1234, "synthetic: seed of the train/test split", "data")
-    use_chat_template: bool = opt(True, "wrap real-model prompts in the tokenizer's chat template", "data")
+                                "held out; synthetic tasks have their own split)", "data", eval=True)
+    problem_key: str = opt("problem", "field holding the problem text in data files", "data", eval=True)
+    answer_key: str = opt("answer", "field holding the gold answer in data files (a string or a number)", "data",
+                          eval=True)
+    level: int = opt(2, "synthetic difficulty level (1 = one-digit operands, 2 = two digits, ...)", "data", eval=True)
+    n_train: int = opt(10000, "synthetic: training problems", "data", eval=True)
+    n_test: int = opt(200, "synthetic: held-out problems", "data", eval=True)
+    split_seed: int = opt(1234, "synthetic: seed of the train/test split", "data", eval=True)
+    use_chat_template: bool = opt(True, "wrap real-model prompts (the problem, then the PACS authors' \"Please "
+                                  "reason step by step, ... \\boxed{}.\") in the tokenizer's chat template when it "
+                                  "has one; --model tiny's prompt is the problem text alone", "data", eval=True)
     # rollouts
     prompts_per_step: int = opt(32, "prompts per rollout batch", "rollout")
     group_size: int = opt(8, "G: answers sampled per prompt", "rollout")
     temperature: float = opt(1.0, "rollout sampling temperature (also the log-prob temperature)", "rollout")
     top_p: float = opt(1.0, "rollout nucleus sampling", "rollout")
-    max_new_tokens: int = opt(1024, "longest response", "rollout")
-    generation_batch: int = opt(256, "sequences per generate() call", "rollout")
+    max_new_tokens: int = opt(1024, "longest response", "rollout", eval=True)
+    generation_batch: int = opt(256, "sequences per generate() call", "rollout", eval=True)
     # algorithm
     algo: str = opt("pacs", "pacs | grpo | rloo", "algorithm", choices=("pacs", "grpo", "rloo"))
     beta: float = opt(1.0, "PACS: score scale beta", "algorithm")
@@ -117,18 +124,31 @@ class TrainConfig:
                            "an imperfect demonstrator whose slips RL must then unlearn", "warmup")
     # evaluation
     eval_every: int = opt(0, "evaluate every E rollout steps (0 = only at start and end)", "eval")
-    eval_n: int = opt(4, "samples per held-out problem", "eval")
-    eval_temperature: float = opt(0.6, "evaluation temperature (0 = greedy)", "eval")
-    eval_top_p: float = opt(0.95, "evaluation top_p", "eval")
-    eval_problems: int = opt(0, "held-out problems to evaluate (0 = all)", "eval")
+    eval_n: int = opt(4, "samples per held-out problem", "eval", eval=True)
+    eval_temperature: float = opt(0.6, "evaluation temperature (0 = greedy)", "eval", eval=True)
+    eval_top_p: float = opt(0.95, "evaluation top_p", "eval", eval=True)
+    eval_problems: int = opt(0, "held-out problems to evaluate (0 = all)", "eval", eval=True)
     # run
-    out_dir: str = opt("runs/pacs", "run directory (logs, checkpoints, eval results, plots)", "run")
-    seed: int = opt(0, "random seed", "run")
+    out_dir: str = opt("runs/{algo}", "run directory (logs, checkpoints, eval results, plots); {algo} becomes the "
+                       "algorithm. Training refuses one that already holds a run unless told what to do with it",
+                       "run", eval=True)
+    seed: int = opt(0, "random seed", "run", eval=True)
+    threads: str = opt("auto", "CPU threads of torch: N, or auto = the cores this process may use minus those "
+                       "busy by the 1-minute load average (an explicit OMP_NUM_THREADS is kept); a thread on a "
+                       "core another process holds stalls every parallel operation", "run", eval=True)
     save_every: int = opt(50, "checkpoint every K rollout steps (0 = only at the end)", "run")
     keep_checkpoints: int = opt(2, "checkpoints kept on disk (0 = all)", "run")
-    resume: bool = opt(False, "continue from the latest checkpoint in out_dir", "run")
+    resume: bool = opt(False, "continue the run in out_dir from its latest checkpoint (a warm-up checkpoint "
+                       "continues the warm-up); without --resume or --overwrite, an out_dir that holds a run is "
+                       "refused", "run")
+    overwrite: bool = opt(False, "delete the run already in out_dir (its metrics.jsonl, config.json, "
+                          "checkpoints/, eval/, plots/ and tensorboard/; nothing else) and start afresh", "run")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)", "run")
     plot: bool = opt(True, "write PNG plots at the end", "run")
+
+    def __post_init__(self):
+        if isinstance(self.out_dir, str) and isinstance(self.algo, str):
+            self.out_dir = self.out_dir.replace("{algo}", self.algo)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,7 +178,7 @@ PRESETS: dict[str, dict] = {
         sft_steps=5000, sft_target_pass1=0.4, sft_batch=64, sft_lr=2e-3,
         steps=200, prompts_per_step=32, group_size=8, minibatches_per_rollout=2, max_new_tokens=6,
         temperature=1.0, lr=3e-4, warmup_steps=10, weight_decay=0.0, beta=1.0,
-        eval_every=25, eval_n=8, eval_problems=200, save_every=50, out_dir="runs/demo",
+        eval_every=25, eval_n=8, eval_problems=200, save_every=50, out_dir="runs/demo-{algo}",
     ),
     # Well under a minute on 2 CPU cores (about 20 s under torchrun with 2 ranks, most of it imports): a very small
     # random-init model, one-digit arithmetic, 3 steps of 8 prompts x 4 answers in 2 mini-batches (so torchrun
@@ -169,7 +189,7 @@ PRESETS: dict[str, dict] = {
         tiny_hidden=32, tiny_layers=2, tiny_heads=2, tiny_intermediate=64, dtype="float32",
         sft_steps=0, steps=3, prompts_per_step=8, group_size=4, minibatches_per_rollout=2, max_new_tokens=4,
         temperature=1.0, lr=1e-3, weight_decay=0.0, eval_every=0, eval_n=2, eval_problems=8, save_every=1,
-        keep_checkpoints=2, out_dir="runs/smoke",
+        keep_checkpoints=2, out_dir="runs/smoke-{algo}",
     ),
 }
 
@@ -239,6 +259,7 @@ def _problems(cfg: TrainConfig) -> list[str]:
     for name in ("model", "problem_key", "answer_key", "out_dir"):
         check(name, lambda x: x.strip() != "", "non-empty")
     check("device", lambda x: _DEVICE.fullmatch(x) is not None, "auto, cpu, cuda or cuda:N")
+    check("threads", _threads_ok, "auto or an integer >= 1")
     # The checks below combine options: each runs when the options it reads are well-formed.
     good = lambda *names: not bad_type.intersection(names)
     if cfg.model == "tiny" and good("tiny_hidden", "tiny_heads"):
@@ -246,6 +267,8 @@ def _problems(cfg: TrainConfig) -> list[str]:
         if rest or head_dim % 2:
             out.append(f"--tiny-hidden / --tiny-heads ({cfg.tiny_hidden} / {cfg.tiny_heads}), the attention head "
                        "size, must be an even integer (rotary embeddings)")
+    if good("model"):
+        out += model_problems(cfg.model)
     if good("init_checkpoint") and cfg.init_checkpoint is not None:
         weights = Path(cfg.init_checkpoint) / "model.pt"
         if not weights.is_file():
@@ -265,7 +288,50 @@ def _problems(cfg: TrainConfig) -> list[str]:
         out += _reference_problems(cfg)
     if good("out_dir") and Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
         out.append(f"--out-dir {cfg.out_dir} is a file, not a directory")
+    if good("resume", "overwrite") and cfg.resume and cfg.overwrite:
+        out.append("--resume and --overwrite contradict each other: --resume continues the run in --out-dir, "
+                   "--overwrite deletes it")
     return out
+
+
+def _threads_ok(value: str) -> bool:
+    from .threads import parse_threads
+
+    try:
+        parse_threads(value)
+    except ValueError:
+        return False
+    return True
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a --model value names a local directory rather than a hub id: it starts with /, ~ or . (./, ../),
+    holds a backslash or the platform's separator, ends with /, is no valid hub id (org/name: two slashes, a
+    space, ...), or its first component is an existing local directory (models/qwen beside a models/ folder)."""
+    if name.startswith(("/", "~", ".")) or name.endswith("/") or "\\" in name or (os.sep != "/" and os.sep in name):
+        return True
+    if _HUB_ID.fullmatch(name) is None:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
+def model_problems(model: str) -> list[str]:
+    """A --model that is meant as a local directory but is none (checked here, at once: no hub lookup)."""
+    if model == "tiny":
+        return []
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return [f"--model {model}: the directory has no config.json (not a Hugging Face model directory)"]
+        return []
+    if path.exists():
+        return [f"--model {model} is a file: give the model's directory"]
+    if looks_like_path(model):
+        return [f"--model {model}: no such directory (a hub id has the form org/name)"]
+    return []
 
 
 def snapshot_interval(reference: str) -> int | None:
@@ -349,19 +415,15 @@ def _load_file(path: str) -> dict:
     p = Path(path)
     if not p.exists():
         raise ValueError(f"config file {p} does not exist")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    elif p.suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    elif p.suffix == ".json":
-        data = json.loads(text)
-    else:
+    if p.suffix not in (".yaml", ".yml", ".toml", ".json"):
         raise ValueError(f"config file must be .yaml, .yml, .toml or .json, got {p}")
+    if not p.is_file():
+        raise ValueError(f"config file {p} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {p}: not UTF-8 text (byte {err.start})") from None
+    data = _parse_config_text(p, text)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if not isinstance(data, dict):
         raise ValueError(f"config file {p} must hold a mapping of TrainConfig keys, got {type(data).__name__}")
@@ -375,7 +437,38 @@ def _load_file(path: str) -> dict:
                 data[f.name] = float(value)
             except ValueError:
                 pass  # validate() names it
+        elif f.name == "threads" and isinstance(value, int) and not isinstance(value, bool):
+            data[f.name] = str(value)  # threads: 2 in a file means --threads 2
     return data
+
+
+def _parse_config_text(p: Path, text: str):
+    """The YAML / TOML / JSON document of a config file; a syntax error is one ValueError line naming the file,
+    the line and column, and what the parser expected."""
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            what = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise ValueError(f"config file {p}: not valid YAML ({where}{what}); expected 'key: value' lines with "
+                             "TrainConfig keys") from None
+    if p.suffix == ".toml":
+        import tomllib
+
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {p}: not valid TOML ({' '.join(str(err).split())}); expected "
+                             "'key = value' lines with TrainConfig keys") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config file {p}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+                         "expected an object of TrainConfig keys") from None
 
 
 def _parse_bool(text: str) -> bool:
@@ -387,18 +480,54 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (--snake-case), grouped; defaults left as None so precedence can apply."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset (demo: CPU job; "
-                        "smoke: a few seconds, for tests and torchrun checks)")
-    parser.add_argument("--config", help="YAML/TOML/JSON file with TrainConfig keys")
+PRESET_SUMMARIES = {
+    "demo": "the out-of-the-box CPU job: a tiny model, a supervised warm-up to 40% probe pass@1, then 200 RL steps "
+            "on synthetic arithmetic (5 to 16 minutes on 2 CPU cores, by seed)",
+    "smoke": "a few seconds: a very small model, 3 RL steps; for tests and torchrun checks",
+}
+
+
+def preset_in(argv: list[str] | None) -> str | None:
+    """The --preset NAME (or --preset=NAME) of a command line, if it names a preset: help then shows its values."""
+    argv = list(argv or [])
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--preset="):
+            name = arg.split("=", 1)[1]
+        else:
+            continue
+        if name in PRESETS:
+            return name
+    return None
+
+
+def _shown_default(f: dataclasses.Field, preset: str | None) -> str:
+    """' (default: X)' for a flag's help: the preset's value when --preset sets it; nothing where the help already
+    says what an unset value means."""
+    if preset is not None and f.name in PRESETS[preset]:
+        return f" (default: {PRESETS[preset][f.name]}, from --preset {preset}; without it: {f.default})"
+    if f.default is None or "default:" in f.metadata["help"]:
+        return ""
+    return f" (default: {f.default})"
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, *, preset: str | None = None,
+                        eval_only: bool = False) -> None:
+    """One flag per TrainConfig field (--snake-case), grouped; defaults left as None so precedence can apply.
+    `preset`: the help shows that preset's values as the defaults; `eval_only`: the fields `pacs eval` uses."""
+    presets = "; ".join(f"{name}: {text}" for name, text in PRESET_SUMMARIES.items())
+    preset_help = f"start from a named preset ({presets}). `--preset NAME --help` shows its values as the defaults"
+    parser.add_argument("--preset", choices=sorted(PRESETS), help=preset_help.replace("%", "%%"))
+    parser.add_argument("--config", help="YAML, TOML or JSON file with TrainConfig keys (the flags' names with _)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
+        if eval_only and not f.metadata["eval"]:
+            continue
         group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
-        default = f.default
         kind = _field_kind(f)
         # argparse %-formats help strings: a literal % must reach it as %%
-        text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
+        text = (f.metadata["help"] + _shown_default(f, preset)).replace("%", "%%")
         kwargs = dict(default=None, help=text, dest=f.name)
         if kind is bool:
             kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")

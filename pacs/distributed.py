@@ -289,16 +289,17 @@ def merge_stats(stats: dict, ctx: DistContext, weights: dict) -> dict:
 
 
 def save_dcp_checkpoint(run_dir, step: int, *, model, optimizer, scheduler, trainer_state: dict, config: dict,
-                        keep: int, ctx: DistContext) -> Path:
-    """Write checkpoint `step` from every rank atomically (see the module docstring); returns its directory."""
+                        keep: int, ctx: DistContext, prefix: str = "step") -> Path:
+    """Write checkpoint `step` from every rank atomically (see the module docstring); returns its directory
+    (PREFIX_STEP: step_ for RL checkpoints, warmup_ for the warm-up's)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from .checkpoint import publish_checkpoint, rng_state
 
     root = Path(run_dir) / "checkpoints"
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}"
+    final = root / f"{prefix}_{step:06d}"
+    tmp = root / f".tmp_{prefix}_{step:06d}"
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():

@@ -61,3 +61,32 @@ def save_result(result: dict, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
+
+
+def train_evaluations(run_dir: str | Path) -> list[tuple[int | None, dict]]:
+    """(RL step, result) of the evaluations `pacs train` wrote into RUN/eval: `init.json` (before the warm-up;
+    step None) first, then `step_NNNNNN.json` by step. `pacs eval --tag` results are not among them."""
+    out = []
+    for path in Path(run_dir, "eval").glob("*.json"):
+        if path.stem == "init" or (path.stem.startswith("step_") and path.stem[5:].isdigit()):
+            step = None if path.stem == "init" else int(path.stem[5:])
+            out.append((step, json.loads(path.read_text())))
+    return sorted(out, key=lambda item: -1 if item[0] is None else item[0])
+
+
+def summary_line(run_dir: str | Path) -> str | None:
+    """The run's outcome in one line: held-out pass@1 (and pass@n) at its first RL-step evaluation -> at its last,
+    and pass@1 before the warm-up when there was one; None with fewer than two RL-step evaluations."""
+    evals = train_evaluations(run_dir)
+    steps = [(step, result) for step, result in evals if step is not None]
+    if len(steps) < 2:
+        return None
+    (first_step, first), (last_step, last) = steps[0], steps[-1]
+    pct = lambda result, k: f"{100 * result['pass@k'][str(k)]:.1f}%"
+    line = f"held-out pass@1 {pct(first, 1)} -> {pct(last, 1)} (step {first_step} -> {last_step})"
+    k_max = max(int(k) for k in last["pass@k"])
+    if k_max > 1 and str(k_max) in first["pass@k"]:
+        line += f"; pass@{k_max} {pct(first, k_max)} -> {pct(last, k_max)}"
+    if evals[0][0] is None:
+        line += f"; before the warm-up pass@1 {pct(evals[0][1], 1)}"
+    return line + f" ({last['problems']} problems, {last['n']} samples each)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -76,13 +77,61 @@ def build_tiny_model(tokenizer, *, hidden: int, layers: int, heads: int, interme
     return model
 
 
-def load_pretrained(name_or_path: str, *, dtype: torch.dtype, attn_implementation: str):
+def model_source(name: str, *, timeout: float = 5.0) -> tuple[str, bool]:
+    """Where `--model NAME` loads from, decided before anything is built: (path or hub id, local_files_only).
+
+    A local directory loads as it is (`~` expanded). A hub id in the local Hugging Face cache loads from the cache
+    when the hub cannot be asked (HF_HUB_OFFLINE, or no answer within `timeout` seconds); otherwise one metadata
+    request with that timeout and no retries decides: a hub that does not answer, or has no such model, is a
+    ValueError at once (transformers' own loader would retry for about a minute first)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path), False
+    try:
+        from huggingface_hub import HfApi, constants, try_to_load_from_cache
+        from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    except ImportError:  # transformers brings huggingface_hub; without it the loader reports what is missing
+        return name, False
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return name, True
+        raise ValueError(f"--model {name}: no local directory {name}, and not in the Hugging Face cache "
+                         "(HF_HUB_OFFLINE is set, so the hub is not asked)")
+    try:
+        HfApi().model_info(name, timeout=timeout)
+    except GatedRepoError:
+        return name, False  # the loader says how to get access
+    except RepositoryNotFoundError:
+        if cached:
+            return name, True
+        raise ValueError(f"--model {name}: no local directory {name}, and no model {name} on the Hugging Face hub "
+                         "(a private or gated model needs `hf auth login`)") from None
+    except HfHubHTTPError as err:
+        if cached:
+            return name, True
+        raise ValueError(f"--model {name}: the Hugging Face hub answered {' '.join(str(err).split())[:200]}") \
+            from None
+    except Exception as err:  # no connection, DNS failure, timeout: the hub is unreachable
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        if cached:
+            logger.warning("the Hugging Face hub is unreachable (%s): loading %s from the local cache", reason, name)
+            return name, True
+        raise ValueError(f"--model {name}: no local directory {name}, not in the Hugging Face cache, and the hub "
+                         f"({constants.ENDPOINT}) is unreachable ({reason}); give a local model directory, or "
+                         "retry once the hub can be reached") from None
+    return name, False
+
+
+def load_pretrained(name_or_path: str, *, dtype: torch.dtype, attn_implementation: str,
+                    local_files_only: bool = False):
     transformers = _transformers()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
-                                                              attn_implementation=attn_implementation)
+                                                              attn_implementation=attn_implementation,
+                                                              local_files_only=local_files_only)
     return model, tokenizer
 
 

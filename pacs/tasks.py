@@ -12,6 +12,7 @@ integer, with difficulty levels and a seeded train/test split that never share a
 from __future__ import annotations
 
 import random
+import string
 from dataclasses import dataclass
 
 TASKS = ("arithmetic", "linear", "mixed")
@@ -116,3 +117,15 @@ class CharTokenizer:
 
     def to_config(self) -> dict:
         return {"type": "char", "chars": self.chars}
+
+
+# The tiny model's alphabet on data files: the synthetic tasks' characters (in their order, so the first ids agree),
+# then the rest of printable ASCII, tab and newline included. The synthetic tasks keep DEFAULT_CHARS: their
+# vocabulary, and so a seed's random initialization, stay as they were.
+FILE_CHARS = CharTokenizer.DEFAULT_CHARS + "".join(
+    c for c in string.printable if c not in CharTokenizer.DEFAULT_CHARS and c not in "\r\x0b\x0c")
+
+
+def tiny_tokenizer(synthetic: bool) -> CharTokenizer:
+    """The tiny model's tokenizer: the synthetic tasks' alphabet, or printable ASCII for data files."""
+    return CharTokenizer() if synthetic else CharTokenizer(FILE_CHARS)

@@ -30,6 +30,7 @@ the copy is replaced by the current policy at every K-th rollout step (AdamW's m
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -51,23 +52,27 @@ import pacs_kernels
 from pacs_kernels._segments import segment_ids, segment_sum
 
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_init_checkpoint, read_trainer_state, save_checkpoint
 from .config import TrainConfig, snapshot_interval
-from .data import format_prompt, load_dataset
-from .evaluate import evaluate, format_table, save_result
+from .data import format_prompt, load_data
+from .evaluate import evaluate, format_table, save_result, summary_line
 from .modeling import (
     PackedBatch,
     attention_implementation,
     build_tiny_model,
     lm_head_params,
     load_pretrained,
+    model_source,
     pack_sequences,
     packed_hidden_states,
     packed_logprobs,
     pick_dtype,
 )
+from .progress import WarmupBar
 from .rollout import HFGenerator, Rollout, SamplingParams
-from .tasks import CharTokenizer
+from .rundir import check_run_dir, clear_run
+from .tasks import tiny_tokenizer
+from .threads import apply_threads
 from .verify import math_reward
 
 logger = logging.getLogger("pacs")
@@ -100,9 +105,12 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: TrainConfig, dist: distributed.DistContext = distributed.SINGLE) -> Session:
-    """Data, model, tokenizer and generator. Under torchrun (`dist.enabled`) the model is FSDP2-sharded
-    (pacs/distributed.py; on CUDA float32 master weights computed in `dtype`) and rank r seeds with seed + r."""
+    """Threads, data, model, tokenizer and generator. Under torchrun (`dist.enabled`) the model is FSDP2-sharded
+    (pacs/distributed.py; on CUDA float32 master weights computed in `dtype`) and rank r seeds with seed + r.
+    Every data row is checked, and a hub model's source decided, before the model is built."""
     cfg.validate()
+    threads, why = apply_threads(cfg.threads)
+    logger.info("torch threads: %d (%s)", threads, why)
     seed_everything(cfg.seed + dist.rank)
     device = distributed.device_for(dist, cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -110,23 +118,19 @@ def setup(cfg: TrainConfig, dist: distributed.DistContext = distributed.SINGLE) 
     if dist.enabled and device.type == "cuda":
         dtype = torch.float32  # FSDP's MixedPrecisionPolicy gathers the float32 shards in compute_dtype
     attn = attention_implementation(cfg.attn, device)
-    train, test = load_dataset(cfg.data, split_seed=cfg.split_seed, level=cfg.level, n_train=cfg.n_train,
-                               n_test=cfg.n_test, problem_key=cfg.problem_key, answer_key=cfg.answer_key,
-                               test_path=cfg.test_data)
+    train, test = load_data(cfg)
     if cfg.eval_problems:
         test = test[:cfg.eval_problems]
     if cfg.model == "tiny":
-        tokenizer = CharTokenizer()
+        tokenizer = tiny_tokenizer(cfg.synthetic)
         model = build_tiny_model(tokenizer, hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads,
                                  intermediate=cfg.tiny_intermediate, max_positions=256, seed=cfg.seed,
                                  attn_implementation=attn).to(dtype)
     else:
-        model, tokenizer = load_pretrained(cfg.model, dtype=dtype, attn_implementation=attn)
+        source, local_only = model_source(cfg.model)
+        model, tokenizer = load_pretrained(source, dtype=dtype, attn_implementation=attn, local_files_only=local_only)
     if cfg.init_checkpoint:
-        path = Path(cfg.init_checkpoint) / "model.pt"
-        if not path.exists():
-            raise ValueError(f"--init-checkpoint: {path} does not exist")
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        load_init_checkpoint(model, Path(cfg.init_checkpoint))
     model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -134,8 +138,8 @@ def setup(cfg: TrainConfig, dist: distributed.DistContext = distributed.SINGLE) 
     n_params = sum(p.numel() for p in model.parameters())
     if dist.enabled:
         distributed.shard_model(model, dist, device, compute_dtype)
-    synthetic = cfg.synthetic
-    encode = lambda p: format_prompt(tokenizer, p, synthetic=synthetic, use_chat_template=cfg.use_chat_template)
+    plain = cfg.synthetic or cfg.model == "tiny"  # the tiny model's prompt is the problem text alone (pacs/data.py)
+    encode = lambda p: format_prompt(tokenizer, p, synthetic=plain, use_chat_template=cfg.use_chat_template)
     generator = HFGenerator(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                             batch_size=cfg.generation_batch)
     run_dir = Path(cfg.out_dir)
@@ -143,6 +147,7 @@ def setup(cfg: TrainConfig, dist: distributed.DistContext = distributed.SINGLE) 
     info = {"device": str(device), "dtype": str(compute_dtype).replace("torch.", ""), "attention": attn,
             "parameters": n_params, "train_problems": len(train), "test_problems": len(test),
             **environment_info(device), "world_size": dist.world}
+    info["hardware"]["torch_threads_reason"] = why
     logger.info("model %s: %.2fM parameters, %s, %s, attention=%s", cfg.model, n_params / 1e6, device,
                 info["dtype"], attn)
     return Session(cfg, model, tokenizer, device, train, test, [encode(p) for p in train],
@@ -421,20 +426,32 @@ def sft_probe_set(session: Session) -> tuple[list, list]:
     return [session.train[i] for i in idx], [session.train_prompts[i] for i in idx]
 
 
-def sft_warmup(session: Session, log) -> int:
+def sft_warmup(session: Session, log, stop: "_StopFlag | None" = None, resume: Path | None = None) -> int | None:
     """Teacher-forced training on (prompt, gold answer + EOS) pairs with the fused log-prob op; with
     `sft_noise`, that fraction of the answers is a near miss instead. With `sft_target_pass1`, every
     `sft_probe_every` steps the probe (`sft_probe_set`) is sampled as the held-out evaluation samples, and the
     warm-up stops at the first probe whose pass@1 reaches the target (rank 0's probe decides under torchrun).
-    Returns the number of warm-up steps taken."""
+    Returns the number of warm-up steps taken, or None when `stop` (SIGINT/SIGTERM) ended it early: a warm-up
+    checkpoint (`warmup_STEP`: model, optimizer, RNG states, step, last probe) then holds where it stopped, and
+    `resume` (that checkpoint) continues from there as if it had never stopped."""
     cfg, model, tok, dist = session.cfg, session.model, session.tokenizer, session.dist
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     rng = random.Random(cfg.seed + 17)
+    start, probed = 0, None
+    if resume is not None:
+        saved = _load_state(session, resume, optimizer, None)
+        start, probed = saved["sft_step"], saved.get("sft_probe")
+        version, internal, gauss = saved["sft_rng"]
+        rng.setstate((version, tuple(internal), gauss))
     probe = sft_probe_set(session) if cfg.sft_target_pass1 > 0 else None
     model.train()
-    bar = tqdm(range(cfg.sft_steps), desc="supervised warm-up", dynamic_ncols=True, disable=not dist.is_main)
-    probed = None
-    for step in bar:
+    bar = WarmupBar(cfg.sft_steps, cfg.sft_target_pass1, start, probed, disable=not dist.is_main)
+    for step in range(start, cfg.sft_steps):
+        if stop is not None and stop.agreed(dist):
+            _save_state(session, "warmup", step, optimizer, None, {
+                "sft_done": False, "sft_step": step, "sft_rng": rng.getstate(), "sft_probe": probed})
+            bar.close()
+            return None
         idx = [rng.randrange(len(session.train)) for _ in range(cfg.sft_batch)]
         prompts = [session.train_prompts[i] for i in idx]
         golds = [session.train[i].answer for i in idx]
@@ -446,24 +463,28 @@ def sft_warmup(session: Session, log) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        bar.step(step + 1, loss)
         if step % 10 == 0 or step == cfg.sft_steps - 1:
-            bar.set_postfix(nll=f"{loss.item():.3f}", **({} if probed is None else {"probe": f"{probed:.1%}"}))
             log({"phase": "sft", "sft_step": step, "nll": loss.item()})
         if probe is not None and (step + 1) % cfg.sft_probe_every == 0:
             probed = sampled_pass_at_k(session, *probe)["pass@k"][1]
             model.train()
+            bar.probe(probed)
             log({"phase": "sft_probe", "sft_step": step + 1, "pass@1": probed})
             reached = torch.tensor([float(dist.is_main and probed >= cfg.sft_target_pass1)], dtype=torch.float64)
             if dist.all_reduce_sum(reached).item() > 0:
+                bar.close()
                 if dist.is_main:
                     tqdm.write(f"warm-up: probe pass@1 {probed:.1%} >= target {cfg.sft_target_pass1:.1%} after "
                                f"{step + 1} steps; stopping")
                 return step + 1
+    bar.close()
+    done = max(start, cfg.sft_steps)
     if probe is not None and dist.is_main:
         tqdm.write(f"warm-up: the probe's pass@1 never reached the target {cfg.sft_target_pass1:.1%} in "
-                   f"{cfg.sft_steps} steps (last probe {'-' if probed is None else f'{probed:.1%}'}); RL starts "
+                   f"{done} steps (last probe {'-' if probed is None else f'{probed:.1%}'}); RL starts "
                    "from the last step: raise --sft-steps or lower the target")
-    return cfg.sft_steps
+    return done
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -485,10 +506,12 @@ def sampled_pass_at_k(session: Session, problems, prompts) -> dict:
                         temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
 
 
-def run_eval(session: Session, tag: str, log) -> dict:
+def run_eval(session: Session, tag: str, log, meta: dict | None = None) -> dict:
+    """Held-out pass@k into RUN/eval/TAG.json (with `meta`, e.g. the checkpoint evaluated), a table on screen and
+    an eval row in the metrics."""
     cfg = session.cfg
     result = sampled_pass_at_k(session, session.test, session.test_prompts)  # every rank evaluates; rank 0 writes
-    result["tag"] = tag
+    result.update(tag=tag, **(meta or {}))
     if not session.dist.is_main:
         return result
     save_result(result, session.run_dir / "eval" / f"{tag}.json")
@@ -499,7 +522,8 @@ def run_eval(session: Session, tag: str, log) -> dict:
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and stops."""
+    """SIGINT/SIGTERM set a flag; the warm-up or the RL loop saves a checkpoint after the current step (an
+    evaluation under way finishes first) and stops. A second signal acts at once (KeyboardInterrupt for SIGINT)."""
 
     def __init__(self):
         self.stop = False
@@ -515,26 +539,73 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         self.stop = True
-        tqdm.write(f"signal {signum}: saving a checkpoint after this step, then stopping")
+        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping (again to "
+                   "stop at once)")
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal acts at once
+
+    def agreed(self, dist: distributed.DistContext) -> bool:
+        """Whether to stop; under torchrun every rank stops if any rank got the signal (one all-reduce)."""
+        if dist.enabled:  # a signal reaches the ranks at different moments: stop together
+            self.stop = bool(dist.all_reduce_sum(torch.tensor([float(self.stop)]))[0] > 0)
+        return self.stop
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
+def _save_state(session: Session, prefix: str, step: int, optimizer, scheduler, trainer_state: dict,
+                extra_models: dict | None = None) -> Path:
+    """Checkpoint PREFIX_STEP of the run (torch.distributed.checkpoint under torchrun)."""
+    cfg, dist = session.cfg, session.dist
+    common = dict(model=session.model, optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state,
+                  config=cfg.to_dict(), keep=cfg.keep_checkpoints, prefix=prefix)
+    if dist.enabled:
+        return distributed.save_dcp_checkpoint(session.run_dir, step, ctx=dist, **common)
+    return save_checkpoint(session.run_dir, step, extra_models=extra_models, **common)
+
+
+def _load_state(session: Session, ckpt: Path, optimizer, scheduler, extra_models: dict | None = None) -> dict:
+    """Restore a checkpoint written by `_save_state` (or by torchrun into one process); its trainer state."""
+    if session.dist.enabled or ((ckpt / "dcp").is_dir() and extra_models is None):
+        return distributed.load_dcp_checkpoint(ckpt, model=session.model, optimizer=optimizer, scheduler=scheduler,
+                                               ctx=session.dist)
+    return load_checkpoint(ckpt, model=session.model, optimizer=optimizer, scheduler=scheduler,
+                           extra_models=extra_models)
+
+
+def _start_run_files(session: Session, resuming: bool) -> None:
+    """--overwrite's deletion, then a fresh metrics.jsonl and config.json (rank 0; kept when resuming)."""
+    cfg, dist, run_dir = session.cfg, session.dist, session.run_dir
+    if cfg.overwrite and dist.is_main:
+        deleted = clear_run(run_dir)
+        if deleted:
+            tqdm.write(f"--overwrite: deleted {', '.join(deleted)} in {run_dir}")
+    if cfg.overwrite:
+        dist.barrier()
+    if not resuming and dist.is_main:
+        (run_dir / "metrics.jsonl").write_text("")
+        (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), **session.info}, indent=2))
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run training as configured; returns the run directory (metrics.jsonl, eval/, checkpoints/, plots/).
 
-    A bad configuration raises ValueError (`TrainConfig.validate`) before anything is built.
+    A bad configuration raises ValueError (`TrainConfig.validate`) before anything is built, and so does an
+    `out_dir` that already holds a run without --resume or --overwrite (pacs/rundir.py).
     Under torchrun it runs on every rank with an FSDP2-sharded model (pacs/distributed.py); rank 0 writes the
     metrics, config.json, eval results and plots, and checkpoints go through torch.distributed.checkpoint.
+    SIGINT/SIGTERM stop it after the current step with a checkpoint (during the warm-up too) that --resume
+    continues.
     """
+    cfg.validate()
+    # Every rank checks before the process group's rendezvous, so no rank has written anything yet.
+    check_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     dist = distributed.init_distributed(cfg.device)
     problems = distributed.config_problems(cfg, dist.world)
     if problems:
         raise ValueError("; ".join(problems))
-    session = setup(cfg, dist)  # validates first
+    session = setup(cfg, dist)
     model, device, run_dir = session.model, session.device, session.run_dir
     optimizer, scheduler = make_optimizer(model, cfg)
     interval = snapshot_interval(cfg.reference)
@@ -545,61 +616,55 @@ def train(cfg: TrainConfig) -> Path:
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
-    if ckpt is None and dist.is_main:
-        metrics_path.write_text("")
-        (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), **session.info}, indent=2))
+    warmup_ckpt = ckpt if ckpt is not None and not read_trainer_state(ckpt).get("sft_done", True) else None
+    _start_run_files(session, resuming=ckpt is not None)
     writer = _tensorboard(cfg, run_dir) if dist.is_main else None
 
     def log(row: dict) -> None:
         if not dist.is_main:
             return
-        with open(metrics_path, "a") as f:
+        with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if writer is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step":
                     writer.add_scalar(f"{row.get('phase', 'train')}/{key}", value, row.get("step", 0))
 
-    if ckpt is not None:
-        if dist.enabled or ((ckpt / "dcp").is_dir() and extra_models is None):  # torchrun's, also in one process
-            state.update(distributed.load_dcp_checkpoint(ckpt, model=model, optimizer=optimizer,
-                                                         scheduler=scheduler, ctx=dist))
-        else:
-            state.update(load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
-                                         extra_models=extra_models))
-        if dist.is_main:
-            tqdm.write(f"resumed from {ckpt} at step {state['step']}")
-    else:
-        if cfg.sft_steps > 0:
-            run_eval(session, "init", log)
-            log({"phase": "sft_done", "sft_steps": sft_warmup(session, log)})
-        state["sft_done"] = True
-        run_eval(session, "step_000000", log)
-
-    saved = {"step": state["step"] if ckpt is not None else None}
+    saved = {"step": None}
 
     def checkpoint():
-        trainer_state = {k: v for k, v in state.items() if k != "step"}
-        if dist.enabled:
-            distributed.save_dcp_checkpoint(run_dir, state["step"], model=model, optimizer=optimizer,
-                                            scheduler=scheduler, trainer_state=trainer_state, config=cfg.to_dict(),
-                                            keep=cfg.keep_checkpoints, ctx=dist)
-        else:
-            save_checkpoint(run_dir, state["step"], model=model, optimizer=optimizer, scheduler=scheduler,
-                            trainer_state=trainer_state, config=cfg.to_dict(), keep=cfg.keep_checkpoints,
-                            extra_models=extra_models)
+        _save_state(session, "step", state["step"], optimizer, scheduler,
+                    {k: v for k, v in state.items() if k != "step"}, extra_models)
         saved["step"] = state["step"]
 
-    if ckpt is None and cfg.sft_steps > 0:
-        checkpoint()  # the warm-up is not redone on resume
+    closing = contextlib.closing(writer) if writer is not None else contextlib.nullcontext()
+    with _StopFlag() as stop, closing:
+        if ckpt is not None and warmup_ckpt is None:
+            state.update(_load_state(session, ckpt, optimizer, scheduler, extra_models))
+            saved["step"] = state["step"]
+            if dist.is_main:
+                tqdm.write(f"resumed from {ckpt} at step {state['step']}")
+        else:
+            if cfg.sft_steps > 0 or warmup_ckpt is not None:
+                if warmup_ckpt is None:
+                    run_eval(session, "init", log)
+                elif dist.is_main:
+                    tqdm.write(f"resumed the warm-up from {warmup_ckpt} at warm-up step "
+                               f"{read_trainer_state(warmup_ckpt)['sft_step']}")
+                sft_steps = sft_warmup(session, log, stop, resume=warmup_ckpt)
+                if sft_steps is None:
+                    return _stopped(session, "the warm-up")
+                log({"phase": "sft_done", "sft_steps": sft_steps})
+            state["sft_done"] = True
+            run_eval(session, "step_000000", log)
+            if cfg.sft_steps > 0 or warmup_ckpt is not None or stop.agreed(dist):
+                checkpoint()  # the warm-up is not redone on resume
 
-    sampling = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_new_tokens=cfg.max_new_tokens)
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{cfg.algo} steps", dynamic_ncols=True,
-               disable=not dist.is_main)
-    with _StopFlag() as stop:
-        while state["step"] < cfg.steps and not stop.stop:
+        sampling = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  max_new_tokens=cfg.max_new_tokens)
+        bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{cfg.algo} steps", dynamic_ncols=True,
+                   disable=not dist.is_main)
+        while state["step"] < cfg.steps and not stop.agreed(dist):
             t0 = time.perf_counter()
             fresh = reference is not None and state["step"] % interval == 0
             if fresh:  # PACS v2: the reference becomes the current policy (and AdamW starts afresh)
@@ -633,14 +698,15 @@ def train(cfg: TrainConfig) -> Path:
             log(row)
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward']:.3f}", loss=f"{row['loss']:.4f}")
-            if dist.enabled:  # a signal reaches the ranks at different moments: stop together
-                stop.stop = bool(dist.all_reduce_sum(torch.tensor([float(stop.stop)]))[0] > 0)
-            if cfg.save_every and state["step"] % cfg.save_every == 0 or stop.stop:
+            if cfg.save_every and state["step"] % cfg.save_every == 0 or stop.agreed(dist):
                 checkpoint()
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.steps:
                 run_eval(session, f"step_{state['step']:06d}", log)
-    bar.close()
-    if state["step"] >= cfg.steps:
+        bar.close()
+        if state["step"] < cfg.steps:
+            if saved["step"] != state["step"]:
+                checkpoint()  # a signal during an evaluation
+            return _stopped(session, f"RL step {state['step']} of {cfg.steps}")
         if saved["step"] != state["step"]:
             checkpoint()
         if state["step"] > 0 or ckpt is not None:  # step 0 was evaluated before the loop
@@ -650,9 +716,17 @@ def train(cfg: TrainConfig) -> Path:
 
             for path in plot_run(run_dir):
                 tqdm.write(f"wrote {path}")
-    if writer is not None:
-        writer.close()
-    return run_dir
+        if dist.is_main and (line := summary_line(run_dir)):
+            tqdm.write(line)
+        return run_dir
+
+
+def _stopped(session: Session, where: str) -> Path:
+    """The one line a signal's stop ends with; returns the run directory."""
+    if session.dist.is_main:
+        ckpt = latest_checkpoint(session.run_dir)
+        tqdm.write(f"stopped during {where}; checkpoint {ckpt}: continue with the same command and --resume")
+    return session.run_dir
 
 
 def _mean(xs):

@@ -128,7 +128,7 @@ ERROR_CASES = {
     "config key": (["train", "--config", "{tmp}/cfg.toml"], r"unknown key\(s\) in .*cfg\.toml: \['learning_rate'\]"),
     "missing config": (["train", "--config", "{tmp}/none.yaml"], r"config file .*none\.yaml does not exist"),
     "eval of no run": (["eval", "--run", "{tmp}"], r"--run .* has no config\.json"),
-    "eval with lr 0": (["eval", "--lr", "0"], r"--lr must be"),
+    "eval with eval_n 0": (["eval", "--eval-n", "0"], r"--eval-n must be >= 1"),
     "checkpoint without run": (["eval", "--checkpoint", "{tmp}"], r"--checkpoint needs --run"),
     "verify without pair": (["verify", "--gold", "1"], r"give --gold and --response, or --file"),
     "verify missing file": (["verify", "--file", "{tmp}/none.jsonl"], r"--file .*none\.jsonl does not exist"),
@@ -215,3 +215,107 @@ def test_config_file_numbers_written_as_yaml_strings(tmp_path):
     path.write_text("lr: 1e-3\nsft_lr: 2e-4\n")
     cfg = config_from_args(build_parser().parse_args(["train", "--config", str(path)])).validate()
     assert (cfg.lr, cfg.sft_lr) == (1e-3, 2e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Help: eval's options, the presets' values, one default each
+
+
+def help_of(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_eval_help_lists_evaluation_options_only(capsys):
+    text = help_of(["eval", "--help"], capsys)
+    for needed in ("--run", "--checkpoint", "--tag", "--eval-n", "--eval-temperature", "--model", "--data",
+                   "--max-new-tokens", "--threads", "--preset"):
+        assert needed in text, needed
+    for training in ("--lr", "--beta", "--steps", "--sft-steps", "--algo", "--group-size", "--resume",
+                     "--overwrite", "--minibatches-per-rollout", "--save-every"):
+        assert f"{training} " not in text and f"[{training}" not in text, training
+    with pytest.raises(SystemExit):
+        main(["eval", "--lr", "0"])
+    assert "unrecognized arguments: --lr 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train", "--preset", "demo", "--help"], ["train", "--help", "--preset", "demo"],
+                                  ["train", "--preset=demo", "--help"]])
+def test_preset_help_shows_the_presets_values(argv, capsys):
+    text = help_of(argv, capsys)
+    assert "(default: 200, from --preset demo; without it: 100)" in text  # --steps
+    assert "(default: 0.4, from --preset demo; without it: 0.0)" in text  # --sft-target-pass1
+    assert "(default: runs/demo-{algo}, from --preset demo; without it: runs/{algo})" in text
+    plain = help_of(["train", "--help"], capsys)
+    assert "from --preset" not in plain and "(default: 100)" in plain
+    assert "demo: the out-of-the-box CPU job" in plain and "smoke: a few seconds" in plain
+
+
+def test_each_help_states_its_default_once(capsys):
+    text = help_of(["train", "--help"], capsys)
+    assert "(default: epsilon)" in text and "(default: epsilon) (default" not in text
+    assert "(default: None)" not in text
+    assert text.count("(default:") == len(re.findall(r"\(default: ", text))
+    assert ".jsonl (one JSON object per line), .json (an array of objects) or .parquet" in text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pacs eval: which checkpoint
+
+
+def test_eval_names_the_checkpoint_and_the_flag(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["--preset", "smoke", "--n-train", "40", "--steps", "2", "--no-plot", "--kernel-backend", "torch"]
+    assert main(["train", *base, "--out-dir", str(run)]) == 0
+    capsys.readouterr()
+    status = main(["eval", "--run", str(run), "--checkpoint", str(run / "checkpoints" / "step_000099")])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"pacs eval: error: --checkpoint {run / 'checkpoints' / 'step_000099'}: no such checkpoint")
+    assert "--init-checkpoint" not in err and "step_000001, step_000002" in err
+    assert main(["eval", "--run", str(run), "--checkpoint", "step_000001", "--tag", "one"]) == 0
+    out = capsys.readouterr().out
+    assert f"evaluating {run / 'checkpoints' / 'step_000001'}" in out
+    assert json.loads((run / "eval" / "one.json").read_text())["checkpoint"] == str(run / "checkpoints" / "step_000001")
+    assert main(["eval", "--run", str(run)]) == 0
+    assert f"evaluating {run / 'checkpoints' / 'step_000002'}" in capsys.readouterr().out
+
+
+def test_eval_interrupted_ends_in_one_line(tmp_path, capsys, monkeypatch):
+    import pacs.trainer
+
+    monkeypatch.setattr(pacs.trainer, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    status = main(["eval", "--preset", "smoke", "--out-dir", str(tmp_path / "e")])
+    assert status == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "pacs eval: interrupted"
+
+
+def test_a_run_with_evaluations_ends_with_a_before_after_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "smoke", "--n-train", "40", "--steps", "2", "--eval-every", "1", "--sft-steps",
+                 "2", "--sft-batch", "4", "--no-plot", "--kernel-backend", "torch", "--out-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    evals = {p.stem: json.loads(p.read_text()) for p in (run / "eval").glob("*.json")}
+    pct = lambda tag, k: f"{100 * evals[tag]['pass@k'][k]:.1f}%"
+    expected = (f"held-out pass@1 {pct('step_000000', '1')} -> {pct('step_000002', '1')} (step 0 -> 2); pass@2 "
+                f"{pct('step_000000', '2')} -> {pct('step_000002', '2')}; before the warm-up pass@1 "
+                f"{pct('init', '1')} (8 problems, 2 samples each)")
+    assert expected in out.splitlines()
+
+
+@pytest.mark.parametrize("value,ok", [("auto", True), ("1", True), ("16", True), ("0", False), ("-2", False),
+                                      ("two", False), ("1.5", False), ("", False)])
+def test_threads_values(value, ok):
+    if ok:
+        TrainConfig(threads=value).validate()
+    else:
+        with pytest.raises(ValueError, match="--threads must be auto or an integer >= 1"):
+            TrainConfig(threads=value).validate()
+
+
+def test_threads_from_a_config_file(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("threads: 3\n")
+    assert config_from_args(build_parser().parse_args(["train", "--config", str(path)])).validate().threads == "3"

@@ -48,7 +48,8 @@ try:
     from trl import GRPOConfig, GRPOTrainer
     from trl.trainer import grpo_trainer as _grpo
 except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError(f"pacs.integrations.trl needs TRL ({err}); install it with: pip install \"pacs[trl]\"") from err
+    raise ImportError(f"pacs.integrations.trl needs TRL ({err}); install it with: pip install -e \".[trl]\" (in a "
+                      "clone of pacs)") from err
 
 from pacs_kernels import linear_logprob, pacs_loss_from_logprobs
 
