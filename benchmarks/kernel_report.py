@@ -15,8 +15,8 @@ Writes DIR/report.json (a list of {kernel, config, dtype, arch, registers, spill
 shared_estimate, tensor_core_ops, has_dot, cubin}, cubin a file name in DIR), the cubins, and prints a table.
 `--check` exits 1 unless every config compiles, 16-bit configs spill 0 bytes, shared memory fits the architecture,
 the launchers' pre-launch estimate (`config.shared_memory_bytes`, tl.dot kernels) is an upper bound of what Triton
-allocates, and every 16-bit kernel with a tl.dot uses tensor-core instructions (tests/test_kernel_report.py runs
-it for sm_90 in CI).
+allocates, every 16-bit kernel with a tl.dot uses tensor-core instructions and no float32 one does (IEEE float32,
+not TF32) (tests/test_kernel_report.py runs it for sm_90 in CI).
 """
 
 from __future__ import annotations
@@ -228,6 +228,8 @@ def problems(rows: list[dict]) -> list[str]:
                        f"{r['shared_estimate']}")
         if r["has_dot"] and not r["tensor_core_ops"] and r["dtype"] != "fp32":
             bad.append(f"{name}: has a tl.dot but no tensor-core instruction")
+        if r["has_dot"] and r["tensor_core_ops"] and r["dtype"] == "fp32":
+            bad.append(f"{name}: a float32 tl.dot on tensor cores (TF32); the float32 mode promises IEEE dots")
     return bad
 
 
@@ -253,7 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", help="comma-separated subset of kernel names")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--check", action="store_true", help="exit 1 on any compile failure, 16-bit spill, "
-                        "shared-memory overflow or a dot without tensor-core instructions")
+                        "shared-memory overflow or estimate below it, a 16-bit dot without tensor-core "
+                        "instructions or a float32 dot with them")
     args = parser.parse_args(argv)
     archs = list(dict.fromkeys(args.archs or ["sm_90"]))
     out_dir = Path(args.out)
