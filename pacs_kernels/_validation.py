@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._segments import segment_ids, segment_sum
+from ._segments import segment_sum
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -210,7 +210,7 @@ def check_packed_sequences(
     ]
     if need_response_token:
         # Meaningful only for a valid layout, which is checked first below; no extra synchronisation either way.
-        counts = segment_sum(response_mask.long(), segment_ids(cu_seqlens, n_tokens), n_seqs)
+        counts = segment_sum(response_mask.long(), cu_seqlens)
         checks.append((counts == 0).sum())
     first, last, decreasing, out_of_range, non_binary, *empty = torch.stack(checks).tolist()
     if first != 0 or last != n_tokens or decreasing:

@@ -62,8 +62,9 @@ def sequence_terms_torch(logprob, old_logprob, mask, rewards, cu_seqlens, *, gro
                          class_balance):
     """PyTorch twin of the Triton sequence kernel: (loss, psi, psihat, prob, weight, coef [N]), closed forms.
 
-    Token sums accumulate in the log-probs' precision (float32); the per-sequence math runs in float64, where the
-    grpo Jacobian's cancellation between two terms of similar size costs nothing. Outputs are float32.
+    Token sums are exact (`_segments.segment_sum`: fixed point, deterministic on every device), rounded once to
+    float64; the per-sequence math runs in float64, where the grpo Jacobian's cancellation between two terms of
+    similar size costs nothing. Outputs are float32 (float64 for float64 log-probs).
     """
     n_tokens, n_seqs, G = logprob.numel(), rewards.numel(), group_size
     acc = torch.float64 if logprob.dtype == torch.float64 else torch.float32
@@ -72,8 +73,8 @@ def sequence_terms_torch(logprob, old_logprob, mask, rewards, cu_seqlens, *, gro
         lp = lp - old_logprob.to(acc)
     per_token = torch.where(mask, lp, torch.zeros_like(lp))  # never reads old values at ignored positions
     seq = segment_ids(cu_seqlens, n_tokens)
-    sums = segment_sum(per_token, seq, n_seqs).double()
-    counts = segment_sum(mask.to(acc), seq, n_seqs).double()
+    sums = segment_sum(per_token.double(), cu_seqlens)
+    counts = segment_sum(mask.long(), cu_seqlens).double()
     psi = beta * sums if score == "logratio_sum" else beta * sums / counts.clamp_min(1)
 
     grouped = psi.view(-1, G)
