@@ -1,10 +1,10 @@
 """Per-sequence reductions over the packed layout (S sequences concatenated into N tokens, boundaries cu_seqlens).
 
-Sequence sums do not depend on the order of the additions, hence are bitwise deterministic on every device: no atomics (index_add on CUDA adds
-in whatever order the threads arrive), no floating-point scan (torch.cumsum on CUDA is not deterministic for
-floats either). Each value is put on a fixed-point grid fine enough for the whole batch, the int64 prefix sums
-are exact whatever order the GPU adds them in, and each sequence's sum is the difference of two prefix sums read
-at its boundaries. No host synchronisation: the grid is chosen on the device.
+Sequence sums do not depend on the order of the additions, hence are bitwise deterministic on every device: no
+atomics (index_add on CUDA adds in whatever order the threads arrive), no floating-point scan (torch.cumsum on CUDA
+is not deterministic for floats either). Each value is put on a fixed-point grid fine enough for the whole batch,
+the int64 prefix sums are exact whatever order the GPU adds them in, and each sequence's sum is the difference of
+two prefix sums read at its boundaries. No host synchronisation: the grid is chosen on the device.
 """
 
 from __future__ import annotations
