@@ -107,7 +107,7 @@ def variants(arch: str = "sm_90") -> list[Variant]:
             for has_bias, db in ((False, False), (True, False), (True, True)):
                 out.append(Variant(
                     "logit_grad", f"{bn}x{bv} w{warps} [{_flags(bias=has_bias, glp=glp, gent=gent, db=db)}]", dtype,
-                    {"z_ptr": "*fp32", "b_ptr": ptr, "y_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
+                    {"z_ptr": "*fp32", "b_ptr": ptr, "y_ptr": "*i64", "lse_ptr": "*fp64", "ent_ptr": "*fp32",
                      "glp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": ptr, "db_ptr": "*fp32", "n": "i32",
                      "v": "i32", "ldz": "i32", "lddz": "i32", "v0": "i32", "inv_temp": "fp32"},
                     dict(HAS_BIAS=has_bias, HAS_GLP=glp, HAS_GENT=gent, COMPUTE_DB=db, BLOCK_N=bn, BLOCK_V=bv),

@@ -110,5 +110,5 @@ def logprob_forward(
     )
     lse, entropy = finalize_stats(*merge_stats(m, s, t if with_entropy else None))
     # log p <= 0 mathematically; clamp the rounding above 0.
-    logprob = (zy.sum(0) - lse).clamp_max(0.0)
+    logprob = (zy.sum(0) - lse).clamp_max(0.0).float()
     return logprob, entropy, lse

@@ -80,9 +80,13 @@ def _logit_grad_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < v
     z = _load_logits(z_ptr, b_ptr, rows64, row_ok, cols, col_ok, ldz, inv_temp, HAS_BIAS)
+    # lse is float64 (see _stats.finalize_stats): log p = (z - hi) - lo, hi = lse in float32, lo the rest; z - hi is
+    # exact where p matters, so p keeps float32's precision when every logit is near 1e4 (one float64 op per row).
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    lse_hi = lse.to(tl.float32)
+    lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
     valid = row_ok[:, None] & col_ok[None, :]
-    logp = tl.where(valid, z - lse[:, None], 0.0)
+    logp = tl.where(valid, (z - lse_hi[:, None]) - lse_lo[:, None], 0.0)
     p = tl.where(valid, tl.exp(logp), 0.0)
     # dL/dz_j = g_lp * onehot_j - p_j * (g_lp + g_H * (log p_j + H))   (see _stats.logit_grad)
     coef = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
@@ -166,8 +170,9 @@ def logit_grad(z, bias_v, targets, v0, lse, entropy, grad_logprob, grad_entropy,
     n, v = z.shape
     block_n, block_v, warps = _blocks(n, v, z.device)
     n_blocks = triton.cdiv(n, block_n)
-    db = torch.empty((n_blocks, v), dtype=torch.float32, device=z.device) if need_bias else lse
-    dummy = lse  # stands in for absent pointers (the flags keep them unread)
+    db = torch.empty((n_blocks, v), dtype=torch.float32, device=z.device) if need_bias else z
+    dummy = z  # stands in for absent pointers (the flags keep them unread)
+    lse = lse.double()  # float64 from finalize_stats
     _logit_grad_kernel[(n_blocks, triton.cdiv(v, block_v))](
         z, bias_v if bias_v is not None else z, targets, lse,
         entropy if grad_entropy is not None else dummy,
