@@ -34,6 +34,7 @@ from triton.runtime.errors import OutOfResources
 logger = logging.getLogger("pacs_kernels")
 
 
+@torch.compiler.assume_constant_result  # a constant of the process: torch.compile need not trace Triton's knobs
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (decided when the kernels were decorated)."""
     knobs = getattr(triton, "knobs", None)
