@@ -88,7 +88,7 @@ def fused_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, gr
 class FusedLinearLogprob(torch.autograd.Function):
     """hidden [N, D], weight [V, D], bias [V] | None, targets [N] (all in [0, V)) -> (logprob [N], entropy [N] | None).
 
-    Saves hidden, weight, bias, targets and two floats per token (lse, entropy); backward recomputes the logits.
+    Saves hidden, weight, bias, targets and 12 bytes per token (lse float64, entropy); backward recomputes the logits.
     """
 
     @staticmethod
@@ -242,6 +242,8 @@ def linear_logprob(
         with_entropy: also return the entropy (differentiable, e.g. for an entropy bonus).
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (pure PyTorch), "reference"
             (materialized logits, for tests and small inputs) or "auto" (triton on CUDA tensors, torch otherwise).
+            The Triton kernels need compute capability >= 8.0 (bf16 tensor cores): on older GPUs (T4, V100)
+            "auto" takes the torch backend (logged once) and "triton" raises a ValueError.
             triton and torch run the same vocabulary-sliced design (`pacs_kernels/sliced.py`): library GEMMs for
             the matrix products, Triton or PyTorch for the elementwise passes.
         forward_impl: the triton backend's forward: "sliced" (cuBLAS logits per vocabulary slice + a statistics
@@ -268,8 +270,13 @@ def linear_logprob(
         flow through both and come back in the inputs' dtypes. A NaN in a row of hidden gives NaN for that row
         (and NaN gradients), never a finite number.
 
-    Memory: the forward keeps 2 floats per token (log-sum-exp, entropy) for backward, which recomputes the logits
-    slice by slice. Both passes hold the budget's workspace (sliced forward: float32 logits of one slice;
+    torch.compile: the op runs inside `torch.compile(fullgraph=True)` (as torch.library custom ops,
+    `pacs_kernels/_compiled.py`) with the same values and gradients. There the target ids are not checked on the
+    host: a bad id gives NaN at its row instead of a ValueError; ignored rows are masked rather than dropped (they
+    cost their share of the vocabulary pass); vocab_parallel_group is refused.
+
+    Memory: the forward keeps 12 bytes per token (float64 log-sum-exp, entropy) for backward, which recomputes the
+    logits slice by slice. Both passes hold the budget's workspace (sliced forward: float32 logits of one slice;
     backward: those and their gradient in hidden's dtype) plus 16 bytes per token per slice of statistics; the
     backward adds a float32 dH [N, D] accumulator (256 MiB at N=16k, D=4096). The fused forward needs only
     16 * N * splits bytes.
