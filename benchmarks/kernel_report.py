@@ -107,13 +107,14 @@ def variants(arch: str = "sm_90") -> list[Variant]:
             for has_bias, db in ((False, False), (True, False), (True, True)):
                 out.append(Variant(
                     "logit_grad", f"{bn}x{bv} w{warps} [{_flags(bias=has_bias, glp=glp, gent=gent, db=db)}]", dtype,
-                    {"z_ptr": "*fp32", "b_ptr": ptr, "y_ptr": "*i64", "lse_ptr": "*fp64", "ent_ptr": "*fp32",
+                    {"z_ptr": "*fp32", "b_ptr": ptr, "y_ptr": "*i64", "lse_hi_ptr": "*fp32", "lse_lo_ptr": "*fp32",
+                     "ent_ptr": "*fp32",
                      "glp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": ptr, "db_ptr": "*fp32", "n": "i32",
                      "v": "i32", "ldz": "i32", "lddz": "i32", "v0": "i32", "inv_temp": "fp32"},
                     dict(HAS_BIAS=has_bias, HAS_GLP=glp, HAS_GENT=gent, COMPUTE_DB=db, BLOCK_N=bn, BLOCK_V=bv),
                     warps, 1,
-                    divisible=("z_ptr", "b_ptr", "y_ptr", "lse_ptr", "ent_ptr", "glp_ptr", "gent_ptr", "dz_ptr",
-                               "db_ptr", "ldz", "lddz"),
+                    divisible=("z_ptr", "b_ptr", "y_ptr", "lse_hi_ptr", "lse_lo_ptr", "ent_ptr", "glp_ptr",
+                               "gent_ptr", "dz_ptr", "db_ptr", "ldz", "lddz"),
                 ))
         # The fallback GEMM: half-precision operands where torch lacks a float32-output GEMM; float32 operands
         # (IEEE) only where it is called directly (its test).

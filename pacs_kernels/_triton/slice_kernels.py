@@ -68,7 +68,7 @@ def _slice_stats_kernel(
 
 @triton.jit
 def _logit_grad_kernel(
-    z_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, db_ptr,
+    z_ptr, b_ptr, y_ptr, lse_hi_ptr, lse_lo_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, db_ptr,
     n, v, ldz, lddz, v0, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -80,11 +80,10 @@ def _logit_grad_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < v
     z = _load_logits(z_ptr, b_ptr, rows64, row_ok, cols, col_ok, ldz, inv_temp, HAS_BIAS)
-    # lse is float64 (see _stats.finalize_stats): log p = (z - hi) - lo, hi = lse in float32, lo the rest; z - hi is
-    # exact where p matters, so p keeps float32's precision when every logit is near 1e4 (one float64 op per row).
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    lse_hi = lse.to(tl.float32)
-    lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
+    # log p = (z - hi) - lo with lse = hi + lo (float64 lse split into two float32, see _stats.finalize_stats):
+    # z - hi is exact where p matters, so p keeps float32's precision when every logit is near 1e4.
+    lse_hi = tl.load(lse_hi_ptr + rows, mask=row_ok, other=0.0)
+    lse_lo = tl.load(lse_lo_ptr + rows, mask=row_ok, other=0.0)
     valid = row_ok[:, None] & col_ok[None, :]
     logp = tl.where(valid, (z - lse_hi[:, None]) - lse_lo[:, None], 0.0)
     p = tl.where(valid, tl.exp(logp), 0.0)
@@ -172,9 +171,10 @@ def logit_grad(z, bias_v, targets, v0, lse, entropy, grad_logprob, grad_entropy,
     n_blocks = triton.cdiv(n, block_n)
     db = torch.empty((n_blocks, v), dtype=torch.float32, device=z.device) if need_bias else z
     dummy = z  # stands in for absent pointers (the flags keep them unread)
-    lse = lse.double()  # float64 from finalize_stats
+    lse_hi = lse.float()  # lse (float64, from finalize_stats) = hi + lo: 8 bytes per row, no float64 in the kernel
+    lse_lo = (lse - lse_hi.to(lse.dtype)).float()
     _logit_grad_kernel[(n_blocks, triton.cdiv(v, block_v))](
-        z, bias_v if bias_v is not None else z, targets, lse,
+        z, bias_v if bias_v is not None else z, targets, lse_hi, lse_lo,
         entropy if grad_entropy is not None else dummy,
         grad_logprob if grad_logprob is not None else dummy,
         grad_entropy if grad_entropy is not None else dummy,
