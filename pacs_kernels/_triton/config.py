@@ -69,10 +69,11 @@ class ArchConfigs:
 #   needs 255 registers and spills.
 # - sm_80: the same 128 x 128 tile with 32-wide steps and 4 stages. At 64-wide steps (3 stages) Triton 3.9 spills
 #   8 bytes on sm_80 with 255 registers; mma.sync pipelines keep num_stages - 1 buffers in shared memory:
-#   3 x (128 + 128) x 32 x 2 bytes = 48 KiB, as many operand bytes in flight as 2 buffers of 64-wide steps.
+#   3 x (128 + 128) x 32 x 2 bytes = 48 KiB (64-wide steps: 2 buffers, 64 KiB).
 # - sm_100: 128 x 64 tiles, 64-wide steps, 3 stages (3 x 192 x 64 x 2 bytes = 72 KiB): the 128 x 128 tile spills
-#   8 bytes under Triton 3.6 with bias and entropy, as do 128 x 128 x 32 (4 stages) and 128 x 64 x 64 (4 stages)
-#   in some variants. 43 FLOP per byte of L2 traffic instead of 64; to be measured on a B200.
+#   8 bytes under Triton 3.6 with bias and entropy, 128 x 128 x 32 (4 stages) 24-88 bytes with bias under 3.6,
+#   128 x 64 x 64 (4 stages) 24 bytes with bias under 3.9. 43 FLOP per byte of L2 traffic instead of 64; to be
+#   measured on a B200.
 # Elementwise kernels: 16 x 512 tiles, 8 warps (32 KiB of float32 per program: enough bytes in flight
 # per SM for HBM rate; the stats kernel has 1024 programs at n=16k). The fallback GEMM: 128 x 128 x 64, 8 warps,
 # 3 stages (GROUP_M = 8), free of spills on every architecture.
