@@ -4,16 +4,19 @@
     python -m benchmarks.kernel_report --arch sm_80 --out reports/sm80      # A100
     python -m benchmarks.kernel_report --arch sm_100 --out reports/sm100    # B200
 
-For each kernel, at each config and dtype its launcher uses on CUDA, `triton.compile` builds the cubin for the
+For each kernel, at each config and dtype its launcher uses on CUDA (the architecture's entry of
+`pacs_kernels._triton.config.ARCH_CONFIGS`), `triton.compile` builds the cubin for the
 target (Triton ships ptxas), then `cuobjdump` (also in Triton's wheel) reads back registers, stack (spilled
 registers: Triton kernels make no calls, so any stack frame is spills), and the SASS, in which tensor-core
 instructions are counted: HGMMA (wgmma, sm_90), HMMA (mma.sync, sm_80 and the fallback elsewhere), UTC*MMA
 (tcgen05, sm_100). Shared memory is what Triton allocates for the kernel (pipeline buffers, layout conversions).
 
 Writes DIR/report.json (a list of {kernel, config, dtype, arch, registers, spill_bytes, shared_bytes,
-tensor_core_ops, has_dot, cubin}, cubin a file name in DIR), the cubins, and prints a table. `--check` exits 1
-unless every config compiles, 16-bit configs spill 0 bytes, shared memory fits the architecture, and every kernel
-with a tl.dot uses tensor-core instructions (tests/test_kernel_report.py runs it for sm_90 in CI).
+shared_estimate, tensor_core_ops, has_dot, cubin}, cubin a file name in DIR), the cubins, and prints a table.
+`--check` exits 1 unless every config compiles, 16-bit configs spill 0 bytes, shared memory fits the architecture,
+the launchers' pre-launch estimate (`config.shared_memory_bytes`, tl.dot kernels) is an upper bound of what Triton
+allocates, every 16-bit kernel with a tl.dot uses tensor-core instructions and no float32 one does (IEEE float32,
+not TF32) (tests/test_kernel_report.py runs it for sm_90 in CI).
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pacs_kernels._triton.config import SHARED_LIMIT  # noqa: E402  (opt-in shared memory per block, by arch)
+
 ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
-# Opt-in dynamic shared memory per block (CUDA programming guide): 163 KB on A100, 227 KB on H100 and B200.
-SHARED_LIMIT = {"sm_80": 166_912, "sm_90": 232_448, "sm_100": 232_448}
 TRITON_DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 TENSOR_CORE = re.compile(r"\b(HGMMA|HMMA|UTC\w*MMA)\b")
 
@@ -55,23 +58,26 @@ class Variant:
     num_stages: int
     divisible: tuple = ()  # names of arguments the JIT would see as multiples of 16 (pointers, D, strides)
     options: dict = field(default_factory=dict)
+    shared_estimate: int | None = None  # the launcher's pre-launch estimate (tl.dot kernels)
 
 
 def _flags(**flags) -> str:
     return ",".join(k.lower() for k, v in flags.items() if v) or "-"
 
 
-def variants() -> list[Variant]:
-    """Every (kernel, config, dtype, flags) the CUDA launchers of pacs_kernels can launch."""
-    from pacs_kernels._triton.config import CUDA_FORWARD
-    from pacs_kernels._triton.slice_kernels import CUDA_BLOCKS, CUDA_GEMM
+def variants(arch: str = "sm_90") -> list[Variant]:
+    """Every (kernel, config, dtype, flags) the CUDA launchers of pacs_kernels can launch on `arch`."""
+    from pacs_kernels._triton.config import ARCH_CONFIGS, shared_memory_bytes
+    from pacs_kernels._triton.slice_kernels import GEMM_GROUP_M
 
+    configs = ARCH_CONFIGS[ARCHS[arch]]
+    elem = {"bf16": 2, "fp16": 2, "fp32": 4}
     out = []
     for dtype, ptr in TRITON_DTYPES.items():
         # Fused forward (forward_impl="fused"); float32 dots are "ieee" (accuracy mode).
         for has_bias in (False, True):
             for entropy in (False, True):
-                c = CUDA_FORWARD
+                c = configs.forward
                 out.append(Variant(
                     "logprob_forward", f"{c.block_n}x{c.block_v}x{c.block_d} w{c.num_warps} s{c.num_stages} "
                     f"[{_flags(bias=has_bias, entropy=entropy)}]", dtype,
@@ -84,8 +90,9 @@ def variants() -> list[Variant]:
                     c.num_warps, c.num_stages,
                     divisible=("h_ptr", "w_ptr", "b_ptr", "y_ptr", "m_ptr", "s_ptr", "t_ptr", "zy_ptr", "D",
                                "stride_h", "stride_w"),
+                    shared_estimate=shared_memory_bytes(c, elem[dtype], ARCHS[arch]),
                 ))
-        bn, bv, warps = CUDA_BLOCKS
+        bn, bv, warps = configs.elementwise
         for has_bias in (False, True):
             for entropy in (False, True):
                 out.append(Variant(
@@ -100,23 +107,27 @@ def variants() -> list[Variant]:
             for has_bias, db in ((False, False), (True, False), (True, True)):
                 out.append(Variant(
                     "logit_grad", f"{bn}x{bv} w{warps} [{_flags(bias=has_bias, glp=glp, gent=gent, db=db)}]", dtype,
-                    {"z_ptr": "*fp32", "b_ptr": ptr, "y_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
+                    {"z_ptr": "*fp32", "b_ptr": ptr, "y_ptr": "*i64", "lse_hi_ptr": "*fp32", "lse_lo_ptr": "*fp32",
+                     "ent_ptr": "*fp32",
                      "glp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": ptr, "db_ptr": "*fp32", "n": "i32",
                      "v": "i32", "ldz": "i32", "lddz": "i32", "v0": "i32", "inv_temp": "fp32"},
                     dict(HAS_BIAS=has_bias, HAS_GLP=glp, HAS_GENT=gent, COMPUTE_DB=db, BLOCK_N=bn, BLOCK_V=bv),
                     warps, 1,
-                    divisible=("z_ptr", "b_ptr", "y_ptr", "lse_ptr", "ent_ptr", "glp_ptr", "gent_ptr", "dz_ptr",
-                               "db_ptr", "ldz", "lddz"),
+                    divisible=("z_ptr", "b_ptr", "y_ptr", "lse_hi_ptr", "lse_lo_ptr", "ent_ptr", "glp_ptr",
+                               "gent_ptr", "dz_ptr", "db_ptr", "ldz", "lddz"),
                 ))
-        if dtype != "fp32":  # the fallback GEMM serves half-precision operands only
-            bm, bn_, bk, group, gw, gs = CUDA_GEMM
-            out.append(Variant(
-                "gemm_f32", f"{bm}x{bn_}x{bk} w{gw} s{gs}", dtype,
-                {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-                 "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32", "stride_cm": "i32"},
-                dict(UPCAST=False, BLOCK_M=bm, BLOCK_N=bn_, BLOCK_K=bk, GROUP_M=group), gw, gs,
-                divisible=("a_ptr", "b_ptr", "c_ptr", "K", "stride_am", "stride_bn", "stride_cm"),
-            ))
+        # The fallback GEMM: half-precision operands where torch lacks a float32-output GEMM; float32 operands
+        # (IEEE) only where it is called directly (its test).
+        g = configs.gemm
+        out.append(Variant(
+            "gemm_f32", f"{g.block_n}x{g.block_v}x{g.block_d} w{g.num_warps} s{g.num_stages}", dtype,
+            {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+             "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32", "stride_cm": "i32"},
+            dict(UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=g.block_n,
+                 BLOCK_N=g.block_v, BLOCK_K=g.block_d, GROUP_M=GEMM_GROUP_M), g.num_warps, g.num_stages,
+            divisible=("a_ptr", "b_ptr", "c_ptr", "K", "stride_am", "stride_bn", "stride_cm"),
+            shared_estimate=shared_memory_bytes(g, elem[dtype], ARCHS[arch]),
+        ))
     # The PACS sequence kernel (float32 log-probs; its per-group math in float64).
     for score in (0, 1):
         for advantage in (0, 1, 2):
@@ -173,7 +184,8 @@ def compile_one(args) -> dict:
     signature = {name: signature[name] for name in fn.arg_names}  # in the kernel's order
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{v.kernel}-{v.config}-{v.dtype}-{arch}").strip("_")
     row = dict(kernel=v.kernel, config=v.config, dtype=v.dtype, arch=arch, registers=None, spill_bytes=None,
-               shared_bytes=None, tensor_core_ops=None, has_dot=None, cubin=None, error=None)
+               shared_bytes=None, shared_estimate=v.shared_estimate, tensor_core_ops=None, has_dot=None, cubin=None,
+               error=None)
     try:
         src = ASTSource(fn=fn, signature=signature, constexprs=v.constexprs, attrs=_attrs(fn, v))
         compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32),
@@ -209,10 +221,16 @@ def problems(rows: list[dict]) -> list[str]:
             continue
         if r["dtype"] != "fp32" and r["spill_bytes"]:
             bad.append(f"{name}: spills {r['spill_bytes']} bytes")
-        if r["shared_bytes"] > SHARED_LIMIT[r["arch"]]:
-            bad.append(f"{name}: {r['shared_bytes']} bytes of shared memory > {SHARED_LIMIT[r['arch']]}")
+        limit = SHARED_LIMIT[ARCHS[r["arch"]]]
+        if r["shared_bytes"] > limit:
+            bad.append(f"{name}: {r['shared_bytes']} bytes of shared memory > {limit}")
+        if r.get("shared_estimate") is not None and r["shared_bytes"] > r["shared_estimate"]:
+            bad.append(f"{name}: {r['shared_bytes']} bytes of shared memory > the launcher's estimate "
+                       f"{r['shared_estimate']}")
         if r["has_dot"] and not r["tensor_core_ops"] and r["dtype"] != "fp32":
             bad.append(f"{name}: has a tl.dot but no tensor-core instruction")
+        if r["has_dot"] and r["tensor_core_ops"] and r["dtype"] == "fp32":
+            bad.append(f"{name}: a float32 tl.dot on tensor cores (TF32); the float32 mode promises IEEE dots")
     return bad
 
 
@@ -238,13 +256,14 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", help="comma-separated subset of kernel names")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--check", action="store_true", help="exit 1 on any compile failure, 16-bit spill, "
-                        "shared-memory overflow or a dot without tensor-core instructions")
+                        "shared-memory overflow or estimate below it, a 16-bit dot without tensor-core "
+                        "instructions or a float32 dot with them")
     args = parser.parse_args(argv)
     archs = list(dict.fromkeys(args.archs or ["sm_90"]))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [v for v in variants() if not args.kernels or v.kernel in args.kernels.split(",")]
-    jobs = [(v, arch, out_dir) for arch in archs for v in todo]
+    jobs = [(v, arch, out_dir) for arch in archs for v in variants(arch)
+            if not args.kernels or v.kernel in args.kernels.split(",")]
     import triton
 
     start = time.time()

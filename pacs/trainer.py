@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 import pacs_kernels
-from pacs_kernels._segments import segment_ids, segment_sum
+from pacs_kernels._segments import segment_sum
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, load_init_checkpoint, read_trainer_state, save_checkpoint
@@ -276,10 +276,8 @@ def group_auc_counts(scores: list[float], labels: list[float], group_size: int) 
 def sequence_mean(per_token: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """[S] mean over each sequence's response tokens of a per-token [N] tensor (0 for an empty response)."""
     mask = batch.targets != -100
-    n_seqs = batch.cu_seqlens.numel() - 1
-    seq = segment_ids(batch.cu_seqlens, mask.numel())
-    total = segment_sum(torch.where(mask, per_token.double(), 0.0), seq, n_seqs)
-    return (total / segment_sum(mask.double(), seq, n_seqs).clamp_min(1)).cpu()
+    total = segment_sum(torch.where(mask, per_token.double(), 0.0), batch.cu_seqlens)
+    return (total / segment_sum(mask.long(), batch.cu_seqlens).clamp_min(1)).cpu()
 
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:

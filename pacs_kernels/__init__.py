@@ -9,10 +9,12 @@
   pass and the two-pass loss (2NDV + 8NDV).
 - `known_gradient_logprob` + `attach_gradients`: that one pass for any loss whose per-token gradient is known
   before the forward (e.g. an NLL).
+- `linear_logprob` runs inside `torch.compile(fullgraph=True)` (torch.library custom ops, `_compiled.py`).
 - `linear_logprob(..., vocab_parallel_group=group)` (and the three losses): the lm_head split by vocabulary rows
   over a torch.distributed group; only per-token statistics and dH cross the wire (`vocab_parallel.py`).
 """
 
+from . import _compiled  # noqa: F401  (registers the custom ops linear_logprob runs as under torch.compile)
 from .linear_logprob import LogprobOutput, linear_logprob
 from .modules import LinearLogprob
 from .onepass import KnownGradient, attach_gradients, known_gradient_logprob

@@ -14,6 +14,10 @@ take the best path the running torch offers:
                                                   traffic and one [n, D] float32 temporary per slice)
                                                -> else the Triton GEMM into a temporary + add_
 
+Only half-precision operands take the float32-output calls: float32 and float64 operands (the float32 accuracy
+mode, and the float64 path used for gradcheck) are multiplied as they are, into an output of their own dtype
+(CUDA has no float64 GEMM with a float32 output, nor a float32 one with a float64 output).
+
 On the CPU (the torch backend, and the Triton interpreter) operands are upcast to float32 (float64 stays float64)
 and multiplied there: products of bf16 numbers are exact in float32, so this is the GPU's arithmetic (float32
 accumulation) up to summation order, and the rounding of the outputs (dz, dW) to the input dtype is done where the
@@ -72,13 +76,18 @@ def _supports(device: torch.device, what: str) -> bool:
     return bool(probe(device)[what])
 
 
+def _half(dtype: torch.dtype) -> bool:
+    """Whether operands of `dtype` take the float32-output GEMM calls (bf16 and fp16 only)."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(_acc_dtype(x.dtype))
 
 
 def logits_f32(h: torch.Tensor, w_v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[:] = h @ w_v.T in float32 (float64 for float64 inputs); out is [n, v] and is returned."""
-    if not _native(h.device) or h.dtype == torch.float32:
+    if not _native(h.device) or not _half(h.dtype):  # float32 / float64: out has the operands' dtype
         return torch.mm(_upcast(h), _upcast(w_v).T, out=out)
     if _supports(h.device, "mm_out_dtype"):
         return torch.mm(h, w_v.T, out_dtype=torch.float32, out=out)
@@ -101,7 +110,7 @@ def accumulate_(acc: torch.Tensor, dz: torch.Tensor, w_v: torch.Tensor) -> torch
     chunks, where acc may be half precision (weight_grad_dtype=weight.dtype)."""
     if acc.dtype != _acc_dtype(acc.dtype):  # a half-precision accumulator (weight_grad_dtype=weight.dtype)
         return acc.add_(torch.mm(_upcast(dz), _upcast(w_v)).to(acc.dtype))
-    if not _native(acc.device) or dz.dtype == acc.dtype:
+    if not _native(acc.device) or not _half(dz.dtype):  # float32 into float32, float64 into float64
         return acc.addmm_(_upcast(dz), _upcast(w_v))
     if _supports(acc.device, "addmm_out_dtype"):
         return torch.addmm(acc, dz, w_v, out_dtype=torch.float32, out=acc)

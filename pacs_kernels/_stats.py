@@ -51,9 +51,14 @@ def rescale_stats(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None, m_al
 
 
 def finalize_stats(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None):
-    """(lse, entropy) from whole-vocabulary statistics; entropy is None when t is None."""
+    """(lse, entropy) from whole-vocabulary statistics; entropy is None when t is None.
+
+    lse is float64: m + log s summed in float32 would round to the ulp of m, ~5e-4 when every logit is near 1e4
+    (a common offset), and the backward's p_j = exp(z_j - lse) would then sum to 1 +- 5e-4, an error that a
+    gradient along the offset direction multiplies by the offset (see `logit_grad`). The entropy keeps s's dtype.
+    """
     log_s = s.log()
-    lse = m + log_s
+    lse = m.double() + log_s.double()
     entropy = None
     if t is not None:
         # 0 <= H <= log V mathematically; clamp the rounding below 0.
@@ -74,8 +79,15 @@ def logit_grad(
         dlogprob/dz_j = onehot_j - p_j
         dH/dz_j       = -p_j * (log p_j + H)
     so  dL/dz_j = g_lp * onehot_j - p_j * (g_lp + g_H * (log p_j + H)).  The caller adds g_lp at the target.
+
+    lse may be float64 (from `finalize_stats`) with z float32: log p = (z - hi) - lo with hi = lse rounded to
+    float32 and lo the rest; z - hi is exact where p matters (z and hi within a factor 2, Sterbenz), so p keeps
+    float32's relative precision even when every logit is near 1e4.
     """
-    logp = z.sub_(lse.unsqueeze(-1))
+    hi = lse.to(z.dtype)
+    logp = z.sub_(hi.unsqueeze(-1))
+    if lse.dtype != z.dtype:
+        logp.sub_((lse - hi.to(lse.dtype)).to(z.dtype).unsqueeze(-1))
     p = logp.exp()
     if grad_entropy is None:
         return p.mul_(-grad_logprob.unsqueeze(-1))

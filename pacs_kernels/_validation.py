@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._segments import segment_ids, segment_sum
+from ._segments import segment_sum
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,6 +42,23 @@ def check_temperature(temperature: float) -> float:
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     return value
+
+
+# The Triton kernels are written and tuned for bf16/fp16 tensor cores with cp.async pipelines (sm_80 and newer:
+# A100, H100/H200, B200, and the 8.6/8.9 consumer parts); below that bf16 has no tensor cores and Triton's code
+# paths differ (Liger-Kernel's bf16 kernels crash on a T4, 7.5). Such devices take the torch backend.
+MIN_TRITON_CAPABILITY = (8, 0)
+
+
+def triton_device_support(capability: tuple[int, int], dtype: torch.dtype | None = None) -> str | None:
+    """None when the Triton kernels run on a CUDA device of this compute capability (with inputs of `dtype`);
+    otherwise the reason they do not, for a log line or a ValueError."""
+    major, minor = (int(x) for x in capability)
+    if (major, minor) >= MIN_TRITON_CAPABILITY:
+        return None
+    what = "bfloat16 inputs" if dtype == torch.bfloat16 else "the Triton kernels"
+    return (f"{what} need a GPU of compute capability >= {MIN_TRITON_CAPABILITY[0]}.{MIN_TRITON_CAPABILITY[1]} "
+            f"(bf16 tensor cores), this one has {major}.{minor}")
 
 
 def check_backend(backend: str) -> str:
@@ -210,7 +227,7 @@ def check_packed_sequences(
     ]
     if need_response_token:
         # Meaningful only for a valid layout, which is checked first below; no extra synchronisation either way.
-        counts = segment_sum(response_mask.long(), segment_ids(cu_seqlens, n_tokens), n_seqs)
+        counts = segment_sum(response_mask.long(), cu_seqlens)
         checks.append((counts == 0).sum())
     first, last, decreasing, out_of_range, non_binary, *empty = torch.stack(checks).tolist()
     if first != 0 or last != n_tokens or decreasing:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from ._validation import (
     LinearProblem,
     check_backend,
+    triton_device_support,
     check_linear_inputs,
     check_temperature,
     check_weight_grad_dtype,
@@ -86,7 +88,7 @@ def fused_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, gr
 class FusedLinearLogprob(torch.autograd.Function):
     """hidden [N, D], weight [V, D], bias [V] | None, targets [N] (all in [0, V)) -> (logprob [N], entropy [N] | None).
 
-    Saves hidden, weight, bias, targets and two floats per token (lse, entropy); backward recomputes the logits.
+    Saves hidden, weight, bias, targets and 12 bytes per token (lse float64, entropy); backward recomputes the logits.
     """
 
     @staticmethod
@@ -109,11 +111,29 @@ class FusedLinearLogprob(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None, None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> "triton" on CUDA tensors, "torch" elsewhere; checks that Triton can run where it is asked to."""
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (get_device_properties: a constant under torch.compile)."""
+    props = torch.cuda.get_device_properties(device)
+    return props.major, props.minor
+
+
+@functools.lru_cache(maxsize=None)
+def _log_torch_fallback(device: str, reason: str) -> None:  # once per device and reason
+    logger.warning("pacs_kernels: backend='auto' uses the torch backend on %s: %s", device, reason)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """"auto" -> "triton" on CUDA tensors of a GPU the kernels support, "torch" elsewhere (logged once when a GPU
+    is turned down, e.g. compute capability < 8.0); checks that Triton can run where it is asked to."""
     check_backend(backend)
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
+        if backend == "triton":
+            reason = triton_device_support(cuda_capability(device), dtype)
+            if reason is not None:
+                if not torch.compiler.is_compiling():
+                    _log_torch_fallback(str(device), reason)
+                backend = "torch"
     if backend == "triton":
         try:
             from ._triton.config import interpreting
@@ -124,6 +144,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"backend='triton' got tensors on {device}: Triton runs on CUDA tensors, or on the CPU under its "
                 "interpreter (set TRITON_INTERPRET=1 before importing pacs_kernels); or use backend='torch'"
             )
+        if device.type == "cuda" and not interpreting():
+            reason = triton_device_support(cuda_capability(device), dtype)
+            if reason is not None:
+                raise ValueError(f"backend='triton' cannot run on {device}: {reason}; use backend='torch' "
+                                 "(backend='auto' does so on such GPUs)")
     return backend
 
 
@@ -176,8 +201,9 @@ def resolve_forward_impl(forward_impl: str, backend: str, hidden: torch.Tensor) 
         if hidden.device.type == "cuda" and hidden.shape[-1] % 16:
             # Unaligned rows defeat the kernel's vector loads and make it spill (see kernel_report); the sliced
             # forward hands D to cuBLAS, which handles any D.
-            logger.info("linear_logprob: D=%d is not a multiple of 16; using forward_impl='sliced'",
-                        hidden.shape[-1])
+            if not torch.compiler.is_compiling():
+                logger.info("linear_logprob: D=%d is not a multiple of 16; using forward_impl='sliced'",
+                            hidden.shape[-1])
             return "sliced"
     return forward_impl
 
@@ -216,6 +242,8 @@ def linear_logprob(
         with_entropy: also return the entropy (differentiable, e.g. for an entropy bonus).
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (pure PyTorch), "reference"
             (materialized logits, for tests and small inputs) or "auto" (triton on CUDA tensors, torch otherwise).
+            The Triton kernels need compute capability >= 8.0 (bf16 tensor cores): on older GPUs (T4, V100)
+            "auto" takes the torch backend (logged once) and "triton" raises a ValueError.
             triton and torch run the same vocabulary-sliced design (`pacs_kernels/sliced.py`): library GEMMs for
             the matrix products, Triton or PyTorch for the elementwise passes.
         forward_impl: the triton backend's forward: "sliced" (cuBLAS logits per vocabulary slice + a statistics
@@ -242,8 +270,13 @@ def linear_logprob(
         flow through both and come back in the inputs' dtypes. A NaN in a row of hidden gives NaN for that row
         (and NaN gradients), never a finite number.
 
-    Memory: the forward keeps 2 floats per token (log-sum-exp, entropy) for backward, which recomputes the logits
-    slice by slice. Both passes hold the budget's workspace (sliced forward: float32 logits of one slice;
+    torch.compile: the op runs inside `torch.compile(fullgraph=True)` (as torch.library custom ops,
+    `pacs_kernels/_compiled.py`) with the same values and gradients. There the target ids are not checked on the
+    host: a bad id gives NaN at its row instead of a ValueError; ignored rows are masked rather than dropped (they
+    cost their share of the vocabulary pass); vocab_parallel_group is refused.
+
+    Memory: the forward keeps 12 bytes per token (float64 log-sum-exp, entropy) for backward, which recomputes the
+    logits slice by slice. Both passes hold the budget's workspace (sliced forward: float32 logits of one slice;
     backward: those and their gradient in hidden's dtype) plus 16 bytes per token per slice of statistics; the
     backward adds a float32 dH [N, D] accumulator (256 MiB at N=16k, D=4096). The fused forward needs only
     16 * N * splits bytes.
@@ -260,7 +293,12 @@ def linear_logprob(
         out = linear_logprob(hidden[:, :-1], weight, input_ids[:, 1:], with_entropy=True)
         loss = -(out.logprob * advantages[:, None]).mean() - 0.01 * out.entropy.mean()
     """
+    compiling = torch.compiler.is_compiling()
     if vocab_parallel_group is not None:
+        if compiling:
+            raise ValueError("linear_logprob(vocab_parallel_group=...) does not run inside torch.compile: its set-up "
+                             "exchanges sizes and checks between ranks on the host; call it outside the compiled "
+                             "region (e.g. wrap it with torch.compiler.disable)")
         from .vocab_parallel import vocab_parallel_linear_logprob
 
         return vocab_parallel_linear_logprob(
@@ -270,15 +308,17 @@ def linear_logprob(
         )
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, hidden.dtype)
     inv_temperature = 1.0 / check_temperature(temperature)
-    problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend)
+    # Under torch.compile the target ids are not checked on the host (a synchronisation): see _compiled.py.
+    problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, check_targets=not compiling)
     check_weight_grad_dtype(weight_grad_dtype, weight)
     forward_impl = resolve_forward_impl(forward_impl, backend, hidden)
     budget = resolve_budget(memory_budget, hidden.device)
-    logger.debug("linear_logprob: backend=%s forward=%s tokens=%d (valid %d) D=%d V=%d dtype=%s budget=%d MiB",
-                 backend, forward_impl, problem.n_tokens, problem.n_valid, problem.dim, problem.vocab, hidden.dtype,
-                 budget >> 20)
+    if not compiling:
+        logger.debug("linear_logprob: backend=%s forward=%s tokens=%d (valid %d) D=%d V=%d dtype=%s budget=%d MiB",
+                     backend, forward_impl, problem.n_tokens, problem.n_valid, problem.dim, problem.vocab,
+                     hidden.dtype, budget >> 20)
 
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if backend == "reference":
@@ -288,6 +328,13 @@ def linear_logprob(
         )
         return LogprobOutput(logprob, entropy)
 
+    if compiling:
+        from ._compiled import traced_linear_logprob
+
+        return LogprobOutput(*traced_linear_logprob(
+            hidden, weight, targets, bias, problem, ignore_index=ignore_index, inv_temperature=inv_temperature,
+            with_entropy=with_entropy, backend=backend, forward_impl=forward_impl, budget=budget,
+            weight_grad_dtype=weight_grad_dtype))
     lead = problem.lead_shape
     if problem.n_valid == 0:
         zeros = _zeros_with_graph(hidden, weight, lead, out_dtype)

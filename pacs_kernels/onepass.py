@@ -110,7 +110,7 @@ def known_gradient_pass(hidden, weight, bias, targets, grad_fn: GradFn, inv_temp
         m, s, t, zy = stats[:, :, :rows].unbind(0)
         m, s, t = merge_stats(m, s, t if with_entropy else None)  # one slice: unchanged
         lse, ent = finalize_stats(m, s, t)
-        lp = (zy.sum(0) - lse).clamp_max(0.0)  # as sliced_forward: log p <= 0
+        lp = (zy.sum(0) - lse).clamp_max(0.0).to(acc)  # as sliced_forward: log p <= 0
         logprob[n0:n1] = lp
         if with_entropy:
             entropy[n0:n1] = ent
@@ -160,7 +160,7 @@ def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=N
     chunk_n, stats_slice: overrides of the token chunk and of the Triton statistics slice (tests, tuning).
     Gradients are computed only for the inputs that require them (none under torch.no_grad()).
     """
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, getattr(hidden, "dtype", None))
     if backend == "reference":
         raise ValueError("known_gradient_logprob runs on the 'triton' or 'torch' backend, not 'reference'")
     inv_temperature = 1.0 / check_temperature(temperature)

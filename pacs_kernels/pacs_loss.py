@@ -62,8 +62,9 @@ def sequence_terms_torch(logprob, old_logprob, mask, rewards, cu_seqlens, *, gro
                          class_balance):
     """PyTorch twin of the Triton sequence kernel: (loss, psi, psihat, prob, weight, coef [N]), closed forms.
 
-    Token sums accumulate in the log-probs' precision (float32); the per-sequence math runs in float64, where the
-    grpo Jacobian's cancellation between two terms of similar size costs nothing. Outputs are float32.
+    Token sums are exact (`_segments.segment_sum`: fixed point, deterministic on every device), rounded once to
+    float64; the per-sequence math runs in float64, where the grpo Jacobian's cancellation between two terms of
+    similar size costs nothing. Outputs are float32 (float64 for float64 log-probs).
     """
     n_tokens, n_seqs, G = logprob.numel(), rewards.numel(), group_size
     acc = torch.float64 if logprob.dtype == torch.float64 else torch.float32
@@ -72,8 +73,8 @@ def sequence_terms_torch(logprob, old_logprob, mask, rewards, cu_seqlens, *, gro
         lp = lp - old_logprob.to(acc)
     per_token = torch.where(mask, lp, torch.zeros_like(lp))  # never reads old values at ignored positions
     seq = segment_ids(cu_seqlens, n_tokens)
-    sums = segment_sum(per_token, seq, n_seqs).double()
-    counts = segment_sum(mask.to(acc), seq, n_seqs).double()
+    sums = segment_sum(per_token.double(), cu_seqlens)
+    counts = segment_sum(mask.long(), cu_seqlens).double()
     psi = beta * sums if score == "logratio_sum" else beta * sums / counts.clamp_min(1)
 
     grouped = psi.view(-1, G)
@@ -265,8 +266,9 @@ def pacs_loss(
             `old_logprob = linear_logprob(...).logprob.detach()` within float32 rounding, at the cost of one
             vocabulary pass (6NDV, `pacs_kernels/onepass.py`) instead of the old-log-prob pass and the two-pass
             loss (2NDV + 8NDV). psi = 0 exactly there, so sigmoid(psihat) = 1/2 and the BCE part is exactly
-            ln 2 (the class weights of a group average to 1); the gradient is the REINFORCE one with
-            c_i = w_i (R_i - 1/2) (docs/pacs-math.md). With score="logprob_mean" old_logprob is not used.
+            ln 2 (the class weights of a group average to 1; NaN, like the two-pass loss, if a log-prob is
+            NaN); the gradient is the REINFORCE one with c_i = w_i (R_i - 1/2) (docs/pacs-math.md).
+            With score="logprob_mean" old_logprob is not used.
         rewards: [S] verifier outcomes in [0, 1] ({0, 1} with class_balance).
         cu_seqlens: [S+1] int32, 0 first, N last (flash-attention varlen layout).
         group_size: G answers per prompt, consecutive in the batch; G >= 2 for rloo and grpo.
@@ -321,7 +323,8 @@ def _pacs_loss_on_policy(hidden, weight, targets, rewards, cu_seqlens, *, group_
 
     psi = 0 exactly, so the sequence part runs on zeros before any logit exists; its per-token coefficients (and
     the entropy bonus's -entropy_coef / n_resp) are the upstream gradients of the one pass, which returns the
-    log-probs, the entropies and the gradients; the loss's backward hands those back.
+    log-probs, the entropies and the gradients; the loss's backward hands those back. The returned values come
+    from the sequence part on the pass's log-probs (old = l), so a NaN log-prob makes the loss NaN.
     """
     params = _sequence_params(group_size, beta, "logratio_sum", advantage, class_balance, backend, hidden.device)
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, params.backend)
@@ -337,6 +340,12 @@ def _pacs_loss_on_policy(hidden, weight, targets, rewards, cu_seqlens, *, group_
         grad_entropy = -entropy_coef * mask.to(dtype) / mask.sum().clamp_min(1)
     known = known_gradient_logprob(hidden, weight, targets, coef, grad_entropy, bias=bias, temperature=temperature,
                                    ignore_index=ignore_index, with_entropy=with_entropy, backend=params.backend)
+    # The returned values are the two-pass call's formulas with old = the pass's log-probs: psi = beta * sum(l - l)
+    # is 0 exactly for finite log-probs (the zeros the coefficients came from), and NaN for a sequence with a NaN
+    # log-prob (a NaN hidden row), so that a NaN input gives a NaN loss here too. One more sequence pass: 12 bytes
+    # per token, no host synchronisation.
+    loss, psi, psihat, prob, weights, _ = sequence_terms(known.logprob, known.logprob, mask, rewards, cu_seqlens,
+                                                         params)
     bce = loss.to(dtype).detach()
     total = bce - entropy_coef * response_mean(known.entropy, mask) if entropy_coef else bce
     return PACSOutput(attach_gradients(total, hidden, weight, bias, known), psi, psihat, prob, weights,

@@ -129,11 +129,10 @@ def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens
     mask = targets != ignore_index
     adv_seq = group_advantages(rewards, group_size, kind, scale_rewards).to(hidden.device)
     seq = segment_ids(cu_seqlens, n_tokens)
-    n_seqs = rewards.numel()
     if loss_type == "dr_grpo" and max_len is None:
-        max_len = int(segment_sum(mask.long(), seq, n_seqs).max().clamp_min(1))
-    terms = dict(mask=mask, adv_seq=adv_seq, seq=seq, epsilon=epsilon, epsilon_high=epsilon_high,
-                 loss_type=loss_type, kl_coef=kl_coef, ref_logprob=ref_logprob,
+        max_len = int(segment_sum(mask.long(), cu_seqlens).max().clamp_min(1))
+    terms = dict(mask=mask, adv_seq=adv_seq, seq=seq, cu_seqlens=cu_seqlens, epsilon=epsilon,
+                 epsilon_high=epsilon_high, loss_type=loss_type, kl_coef=kl_coef, ref_logprob=ref_logprob,
                  use_bias_correction_kl=use_bias_correction_kl, max_len=max_len, normalizer=normalizer,
                  entropy_coef=entropy_coef)
     linear = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, with_entropy=need_entropy)
@@ -148,14 +147,15 @@ def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens
     return _surrogate(out.logprob, old_logprob, out.entropy, **terms)
 
 
-def _token_normalizer(mask, seq, n_seqs, loss_type, max_len, normalizer):
+def _token_normalizer(mask, seq, cu_seqlens, loss_type, max_len, normalizer):
     """[N] weights of the per-token losses: loss = sum_t norm_t * L_t (0 at ignored positions), float64.
 
     grpo: 1 / (S * response tokens of t's sequence); bnpo (and dapo without a normalizer): 1 / response tokens;
     dapo: 1 / normalizer; dr_grpo: 1 / (S * max_len)."""
     maskf = mask.to(torch.float64)
+    n_seqs = cu_seqlens.numel() - 1
     if loss_type == "grpo":
-        counts = segment_sum(maskf, seq, n_seqs).clamp_min(1)
+        counts = segment_sum(mask.long(), cu_seqlens).clamp_min(1).double()
         return maskf / (counts[seq] * n_seqs)
     if loss_type == "bnpo" or (loss_type == "dapo" and normalizer is None):
         return maskf / maskf.sum().clamp_min(1)
@@ -164,7 +164,7 @@ def _token_normalizer(mask, seq, n_seqs, loss_type, max_len, normalizer):
     return maskf / (n_seqs * max_len)  # dr_grpo
 
 
-def _surrogate(lp, old_logprob, entropy, *, mask, adv_seq, seq, epsilon, epsilon_high, loss_type, kl_coef,
+def _surrogate(lp, old_logprob, entropy, *, mask, adv_seq, seq, cu_seqlens, epsilon, epsilon_high, loss_type, kl_coef,
                ref_logprob, use_bias_correction_kl, max_len, normalizer, entropy_coef):
     """The loss from per-token log-probs lp [N] (differentiable) and the rollout policy's old_logprob [N]."""
     maskf = mask.to(lp.dtype)
@@ -183,7 +183,7 @@ def _surrogate(lp, old_logprob, entropy, *, mask, adv_seq, seq, epsilon, epsilon
         kl_mean = (kl * maskf).sum().detach() / n_resp
         if kl_coef:
             per_token = per_token + kl_coef * kl
-    norm = _token_normalizer(mask, seq, adv_seq.numel(), loss_type, max_len, normalizer)
+    norm = _token_normalizer(mask, seq, cu_seqlens, loss_type, max_len, normalizer)
     loss = (per_token * norm.to(lp.dtype)).sum()  # norm is 0 at ignored positions
     if entropy_coef:
         loss = loss - entropy_coef * response_mean(entropy, mask)
@@ -205,7 +205,8 @@ def _on_policy(hidden, weight, targets, *, backend, linear, terms):
     log-probs, i.e. the explicit call's formulas.
     """
     mask, seq, adv_seq = terms["mask"], terms["seq"], terms["adv_seq"]
-    norm = _token_normalizer(mask, seq, adv_seq.numel(), terms["loss_type"], terms["max_len"], terms["normalizer"])
+    norm = _token_normalizer(mask, seq, terms["cu_seqlens"], terms["loss_type"], terms["max_len"],
+                             terms["normalizer"])
     grad_logprob = -adv_seq[seq] * norm
     grad_entropy = None
     if terms["entropy_coef"]:

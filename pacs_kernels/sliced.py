@@ -228,7 +228,7 @@ def sliced_forward(hidden, weight, bias, targets, inv_temperature, with_entropy,
     """(logprob [N], entropy [N] or None, lse [N]) of validated hidden [N, D], targets [N] in [0, V)."""
     m, s, t, zy = sliced_stats(hidden, weight, bias, targets, inv_temperature, with_entropy, passes, plan)
     lse, entropy = finalize_stats(m, s, t)
-    logprob = (zy - lse).clamp_max(0.0)  # log p <= 0 mathematically: clamp the rounding above 0
+    logprob = (zy - lse).clamp_max(0.0).to(zy.dtype)  # log p <= 0 mathematically: clamp the rounding above 0
     return logprob, entropy, lse
 
 

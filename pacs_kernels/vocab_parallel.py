@@ -159,7 +159,7 @@ def reduce_stats(m, s, t, zy, group):
     packed = torch.stack([s_part, zy] if t_part is None else [s_part, zy, t_part])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     lse, entropy = finalize_stats(m_all, packed[0], None if t is None else packed[2])
-    logprob = (packed[1] - lse).clamp_max(0.0)  # as sliced_forward
+    logprob = (packed[1] - lse).clamp_max(0.0).to(packed.dtype)  # as sliced_forward
     return lse, entropy, logprob
 
 

@@ -49,6 +49,10 @@ def test_sm90_compile_report(tmp_path):
             assert r["spill_bytes"] == 0, name
             if r["has_dot"]:
                 assert r["tensor_core_ops"] > 0, name
+        elif r["has_dot"]:
+            assert r["tensor_core_ops"] == 0, name  # float32 dots are IEEE (FMA), never TF32 tensor cores
+        if r["shared_estimate"] is not None:
+            assert r["shared_bytes"] <= r["shared_estimate"], name  # the launchers' pre-launch check is safe
     # The elementwise kernels of the sliced pipeline multiply no matrices (the interpreter then runs them exactly).
     assert not any(r["has_dot"] for r in rows if r["kernel"] in ("slice_stats", "logit_grad"))
     assert all(r["has_dot"] for r in rows if r["kernel"] in ("logprob_forward", "gemm_f32"))

@@ -326,7 +326,9 @@ def test_triton_fused_forward_block_and_split_invariance():
 
     hidden, weight, bias, targets = random_problem(77, 40, 333, torch.float32, bias=True, seed=22)
     results = []
-    for fwd in [KernelConfig(128, 512, 64), KernelConfig(16, 16, 16, n_splits=21), KernelConfig(32, 64, 32, n_splits=3)]:
+    # Configs that fit every GPU's shared memory in float32 (128 x 512 x 16, 3 stages: 2 buffers of 640 x 16 x 4
+    # bytes = 80 KiB on sm_80/sm_90, see config.shared_memory_bytes): one tile over the whole problem, or pieces.
+    for fwd in [KernelConfig(128, 512, 16), KernelConfig(16, 16, 16, n_splits=21), KernelConfig(32, 64, 32, n_splits=3)]:
         params = LogprobParams("triton", 1 / 0.9, True, forward_impl="fused", forward_config=fwd)
         with torch.no_grad():
             results.append(FusedLinearLogprob.apply(hidden, weight, bias, targets, params))

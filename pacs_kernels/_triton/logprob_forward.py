@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._stats import finalize_stats, merge_stats
-from .config import KernelConfig, forward_config, interpreting
+from .config import KernelConfig, fit_to_device, forward_config, interpreting, launch
 from .tiles import fold_tile, logit_tile
 
 
@@ -91,6 +91,7 @@ def logprob_forward(
     targets = targets.contiguous()
     if config is None:
         config = forward_config(n_tokens, vocab, dim, hidden.device)
+    config = fit_to_device(config, hidden.element_size(), hidden.device, "fused forward")
     v_tiles = triton.cdiv(vocab, config.block_v)
     tiles_per_split = triton.cdiv(v_tiles, config.n_splits)
     n_splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
@@ -98,7 +99,8 @@ def logprob_forward(
     m, s, t, zy = stats.unbind(0)
     upcast, precision = dot_flags(hidden.dtype)
     grid = (triton.cdiv(n_tokens, config.block_n) * n_splits,)
-    _logprob_forward_kernel[grid](
+    launch(
+        _logprob_forward_kernel, grid, config, hidden.device, "fused forward",
         hidden, weight, bias if bias is not None else hidden, targets,
         m, s, t, zy,
         n_tokens, vocab, dim, hidden.stride(0), weight.stride(0), inv_temperature, tiles_per_split, n_splits,
@@ -108,5 +110,5 @@ def logprob_forward(
     )
     lse, entropy = finalize_stats(*merge_stats(m, s, t if with_entropy else None))
     # log p <= 0 mathematically; clamp the rounding above 0.
-    logprob = (zy.sum(0) - lse).clamp_max(0.0)
+    logprob = (zy.sum(0) - lse).clamp_max(0.0).float()
     return logprob, entropy, lse

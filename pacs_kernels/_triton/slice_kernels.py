@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import interpreting
+from .config import KernelConfig, arch_configs, fit_to_device, interpreting, launch
 from .tiles import fold_tile
 
 
@@ -68,7 +68,7 @@ def _slice_stats_kernel(
 
 @triton.jit
 def _logit_grad_kernel(
-    z_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, db_ptr,
+    z_ptr, b_ptr, y_ptr, lse_hi_ptr, lse_lo_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, db_ptr,
     n, v, ldz, lddz, v0, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -80,9 +80,12 @@ def _logit_grad_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < v
     z = _load_logits(z_ptr, b_ptr, rows64, row_ok, cols, col_ok, ldz, inv_temp, HAS_BIAS)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    # log p = (z - hi) - lo with lse = hi + lo (float64 lse split into two float32, see _stats.finalize_stats):
+    # z - hi is exact where p matters, so p keeps float32's precision when every logit is near 1e4.
+    lse_hi = tl.load(lse_hi_ptr + rows, mask=row_ok, other=0.0)
+    lse_lo = tl.load(lse_lo_ptr + rows, mask=row_ok, other=0.0)
     valid = row_ok[:, None] & col_ok[None, :]
-    logp = tl.where(valid, z - lse[:, None], 0.0)
+    logp = tl.where(valid, (z - lse_hi[:, None]) - lse_lo[:, None], 0.0)
     p = tl.where(valid, tl.exp(logp), 0.0)
     # dL/dz_j = g_lp * onehot_j - p_j * (g_lp + g_H * (log p_j + H))   (see _stats.logit_grad)
     coef = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
@@ -108,8 +111,8 @@ def _logit_grad_kernel(
 @triton.jit
 def _gemm_f32_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -131,37 +134,32 @@ def _gemm_f32_kernel(
         if UPCAST:  # the interpreter multiplies raw bits of bf16 operands
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)  # "ieee" for float32 operands: never TF32
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 # ------------------------------------------------------------------------------------------------- launchers
 
-# Elementwise kernels on CUDA: 16 x 512 tiles, 4 warps (32 KiB of float32 per program: enough bytes in flight per
-# SM for HBM rate; the stats kernel has 1024 programs at n=16k). (BLOCK_N, BLOCK_V, num_warps)
-CUDA_BLOCKS = (16, 512, 8)
-# Fallback GEMM: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), the fused forward's tile.
-CUDA_GEMM = (128, 128, 64, 8, 8, 3)
+GEMM_GROUP_M = 8  # the fallback GEMM's programs walk 8 row blocks per column block (L2 reuse of b's tiles)
 
-
-def _blocks(n: int, v: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_V) of the elementwise kernels: CUDA_BLOCKS, or in the interpreter as large as the problem
-    allows (its cost grows with programs x iterations)."""
+def _blocks(n: int, v: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, num_warps) of the elementwise kernels: the device's `ARCH_CONFIGS` entry, or in the
+    interpreter as large as the problem allows (its cost grows with programs x iterations)."""
     if interpreting():
-        return max(16, min(128, triton.next_power_of_2(n))), max(16, min(1024, triton.next_power_of_2(v)))
-    return CUDA_BLOCKS[:2]
+        return max(16, min(128, triton.next_power_of_2(n))), max(16, min(1024, triton.next_power_of_2(v))), 4
+    return arch_configs(device).elementwise
 
 
 def slice_stats(z, bias_v, targets, v0, inv_temperature, with_entropy, out):
     """Fill out = (m, s, t, zy) [4, n] float32 with the statistics of the slice z [n, v] (float32, row stride any)."""
     n, v = z.shape
-    block_n, block_v = _blocks(n, v)
+    block_n, block_v, warps = _blocks(n, v, z.device)
     m, s, t, zy = out.unbind(0)
     _slice_stats_kernel[(triton.cdiv(n, block_n),)](
         z, bias_v if bias_v is not None else z, targets, m, s, t, zy,
         n, v, z.stride(0), v0, inv_temperature,
         HAS_BIAS=bias_v is not None, WITH_ENTROPY=with_entropy, BLOCK_N=block_n, BLOCK_V=block_v,
-        num_warps=CUDA_BLOCKS[2],
+        num_warps=warps,
     )
     return out
 
@@ -169,30 +167,42 @@ def slice_stats(z, bias_v, targets, v0, inv_temperature, with_entropy, out):
 def logit_grad(z, bias_v, targets, v0, lse, entropy, grad_logprob, grad_entropy, inv_temperature, dz, need_bias):
     """Write dz [n, v] (its dtype) for the slice z [n, v]; return the bias gradient of the slice (float32) or None."""
     n, v = z.shape
-    block_n, block_v = _blocks(n, v)
+    block_n, block_v, warps = _blocks(n, v, z.device)
     n_blocks = triton.cdiv(n, block_n)
-    db = torch.empty((n_blocks, v), dtype=torch.float32, device=z.device) if need_bias else lse
-    dummy = lse  # stands in for absent pointers (the flags keep them unread)
+    db = torch.empty((n_blocks, v), dtype=torch.float32, device=z.device) if need_bias else z
+    dummy = z  # stands in for absent pointers (the flags keep them unread)
+    lse_hi = lse.float()  # lse (float64, from finalize_stats) = hi + lo: 8 bytes per row, no float64 in the kernel
+    lse_lo = (lse - lse_hi.to(lse.dtype)).float()
     _logit_grad_kernel[(n_blocks, triton.cdiv(v, block_v))](
-        z, bias_v if bias_v is not None else z, targets, lse,
+        z, bias_v if bias_v is not None else z, targets, lse_hi, lse_lo,
         entropy if grad_entropy is not None else dummy,
         grad_logprob if grad_logprob is not None else dummy,
         grad_entropy if grad_entropy is not None else dummy,
         dz, db, n, v, z.stride(0), dz.stride(0), v0, inv_temperature,
         HAS_BIAS=bias_v is not None, HAS_GLP=grad_logprob is not None, HAS_GENT=grad_entropy is not None,
-        COMPUTE_DB=need_bias, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=CUDA_BLOCKS[2],
+        COMPUTE_DB=need_bias, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps,
     )
     return db.sum(0) if need_bias else None
 
 
 def gemm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[:] = a @ b with float32 accumulation and output; a [M, K], b [K, N] any strides, out [M, N] row-major."""
+    """out[:] = a @ b with float32 accumulation and output; a [M, K], b [K, N] any strides, out [M, N] row-major.
+
+    bf16/fp16 operands run on tensor cores; float32 operands in IEEE float32 (never TF32: float32 is the
+    accuracy mode)."""
     M, K = a.shape
     N = b.shape[1]
     upcast = interpreting() and a.dtype != torch.float32
-    bm, bn, bk, group, warps, stages = CUDA_GEMM if not interpreting() else (64, 64, 64, 8, 4, 1)
-    _gemm_f32_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
+    precision = "ieee" if (upcast or a.dtype == torch.float32) else "tf32"  # tf32 is unused for 16-bit operands
+    if interpreting():
+        config = KernelConfig(64, 64, 64, num_warps=4, num_stages=1)
+    else:
+        config = fit_to_device(arch_configs(a.device).gemm, a.element_size(), a.device, "GEMM")
+    bm, bn, bk = config.block_n, config.block_v, config.block_d
+    launch(
+        _gemm_f32_kernel, (triton.cdiv(M, bm) * triton.cdiv(N, bn),), config, a.device, "GEMM",
         a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-        UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=warps, num_stages=stages,
+        UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GEMM_GROUP_M,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
