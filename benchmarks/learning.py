@@ -20,16 +20,16 @@ starts over. The study then writes OUT/summary.json, OUT/summary.md (the table),
 score against the step, PACS variants). `--summarize` only rebuilds those from the runs present.
 
 Statistics: pass@k in percent points; each interval is a Student-t interval over seeds (mean +- t_{0.975, n-1} *
-sd / sqrt(n)); differences between algorithms are paired by seed (the t-interval of the per-seed differences).
+sd / sqrt(n), `pacs.stats.mean_ci`); differences between algorithms are paired by seed (the t-interval of the
+per-seed differences, `pacs.stats.paired_t`).
 A run's `critic_auc` / `critic_brier` are the means over its RL steps of the per-step values (mini-batches whose
-psi is 0 by construction excluded, see pacs/trainer.py).
+psi is 0 by construction excluded, see pacs/update.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -40,66 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+from pacs.stats import mean_ci, paired_t
+
 DEFAULT_OUT = Path("benchmarks/results/learning")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def _t_pdf(x: float, df: int) -> float:
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
-
-
-def _t_cdf_upper_half(t: float, df: int, intervals: int = 4000) -> float:
-    """P(0 < T < t) by Simpson's rule on the density (smooth and bounded, so 4000 intervals give ~1e-10)."""
-    h = t / intervals
-    total = _t_pdf(0.0, df) + _t_pdf(t, df)
-    total += 4 * sum(_t_pdf((2 * i - 1) * h, df) for i in range(1, intervals // 2 + 1))
-    total += 2 * sum(_t_pdf(2 * i * h, df) for i in range(1, intervals // 2))
-    return total * h / 3
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (p in (0.5, 1)) of Student's t with df degrees of freedom, by bisection on its CDF."""
-    if not 0.5 < p < 1 or df < 1:
-        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
-    lo, hi = 0.0, 1.0
-    while 0.5 + _t_cdf_upper_half(hi, df) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if 0.5 + _t_cdf_upper_half(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def mean_ci(values: list[float], level: float = 0.95) -> dict:
-    """{"mean", "ci95": [lo, hi], "sd", "n"}: a Student-t interval over the values (None with fewer than 2)."""
-    values = [float(v) for v in values]
-    n = len(values)
-    if n == 0:
-        return {"mean": None, "ci95": None, "sd": None, "n": 0}
-    mean = sum(values) / n
-    if n < 2:
-        return {"mean": mean, "ci95": None, "sd": None, "n": 1}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return {"mean": mean, "ci95": [mean - half, mean + half], "sd": sd, "n": n}
-
-
-def paired_t(differences: list[float]) -> dict:
-    """mean_ci of per-seed differences plus "p": the two-sided p-value of the paired t-test of a zero mean (None
-    with fewer than 2 values; 0 or 1 when the differences are all equal)."""
-    out = mean_ci(differences)
-    out["p"] = None
-    if out["n"] >= 2:
-        if out["sd"] == 0:
-            out["p"] = 1.0 if out["mean"] == 0 else 0.0
-        else:
-            t = abs(out["mean"]) / (out["sd"] / math.sqrt(out["n"]))
-            out["p"] = max(0.0, 1.0 - 2 * _t_cdf_upper_half(t, out["n"] - 1))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------------

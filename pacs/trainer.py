@@ -49,7 +49,6 @@ import torch
 from tqdm.auto import tqdm
 
 import pacs_kernels
-from pacs_kernels._segments import segment_sum
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, load_init_checkpoint, read_trainer_state, save_checkpoint
@@ -71,6 +70,7 @@ from .modeling import (
 from .progress import WarmupBar
 from .rollout import HFGenerator, Rollout, SamplingParams
 from .rundir import check_run_dir, clear_run
+from .stats import auc_score, group_auc_counts, mean_or_none, pearson, sequence_mean
 from .tasks import tiny_tokenizer
 from .threads import apply_threads
 from .verify import math_reward
@@ -249,45 +249,6 @@ def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor | None, rew
 @torch.no_grad()
 def old_logprobs(model, batch: PackedBatch, cfg: TrainConfig) -> torch.Tensor:
     return packed_logprobs(model, batch, temperature=cfg.temperature, backend=kernel_backend(cfg)).logprob
-
-
-def _mann_whitney(scores: list[float], labels: list[float]) -> tuple[float, int]:
-    """(wins, pairs): over every (label > 0.5, label <= 0.5) pair, how often the first scores higher (ties half)."""
-    pos = [s for s, y in zip(scores, labels) if y > 0.5]
-    neg = [s for s, y in zip(scores, labels) if y <= 0.5]
-    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg), len(pos) * len(neg)
-
-
-def auc_score(scores: list[float], labels: list[float]) -> float | None:
-    """ROC AUC (Mann-Whitney, ties count half); None when only one class is present."""
-    wins, pairs = _mann_whitney(scores, labels)
-    return wins / pairs if pairs else None
-
-
-def group_auc_counts(scores: list[float], labels: list[float], group_size: int) -> tuple[float, int]:
-    """(wins, pairs) of the AUC restricted to pairs of answers to the same prompt (consecutive groups of
-    `group_size`; ties count half): the critic's ranking within a group, which the pooled AUC mixes with how
-    psi differs between prompts."""
-    counts = [_mann_whitney(scores[a:a + group_size], labels[a:a + group_size])
-              for a in range(0, len(scores), group_size)]
-    return sum(w for w, _ in counts), sum(p for _, p in counts)
-
-
-def sequence_mean(per_token: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """[S] mean over each sequence's response tokens of a per-token [N] tensor (0 for an empty response)."""
-    mask = batch.targets != -100
-    total = segment_sum(torch.where(mask, per_token.double(), 0.0), batch.cu_seqlens)
-    return (total / segment_sum(mask.long(), batch.cu_seqlens).clamp_min(1)).cpu()
-
-
-def pearson(xs: list[float], ys: list[float]) -> float | None:
-    """Pearson correlation; None with fewer than 3 points or a constant side."""
-    if len(xs) < 3:
-        return None
-    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-    x, y = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum() / denom) if denom > 0 else None
 
 
 def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rewards: list[float],
@@ -727,10 +688,6 @@ def _stopped(session: Session, where: str) -> Path:
     return session.run_dir
 
 
-def _mean(xs):
-    return float(np.mean(xs)) if xs else None
-
-
 def _step_row(state, stats, rollouts, rewards, t_gen, t_update, t_total, optimizer, device) -> dict:
     lengths = [len(r.response_ids) for r in rollouts]
     psi = stats["psi"]
@@ -740,8 +697,8 @@ def _step_row(state, stats, rollouts, rewards, t_gen, t_update, t_total, optimiz
         "step": state["step"],
         "reward": float(np.mean(rewards)),
         "accuracy": float(np.mean([r >= 1.0 for r in rewards])),
-        "loss": _mean(stats["loss"]),
-        "psi_mean": _mean(psi),
+        "loss": mean_or_none(stats["loss"]),
+        "psi_mean": mean_or_none(psi),
         "psi_std": float(np.std(psi)) if psi else None,
         "critic_brier": float(np.mean([(p - y) ** 2 for p, y in zip(probs, labels)])) if probs else None,
         "critic_auc": auc_score(probs, labels),
@@ -750,9 +707,9 @@ def _step_row(state, stats, rollouts, rewards, t_gen, t_update, t_total, optimiz
         "critic_auc_group": (stats["critic_group_pairs"][0] / stats["critic_group_pairs"][1]
                              if stats["critic_group_pairs"][1] else None),
         "critic_ref_lp_corr": pearson(stats["critic_psi"], stats["critic_ref_lp"]),
-        "clip_fraction": _mean(stats["clip_fraction"]),
-        "entropy": _mean(stats["entropy"]),
-        "grad_norm": _mean([g for g in stats["grad_norm"] if math.isfinite(g)]),
+        "clip_fraction": mean_or_none(stats["clip_fraction"]),
+        "entropy": mean_or_none(stats["entropy"]),
+        "grad_norm": mean_or_none([g for g in stats["grad_norm"] if math.isfinite(g)]),
         "skipped_steps": state["skipped_steps"],
         "response_length": float(np.mean(lengths)),
         "truncation_rate": float(np.mean([r.truncated for r in rollouts])),

@@ -1,4 +1,5 @@
-"""benchmarks.learning's statistics and summary on fixed toy inputs (the study itself is run by hand)."""
+"""The learning study's statistics (pacs.stats) and benchmarks.learning's summary on fixed toy inputs (the study
+itself is run by hand)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import random
 
 import pytest
 
-from benchmarks.learning import (algo_flags, critic_auc_by_age, mean_ci, paired_t, run_record, study_runs, summarize,
-                                 summary_table, t_quantile, warmup_dir, warmup_steps)
+from benchmarks.learning import (algo_flags, critic_auc_by_age, run_record, study_runs, summarize, summary_table,
+                                 warmup_dir, warmup_steps)
+from pacs.stats import mean_ci, paired_t, t_quantile
 
 
 @pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622),

@@ -45,12 +45,14 @@ import torch
 
 try:
     import trl
+    from accelerate.utils import is_peft_model
     from trl import GRPOConfig, GRPOTrainer
     from trl.trainer import grpo_trainer as _grpo
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"pacs.integrations.trl needs TRL ({err}); install it with: pip install -e \".[trl]\" (in a "
                       "clone of pacs)") from err
 
+from pacs.stats import auc_score
 from pacs_kernels import linear_logprob, pacs_loss_from_logprobs
 
 __all__ = ["PACSConfig", "PACSTrainer", "TESTED_TRL", "check_trl"]
@@ -300,7 +302,7 @@ class PACSTrainer(GRPOTrainer):
         if getattr(cfg, "pacs_fused_head", True):
             budget = getattr(cfg, "pacs_memory_budget", None)
             # The same modules TRL gave its fused head: the policy (its base model under PEFT) and the reference.
-            policy = self.model.get_base_model() if _is_peft_model(self.model) else self.model
+            policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
             targets = [policy] + ([self.ref_model] if self.ref_model is not None else [])
             for module in targets:
                 self._pacs_heads.append(install_pacs_head(
@@ -423,8 +425,6 @@ class PACSTrainer(GRPOTrainer):
         return loss
 
     def _log_pacs_metrics(self, mode, entropies, mask, psi, prob, rewards, bce):
-        from pacs.trainer import auc_score
-
         metrics = self._metrics[mode]
         totals = self.accelerator.reduce(torch.stack([(entropies.detach() * mask).sum(), mask.sum().float()]),
                                          reduction="sum")
@@ -436,12 +436,6 @@ class PACSTrainer(GRPOTrainer):
         metrics["pacs/critic_brier"].append((prob - rewards).square().mean().item())
         auc = auc_score(prob.tolist(), rewards.tolist())
         metrics["pacs/critic_auc"].append(float("nan") if auc is None else auc)  # TRL's log() skips NaN
-
-
-def _is_peft_model(model) -> bool:
-    from accelerate.utils import is_peft_model
-
-    return is_peft_model(model)
 
 
 def _shuffle_groups(batch: dict, group: torch.Tensor) -> dict:
