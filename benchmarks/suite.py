@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -570,25 +569,19 @@ def configure_environment(st: Settings) -> None:
 
 
 def device_name(device: str) -> str:
-    """'NVIDIA H100 80GB HBM3' or the CPU's model name with its core count."""
-    if device == "cuda":
-        import torch
+    """'NVIDIA H100 80GB HBM3' or the CPU's model name with its core count (pacs.runinfo, as `pacs train` records)."""
+    import torch
 
-        return torch.cuda.get_device_name()
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
+    from pacs import runinfo
+
+    return runinfo.device_name(torch.device(device))
 
 
 def environment(st: Settings, argv: list[str]) -> dict:
     """Machine, library versions, commit and date of a run (stored with its rows)."""
     import torch
+
+    from pacs import runinfo
 
     from .impls import package_version
 
@@ -597,6 +590,7 @@ def environment(st: Settings, argv: list[str]) -> dict:
                                 timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    versions = runinfo.versions(extra=())
     gpu = {}
     if st.device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -613,7 +607,7 @@ def environment(st: Settings, argv: list[str]) -> dict:
     return {
         "device": st.device, "device_name": device_name(st.device), "preset": st.preset,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": platform.python_version(), "torch": torch.__version__,
+        "python": versions["python"], "torch": versions["torch"],
         "cuda": torch.version.cuda or "", "triton": package_version("triton"), **gpu,
         "liger-kernel": package_version("liger-kernel") or "not installed",
         "cut-cross-entropy": package_version("cut-cross-entropy") or "not installed",

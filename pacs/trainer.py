@@ -35,11 +35,9 @@ import copy
 import json
 import logging
 import math
-import platform
 import random
 import resource
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +68,7 @@ from .modeling import (
 from .progress import WarmupBar
 from .rollout import HFGenerator, Rollout, SamplingParams
 from .rundir import check_run_dir, clear_run
+from .runinfo import environment_info
 from .stats import auc_score, group_auc_counts, mean_or_none, pearson, sequence_mean
 from .tasks import tiny_tokenizer
 from .threads import apply_threads
@@ -152,38 +151,6 @@ def setup(cfg: TrainConfig, dist: distributed.DistContext = distributed.SINGLE) 
                 info["dtype"], attn)
     return Session(cfg, model, tokenizer, device, train, test, [encode(p) for p in train],
                    [encode(p) for p in test], generator, run_dir, info, dist)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment_info(device: torch.device) -> dict:
-    """What a result depends on beyond the config: software versions and the hardware (for config.json)."""
-    import os
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for name in ("transformers", "triton"):
-        module = sys.modules.get(name)
-        if module is None:
-            try:
-                module = __import__(name)
-            except ImportError:
-                module = None
-        versions[name] = getattr(module, "__version__", None)
-    hardware = {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                "platform": platform.platform()}
-    if device.type == "cuda":
-        hardware["gpu"] = torch.cuda.get_device_name(device)
-        hardware["cuda"] = torch.version.cuda
-    return {"versions": versions, "hardware": hardware}
 
 
 def make_optimizer(model, cfg: TrainConfig):
