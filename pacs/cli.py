@@ -91,7 +91,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from pacs.checkpoint import latest_checkpoint
-    from pacs.config import config_from_args
+    from pacs.options import config_from_args
     from pacs.trainer import train
 
     cfg = config_from_args(args).validate()  # before logging, models or data: errors come first
@@ -112,7 +112,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from pacs.config import TrainConfig, config_from_args
+    from pacs.config import TrainConfig
+    from pacs.options import config_from_args
     from pacs.trainer import run_eval, setup
 
     cfg = config_from_args(args)
@@ -181,7 +182,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 
 def _add_train(subparsers: argparse._SubParsersAction, preset: str | None) -> None:
-    from pacs.config import add_train_arguments
+    from pacs.options import add_train_arguments
 
     cmd = subparsers.add_parser("train", help="train with PACS (or GRPO / RLOO)",
                                 description="Train a causal LM with PACS, GRPO or RLOO on verifiable rewards.")
@@ -191,7 +192,7 @@ def _add_train(subparsers: argparse._SubParsersAction, preset: str | None) -> No
 
 
 def _add_eval(subparsers: argparse._SubParsersAction, preset: str | None) -> None:
-    from pacs.config import add_train_arguments
+    from pacs.options import add_train_arguments
 
     cmd = subparsers.add_parser("eval", help="pass@k of a model or of a run's checkpoint",
                                 description="Sample --eval-n answers per held-out problem and report unbiased "
@@ -217,7 +218,7 @@ def _add_plot(subparsers: argparse._SubParsersAction) -> None:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The `pacs` parser; with the command line `argv` at hand, `--preset NAME --help` shows NAME's values as the
     defaults."""
-    from pacs.config import preset_in
+    from pacs.options import preset_in
 
     preset = preset_in(argv)
     parser = argparse.ArgumentParser(prog="pacs", description=__doc__,

@@ -1,21 +1,19 @@
 """Training configuration: one dataclass whose fields are the command-line flags and the config-file keys.
 
 Precedence: dataclass defaults < `--preset NAME` < `--config FILE` (YAML, TOML or JSON, keys = field names) <
-flags. `TrainConfig.validate()` checks every option's range and the combinations the losses reject, before any work
+flags (pacs/options.py reads the flags and the files). `TrainConfig.validate()` checks every option's range and the combinations the losses reject, before any work
 (the CLI and `pacs.trainer.train` call it): a bad configuration raises one ValueError naming every problem.
 `{algo}` in `out_dir` becomes the algorithm, so runs of different algorithms get different default directories.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 
@@ -89,10 +87,10 @@ class TrainConfig:
                               choices=("auto", "triton", "torch"))
     loss_impl: str = opt("fused", "fused (pacs_kernels, no logits) | reference (materialized logits; for checks)",
                          "algorithm", choices=("fused", "reference"))
-    on_policy_shortcut: bool = opt(True, "the first mini-batch of each rollout (theta = theta_old) takes the loss's "
-                                   "on-policy path (old_logprob=None: one vocabulary pass, no old-log-prob "
-                                   "forward); --no-on-policy-shortcut: old log-probs for every mini-batch and the "
-                                   "two-pass loss", "algorithm")
+    one_pass: bool = opt(True, "the first mini-batch of each rollout (theta = theta_old) takes the one pass: the "
+                         "loss's old_logprob=None path, log-probs and gradients in one vocabulary pass, no "
+                         "old-log-prob forward; --no-one-pass: old log-probs for every mini-batch and the two-pass "
+                         "loss (--on-policy-shortcut is its former name)", "algorithm")
     # optimization
     steps: int = opt(100, "rollout batches (each gives minibatches_per_rollout optimizer steps)", "optim")
     minibatches_per_rollout: int = opt(4, "optimizer steps per rollout batch (mini-batches of whole groups; at "
@@ -145,8 +143,12 @@ class TrainConfig:
                           "checkpoints/, eval/, plots/ and tensorboard/; nothing else) and start afresh", "run")
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)", "run")
     plot: bool = opt(True, "write PNG plots at the end", "run")
+    # former names, accepted as keyword arguments, config-file keys and flags (ALIASES)
+    on_policy_shortcut: InitVar[bool | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, on_policy_shortcut):
+        if on_policy_shortcut is not None:
+            self.one_pass = on_policy_shortcut
         if isinstance(self.out_dir, str) and isinstance(self.algo, str):
             self.out_dir = self.out_dir.replace("{algo}", self.algo)
 
@@ -164,6 +166,19 @@ class TrainConfig:
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+# Former option names -> the field they stand for. Each works as a keyword of TrainConfig (an InitVar above), a
+# config-file key and a flag (pacs/options.py), and reads and sets its field as an attribute.
+ALIASES = {"on_policy_shortcut": "one_pass"}
+
+
+def _alias(name: str) -> property:
+    return property(lambda self: getattr(self, name), lambda self, value: setattr(self, name, value),
+                    doc=f"the former name of `{name}`")
+
+
+TrainConfig.on_policy_shortcut = _alias("one_pass")  # after @dataclass, which read the InitVar's default here
 
 
 PRESETS: dict[str, dict] = {
@@ -198,7 +213,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _field_kind(f: dataclasses.Field) -> type:
+def field_kind(f: dataclasses.Field) -> type:
     """bool | int | float | str: the type of a field's values (None aside)."""
     if f.default is not None:
         return type(f.default)
@@ -213,7 +228,7 @@ def _problems(cfg: TrainConfig) -> list[str]:
     out: list[str] = []
     bad_type = set()
     for f in dataclasses.fields(cfg):
-        value, kind = getattr(cfg, f.name), _field_kind(f)
+        value, kind = getattr(cfg, f.name), field_kind(f)
         if value is None and f.default is None:
             continue
         ok = (isinstance(value, bool) if kind is bool else
@@ -409,146 +424,3 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
             out.append(f"{flag(name)}: unsupported data file type {Path(path).suffix!r} for {path}: use "
                        f"{', '.join(DATA_SUFFIXES)}")
     return out
-
-
-def _load_file(path: str) -> dict:
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"config file {p} does not exist")
-    if p.suffix not in (".yaml", ".yml", ".toml", ".json"):
-        raise ValueError(f"config file must be .yaml, .yml, .toml or .json, got {p}")
-    if not p.is_file():
-        raise ValueError(f"config file {p} is not a file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"config file {p}: not UTF-8 text (byte {err.start})") from None
-    data = _parse_config_text(p, text)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {p} must hold a mapping of TrainConfig keys, got {type(data).__name__}")
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) in {p}: {unknown}")
-    for f in dataclasses.fields(TrainConfig):
-        value = data.get(f.name)
-        if isinstance(value, str) and _field_kind(f) is float:  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                data[f.name] = float(value)
-            except ValueError:
-                pass  # validate() names it
-        elif f.name == "threads" and isinstance(value, int) and not isinstance(value, bool):
-            data[f.name] = str(value)  # threads: 2 in a file means --threads 2
-    return data
-
-
-def _parse_config_text(p: Path, text: str):
-    """The YAML / TOML / JSON document of a config file; a syntax error is one ValueError line naming the file,
-    the line and column, and what the parser expected."""
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            return yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-            what = " ".join(str(getattr(err, "problem", None) or err).split())
-            raise ValueError(f"config file {p}: not valid YAML ({where}{what}); expected 'key: value' lines with "
-                             "TrainConfig keys") from None
-    if p.suffix == ".toml":
-        import tomllib
-
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"config file {p}: not valid TOML ({' '.join(str(err).split())}); expected "
-                             "'key = value' lines with TrainConfig keys") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"config file {p}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
-                         "expected an object of TrainConfig keys") from None
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-PRESET_SUMMARIES = {
-    "demo": "the out-of-the-box CPU job: a tiny model, a supervised warm-up to 40% probe pass@1, then 200 RL steps "
-            "on synthetic arithmetic (5 to 16 minutes on 2 CPU cores, by seed)",
-    "smoke": "a few seconds: a very small model, 3 RL steps; for tests and torchrun checks",
-}
-
-
-def preset_in(argv: list[str] | None) -> str | None:
-    """The --preset NAME (or --preset=NAME) of a command line, if it names a preset: help then shows its values."""
-    argv = list(argv or [])
-    for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
-            name = argv[i + 1]
-        elif arg.startswith("--preset="):
-            name = arg.split("=", 1)[1]
-        else:
-            continue
-        if name in PRESETS:
-            return name
-    return None
-
-
-def _shown_default(f: dataclasses.Field, preset: str | None) -> str:
-    """' (default: X)' for a flag's help: the preset's value when --preset sets it; nothing where the help already
-    says what an unset value means."""
-    if preset is not None and f.name in PRESETS[preset]:
-        return f" (default: {PRESETS[preset][f.name]}, from --preset {preset}; without it: {f.default})"
-    if f.default is None or "default:" in f.metadata["help"]:
-        return ""
-    return f" (default: {f.default})"
-
-
-def add_train_arguments(parser: argparse.ArgumentParser, *, preset: str | None = None,
-                        eval_only: bool = False) -> None:
-    """One flag per TrainConfig field (--snake-case), grouped; defaults left as None so precedence can apply.
-    `preset`: the help shows that preset's values as the defaults; `eval_only`: the fields `pacs eval` uses."""
-    presets = "; ".join(f"{name}: {text}" for name, text in PRESET_SUMMARIES.items())
-    preset_help = f"start from a named preset ({presets}). `--preset NAME --help` shows its values as the defaults"
-    parser.add_argument("--preset", choices=sorted(PRESETS), help=preset_help.replace("%", "%%"))
-    parser.add_argument("--config", help="YAML, TOML or JSON file with TrainConfig keys (the flags' names with _)")
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(TrainConfig):
-        if eval_only and not f.metadata["eval"]:
-            continue
-        group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
-        kind = _field_kind(f)
-        # argparse %-formats help strings: a literal % must reach it as %%
-        text = (f.metadata["help"] + _shown_default(f, preset)).replace("%", "%%")
-        kwargs = dict(default=None, help=text, dest=f.name)
-        if kind is bool:
-            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-        else:
-            kwargs.update(type=kind)
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        group.add_argument(flag(f.name), **kwargs)
-        if kind is bool:  # --no-NAME: the same as --NAME false
-            group.add_argument("--no-" + flag(f.name)[2:], dest=f.name, action="store_const", const=False,
-                               default=None, help=f"same as {flag(f.name)} false")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values: dict = {}
-    if getattr(args, "preset", None):
-        values.update(PRESETS[args.preset])
-    if getattr(args, "config", None):
-        values.update(_load_file(args.config))
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = v
-    return TrainConfig(**values)

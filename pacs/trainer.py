@@ -253,7 +253,7 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
     # on-policy shortcut a trivial mini-batch needs no old pass (the loss's one-pass path, old_logprob=None), and
     # PACS's logprob_mean score never reads old log-probs.
     trivial = [i == 0 and (reference is None or reference_fresh) for i in range(len(minibatches))]
-    skip = [cfg.on_policy_shortcut and (t or (cfg.algo == "pacs" and cfg.score == "logprob_mean")) for t in trivial]
+    skip = [cfg.one_pass and (t or (cfg.algo == "pacs" and cfg.score == "logprob_mean")) for t in trivial]
     scorer = model if reference is None else reference
     olds = [None if s else old_logprobs(scorer, batch, cfg) for s, (batch, _) in zip(skip, minibatches)]
     counts = torch.tensor([[float(batch.cu_seqlens.numel() - 1), float((batch.targets != -100).sum())]

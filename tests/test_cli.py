@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from pacs.cli import build_parser, main
-from pacs.config import PRESETS, TrainConfig, config_from_args, flag
+from pacs.config import PRESETS, TrainConfig, flag
+from pacs.options import config_from_args
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -57,6 +58,27 @@ def test_bool_flags_and_their_no_form(argv, expected):
     cfg = config_from_args(args).validate()
     assert cfg.on_policy_shortcut is expected
     assert cfg.plot is ("--no-plot" not in argv)
+
+
+@pytest.mark.parametrize("argv,expected", [(["--one-pass"], True), (["--one-pass", "false"], False),
+                                           (["--no-one-pass"], False), (["--no-one-pass", "--on-policy-shortcut"], True),
+                                           (["--on-policy-shortcut", "no"], False)])
+def test_one_pass_and_its_former_name(argv, expected, tmp_path):
+    """--one-pass is the option; --on-policy-shortcut, the key on_policy_shortcut in config files and the keyword
+    TrainConfig(on_policy_shortcut=...) still set it (the last flag given wins)."""
+    cfg = config_from_args(subcommands(build_parser())["train"].parse_args(argv)).validate()
+    assert cfg.one_pass is expected and cfg.on_policy_shortcut is expected
+    assert TrainConfig(on_policy_shortcut=False).one_pass is False and TrainConfig().one_pass is True
+    assert "on_policy_shortcut" not in TrainConfig().to_dict()
+    old = tmp_path / "old.yaml"
+    old.write_text("on_policy_shortcut: false\n")
+    assert config_from_args(build_parser().parse_args(["train", "--config", str(old)])).one_pass is False
+    both = tmp_path / "both.json"
+    both.write_text('{"on_policy_shortcut": false, "one_pass": true}')
+    with pytest.raises(ValueError, match="sets both one_pass and on_policy_shortcut"):
+        config_from_args(build_parser().parse_args(["train", "--config", str(both)]))
+    text = " ".join(subcommands(build_parser())["train"].format_help().split())
+    assert "--on-policy-shortcut [BOOL] the former name of --one-pass" in text
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "plot", "verify"])

@@ -152,7 +152,7 @@ def test_the_docs_show_pacs_commands():
 @pytest.mark.parametrize("block,argv", COMMANDS, ids=[f"{b.name}:{' '.join(a)[:60]}" for b, a in COMMANDS])
 def test_pacs_command_parses(block, argv, capsys):
     from pacs.cli import build_parser
-    from pacs.config import config_from_args
+    from pacs.options import config_from_args
 
     parser = build_parser(argv)
     try:

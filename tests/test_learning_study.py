@@ -182,7 +182,7 @@ def test_algo_flags():
 def test_study_commands_are_valid_train_configs(tmp_path):
     """Every command the study would run parses and validates as `pacs train` (extra flags after -- included)."""
     from pacs.cli import build_parser
-    from pacs.config import config_from_args
+    from pacs.options import config_from_args
 
     seeds, algos = [0, 3], ["pacs", "pacs-snapshot:20", "pacs-snapshot-keep-adam:20", "grpo", "rloo"]
     for seed in seeds:  # the RL runs' --init-checkpoint must hold weights

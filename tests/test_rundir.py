@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pacs.cli import build_parser, main
-from pacs.config import PRESETS, TrainConfig, config_from_args
+from pacs.config import PRESETS, TrainConfig
+from pacs.options import config_from_args
 from pacs.rundir import check_run_dir, clear_run
 
 SMOKE = ["--preset", "smoke", "--n-train", "40", "--steps", "1", "--no-plot", "--kernel-backend", "torch"]

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from pacs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from pacs.config import TrainConfig, config_from_args
+from pacs.config import TrainConfig
 from pacs.data import load_problems
 from pacs.evaluate import ks_for, pass_at_k
 from pacs.modeling import build_tiny_model, pack_sequences, packed_hidden_states, packed_logprobs
+from pacs.options import config_from_args
 from pacs.rollout import Rollout
 from pacs.tasks import CharTokenizer, make_synthetic_split
 from pacs.trainer import auc_score, batch_indices, make_optimizer, train, update_on_rollouts
