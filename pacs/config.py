@@ -1,8 +1,9 @@
 """Training configuration: one dataclass whose fields are the command-line flags and the config-file keys.
 
 Precedence: dataclass defaults < `--preset NAME` < `--config FILE` (YAML, TOML or JSON, keys = field names) <
-flags (pacs/options.py reads the flags and the files). `TrainConfig.validate()` checks every option's range and the combinations the losses reject, before any work
-(the CLI and `pacs.trainer.train` call it): a bad configuration raises one ValueError naming every problem.
+flags; pacs/options.py reads the flags and the files. `TrainConfig.validate()` checks every option's range and the
+combinations the losses reject, before any work (the CLI and `pacs.trainer.train` call it): a bad configuration
+raises one ValueError naming every problem.
 `{algo}` in `out_dir` becomes the algorithm, so runs of different algorithms get different default directories.
 """
 

@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from .rollout import SamplingParams
+from .rollout import Generator, SamplingParams
 from .verify import math_reward
 
 
@@ -35,7 +35,7 @@ def ks_for(n: int) -> list[int]:
     return ks
 
 
-def evaluate(generator, tokenizer, problems, prompts, *, n: int, temperature: float, top_p: float,
+def evaluate(generator: Generator, tokenizer, problems, prompts, *, n: int, temperature: float, top_p: float,
              max_new_tokens: int) -> dict:
     """Sample n answers per problem, verify them, and return {"n", "pass@k": {k: value}, "correct": [...]}."""
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)

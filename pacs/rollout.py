@@ -29,6 +29,9 @@ class SamplingParams:
 
 
 class Generator(Protocol):
+    """What the trainer and the evaluation sample with (`Session.generator`, `evaluate`): HFGenerator below, or
+    any engine with this method."""
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         ...
 

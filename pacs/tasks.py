@@ -115,9 +115,6 @@ class CharTokenizer:
                 out.append(self.itos[i])
         return "".join(out)
 
-    def to_config(self) -> dict:
-        return {"type": "char", "chars": self.chars}
-
 
 # The tiny model's alphabet on data files: the synthetic tasks' characters (in their order, so the first ids agree),
 # then the rest of printable ASCII, tab and newline included. The synthetic tasks keep DEFAULT_CHARS: their

@@ -66,7 +66,7 @@ from .modeling import (
     pick_dtype,
 )
 from .progress import WarmupBar
-from .rollout import HFGenerator, Rollout, SamplingParams
+from .rollout import Generator, HFGenerator, Rollout, SamplingParams
 from .rundir import check_run_dir, clear_run
 from .runinfo import environment_info
 from .stats import auc_score, group_auc_counts, mean_or_none, pearson, sequence_mean
@@ -91,7 +91,7 @@ class Session:
     test: list
     train_prompts: list[list[int]]
     test_prompts: list[list[int]]
-    generator: HFGenerator
+    generator: Generator  # HFGenerator here; any engine with its `generate` fits
     run_dir: Path
     info: dict = field(default_factory=dict)
     dist: distributed.DistContext = distributed.SINGLE
