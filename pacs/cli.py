@@ -113,8 +113,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pacs.config import TrainConfig
+    from pacs.evaluate import run_eval
+    from pacs.metrics import RunLog
     from pacs.options import config_from_args
-    from pacs.trainer import run_eval, setup
+    from pacs.session import setup
 
     cfg = config_from_args(args)
     ckpt = None
@@ -138,7 +140,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     what = ckpt or cfg.init_checkpoint
     print(f"evaluating {what if what else f'--model {cfg.model} as it is (no checkpoint)'}", flush=True)
-    result = run_eval(setup(cfg), args.tag, log=lambda row: None, meta={"checkpoint": str(what) if what else None})
+    session = setup(cfg)  # the results go into OUT_DIR/eval, no metrics rows
+    result = run_eval(session, args.tag, RunLog(session, metrics=False),
+                      meta={"checkpoint": str(what) if what else None})
     print(f"wrote {Path(cfg.out_dir) / 'eval' / (args.tag + '.json')}")
     return 0 if result["problems"] else 1
 

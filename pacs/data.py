@@ -10,6 +10,9 @@ within \\boxed{}."`` inside the tokenizer's chat template when it has one. The t
 random-init with a character tokenizer) is trained from scratch and has no use for an instruction: its prompt is
 the problem text alone, for the synthetic tasks and data files alike. With a data file its alphabet is printable
 ASCII (`tasks.FILE_CHARS`); a problem or answer with any other character is refused by name.
+
+Training draws its prompts from an endless stream of seeded per-epoch permutations (`batch_indices`), so a resumed
+run continues the stream where it stopped.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+import numpy as np
 
 from .tasks import FILE_CHARS, Problem, make_synthetic_split
 
@@ -185,3 +190,15 @@ def format_prompt(tokenizer, problem: Problem, *, synthetic: bool, use_chat_temp
             ids = ids["input_ids"]
         return list(ids)
     return tokenizer.encode(text)
+
+
+def batch_indices(n_items: int, batch: int, position: int, seed: int) -> list[int]:
+    """Items position..position+batch of an endless stream of seeded per-epoch permutations (resumable)."""
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(position, n_items)
+        order = np.random.default_rng(seed + epoch).permutation(n_items)
+        take = min(batch - len(out), n_items - offset)
+        out.extend(order[offset:offset + take].tolist())
+        position += take
+    return out

@@ -3,6 +3,9 @@
     pass@k = mean over problems of 1 - C(n - c, k) / C(n, k)     (n samples, c correct, k <= n)
 
 computed as 1 - prod_{i = n-c+1}^{n} (1 - k / i), which never forms the large binomials.
+
+`run_eval` is the held-out evaluation of a run (`pacs train` at its start, every --eval-every steps and at its
+end; `pacs eval`): RUN/eval/TAG.json, a table on screen and an eval row in the metrics.
 """
 
 from __future__ import annotations
@@ -47,6 +50,26 @@ def evaluate(generator: Generator, tokenizer, problems, prompts, *, n: int, temp
     table = {k: sum(pass_at_k(n, c, k) for c in correct) / len(correct) for k in ks_for(n)}
     return {"n": n, "temperature": temperature, "top_p": top_p, "problems": len(problems), "pass@k": table,
             "correct": correct, "truncation_rate": sum(r.truncated for r in rollouts) / max(len(rollouts), 1)}
+
+
+def sampled_pass_at_k(session, problems, prompts) -> dict:
+    """`evaluate` of these problems with the evaluation's sampling (--eval-n, --eval-temperature, --eval-top-p) on
+    a run's Session (pacs/session.py); under torchrun every rank samples, with the FSDP parameters gathered."""
+    cfg = session.cfg
+    with session.dist.gathered_for_generation(session.model):
+        return evaluate(session.generator, session.tokenizer, problems, prompts, n=cfg.eval_n,
+                        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
+
+
+def run_eval(session, tag: str, log, meta: dict | None = None) -> dict:
+    """Held-out pass@k of the session's model into RUN/eval/TAG.json (with `meta`, e.g. the checkpoint evaluated),
+    a table on screen and an eval row in the metrics (`log`: the run's RunLog, pacs/metrics.py)."""
+    cfg = session.cfg
+    result = sampled_pass_at_k(session, session.test, session.test_prompts)  # every rank evaluates; rank 0 writes
+    result.update(tag=tag, **(meta or {}))
+    log.evaluation(tag, result, f"eval [{tag}] pass@k on {result['problems']} held-out problems (n={cfg.eval_n}, "
+                                f"T={cfg.eval_temperature}):\n{format_table(result)}")
+    return result
 
 
 def format_table(result: dict) -> str:

@@ -61,8 +61,8 @@ def test_bool_flags_and_their_no_form(argv, expected):
 
 
 @pytest.mark.parametrize("argv,expected", [(["--one-pass"], True), (["--one-pass", "false"], False),
-                                           (["--no-one-pass"], False), (["--no-one-pass", "--on-policy-shortcut"], True),
-                                           (["--on-policy-shortcut", "no"], False)])
+                                           (["--no-one-pass"], False), (["--on-policy-shortcut", "no"], False),
+                                           (["--no-one-pass", "--on-policy-shortcut"], True)])
 def test_one_pass_and_its_former_name(argv, expected, tmp_path):
     """--one-pass is the option; --on-policy-shortcut, the key on_policy_shortcut in config files and the keyword
     TrainConfig(on_policy_shortcut=...) still set it (the last flag given wins)."""
@@ -105,13 +105,15 @@ def test_help_from_the_shell(command):
 @pytest.fixture
 def no_training(monkeypatch):
     """The commands below must fail in validation: building anything is a test failure."""
+    import pacs.session
     import pacs.trainer
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("validation let a bad configuration through to the trainer")
 
     monkeypatch.setattr(pacs.trainer, "train", must_not_run)
-    monkeypatch.setattr(pacs.trainer, "setup", must_not_run)
+    monkeypatch.setattr(pacs.session, "setup", must_not_run)  # pacs eval's
+    monkeypatch.setattr(pacs.trainer, "setup", must_not_run)  # pacs train's
 
 
 def run_cli(argv, capsys):
@@ -306,9 +308,9 @@ def test_eval_names_the_checkpoint_and_the_flag(tmp_path, capsys):
 
 
 def test_eval_interrupted_ends_in_one_line(tmp_path, capsys, monkeypatch):
-    import pacs.trainer
+    import pacs.evaluate
 
-    monkeypatch.setattr(pacs.trainer, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(pacs.evaluate, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     status = main(["eval", "--preset", "smoke", "--out-dir", str(tmp_path / "e")])
     assert status == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "pacs eval: interrupted"

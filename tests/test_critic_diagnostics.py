@@ -1,22 +1,24 @@
 """The critic diagnostics: group_auc_counts, sequence_mean, pearson, their per-step metrics (critic_auc_group,
-critic_ref_lp_corr), merge_stats' merging of them, and update_on_rollouts' statistics behind them."""
+critic_ref_lp_corr), StepStats.merge's merging of them, and update_on_rollouts' statistics behind them."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from pacs import distributed
 from pacs.config import TrainConfig
+from pacs.metrics import StepStats
 from pacs.modeling import build_tiny_model, pack_sequences
 from pacs.rollout import Rollout
+from pacs.stats import auc_score, group_auc_counts, pearson, sequence_mean
 from pacs.tasks import CharTokenizer
-from pacs.trainer import (_step_row, auc_score, group_auc_counts, make_optimizer, pearson, sequence_mean,
-                          update_on_rollouts)
+from pacs.trainer import TrainState
+from pacs.update import make_optimizer, update_on_rollouts
 
 TINY = dict(hidden=32, layers=2, heads=2, intermediate=64, max_positions=64)
 
@@ -135,37 +137,39 @@ def test_pearson_none_cases():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# _step_row
+# StepStats.row
 
 
 def test_step_row_critic_metrics():
     rng = np.random.default_rng(7)
     psi = rng.normal(size=12).tolist()
     ref_lp = rng.normal(size=12).tolist()
-    stats = {"loss": [0.5], "grad_norm": [1.0], "psi": psi, "critic_prob": [0.2, 0.7], "critic_label": [0.0, 1.0],
-             "critic_group_pairs": [3.5, 5], "critic_psi": psi, "critic_ref_lp": ref_lp, "clip_fraction": [],
-             "entropy": [], "train_tokens": 10, "skipped": 0}
+    stats = StepStats(loss=[0.5], grad_norm=[1.0], psi=psi, critic_prob=[0.2, 0.7], critic_label=[0.0, 1.0],
+                      critic_group_pairs=[3.5, 5], critic_psi=psi, critic_ref_lp=ref_lp, clip_fraction=[],
+                      entropy=[], train_tokens=10, skipped=0)
     rollouts = [Rollout([1, 4], [5, 2], False)] * 2
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    state = {"step": 1, "skipped_steps": 0}
-    row = _step_row(state, stats, rollouts, [0.0, 1.0], 1.0, 1.0, 2.0, optimizer, torch.device("cpu"))
+    state = TrainState(step=1, skipped_steps=0)
+    timings = dict(t_generate=1.0, t_update=1.0, t_total=2.0, lr=optimizer.param_groups[0]["lr"],
+                   device=torch.device("cpu"))
+    row = stats.row(state, rollouts, [0.0, 1.0], **timings)
     assert row["critic_auc_group"] == pytest.approx(3.5 / 5)
     assert row["critic_ref_lp_corr"] == pytest.approx(float(np.corrcoef(psi, ref_lp)[0, 1]), abs=1e-12)
-    row = _step_row(state, {**stats, "critic_group_pairs": [0.0, 0], "critic_psi": [], "critic_ref_lp": []},
-                    rollouts, [0.0, 1.0], 1.0, 1.0, 2.0, optimizer, torch.device("cpu"))
+    row = dataclasses.replace(stats, critic_group_pairs=[0.0, 0], critic_psi=[], critic_ref_lp=[]).row(
+        state, rollouts, [0.0, 1.0], **timings)
     assert row["critic_auc_group"] is None and row["critic_ref_lp_corr"] is None
 
 
 # --------------------------------------------------------------------------------------------------------------
-# merge_stats
+# StepStats.merge
 
 
 class FakeContext:
-    """A DistContext stand-in: rank `rank` of len(parts); gather puts this rank's object at its place among the
+    """A Distribution stand-in: rank `rank` of len(parts); gather puts this rank's object at its place among the
     other ranks' fixed ones (and records what it was given)."""
 
     def __init__(self, parts, rank):
-        self.parts, self.rank, self.world, self.enabled = parts, rank, len(parts), True
+        self.parts, self.rank, self.world = parts, rank, len(parts)
         self.given = None
 
     def gather(self, obj):
@@ -176,13 +180,13 @@ class FakeContext:
 def random_rank_stats(rng, k):
     n = int(rng.integers(0, 6))
     m = int(rng.integers(0, 4))
-    return {"loss": [0.1] * k, "grad_norm": [2.0] * k, "skipped": 0,
-            "entropy": rng.uniform(1, 3, size=k).tolist(), "clip_fraction": [],
-            "psi": rng.normal(size=n).tolist(), "critic_prob": rng.uniform(size=n).tolist(),
-            "critic_label": rng.integers(0, 2, size=n).astype(float).tolist(),
-            "critic_psi": rng.normal(size=m).tolist(), "critic_ref_lp": rng.normal(size=m).tolist(),
-            "critic_group_pairs": [float(rng.integers(0, 9)) / 2, int(rng.integers(0, 9))],
-            "train_tokens": int(rng.integers(1, 100))}
+    return StepStats(loss=[0.1] * k, grad_norm=[2.0] * k, skipped=0,
+                     entropy=rng.uniform(1, 3, size=k).tolist(), clip_fraction=[],
+                     psi=rng.normal(size=n).tolist(), critic_prob=rng.uniform(size=n).tolist(),
+                     critic_label=rng.integers(0, 2, size=n).astype(float).tolist(),
+                     critic_psi=rng.normal(size=m).tolist(), critic_ref_lp=rng.normal(size=m).tolist(),
+                     critic_group_pairs=[float(rng.integers(0, 9)) / 2, int(rng.integers(0, 9))],
+                     train_tokens=int(rng.integers(1, 100)))
 
 
 @pytest.mark.parametrize("world,rank", [(2, 0), (3, 1), (4, 3)])
@@ -191,19 +195,21 @@ def test_merge_stats_concatenates_and_sums(world, rank):
     k = 2
     stats = [random_rank_stats(rng, k) for _ in range(world)]
     tokens = [rng.integers(1, 50, size=k).astype(float).tolist() for _ in range(world)]
-    parts = [{**copy.deepcopy(s), "tokens": t} for s, t in zip(stats, tokens)]
+    for s, t in zip(stats, tokens):
+        s.response_tokens = t
+    parts = [copy.deepcopy(s) for s in stats]
     ctx = FakeContext(parts, rank)
-    merged = distributed.merge_stats(copy.deepcopy(stats[rank]), ctx, {"tokens": tokens[rank]})
+    merged = copy.deepcopy(stats[rank]).merge(ctx)
     for key in ("psi", "critic_prob", "critic_label", "critic_psi", "critic_ref_lp"):
-        assert ctx.given[key] == stats[rank][key]
-        assert merged[key] == [x for s in stats for x in s[key]], key
-    assert merged["critic_group_pairs"] == [sum(s["critic_group_pairs"][0] for s in stats),
-                                            sum(s["critic_group_pairs"][1] for s in stats)]
-    assert merged["train_tokens"] == sum(s["train_tokens"] for s in stats)
+        assert getattr(ctx.given, key) == getattr(stats[rank], key)
+        assert getattr(merged, key) == [x for s in stats for x in getattr(s, key)], key
+    assert merged.critic_group_pairs == [sum(s.critic_group_pairs[0] for s in stats),
+                                         sum(s.critic_group_pairs[1] for s in stats)]
+    assert merged.train_tokens == sum(s.train_tokens for s in stats)
     for i in range(k):  # entropy: token-weighted over ranks, per mini-batch
-        expected = sum(s["entropy"][i] * t[i] for s, t in zip(stats, tokens)) / sum(t[i] for t in tokens)
-        assert merged["entropy"][i] == pytest.approx(expected)
-    assert merged["loss"] == stats[rank]["loss"] and merged["grad_norm"] == stats[rank]["grad_norm"]
+        expected = sum(s.entropy[i] * t[i] for s, t in zip(stats, tokens)) / sum(t[i] for t in tokens)
+        assert merged.entropy[i] == pytest.approx(expected)
+    assert merged.loss == stats[rank].loss and merged.grad_norm == stats[rank].grad_norm
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -252,16 +258,16 @@ def test_update_on_rollouts_critic_stats_with_a_different_reference():
         assert torch.equal(v, ref_before[k]), k
     # the reference is older than the rollout: no mini-batch is trivial, every sequence counts
     n = len(rollouts)
-    assert len(stats["critic_psi"]) == len(stats["critic_ref_lp"]) == len(stats["critic_prob"]) == n
-    assert stats["critic_label"] == rewards
-    torch.testing.assert_close(torch.tensor(stats["critic_psi"]), torch.tensor(stats["psi"]))
-    assert max(abs(x) for x in stats["critic_psi"]) > 1e-3  # psi != 0: the reference differs from the model
+    assert len(stats.critic_psi) == len(stats.critic_ref_lp) == len(stats.critic_prob) == n
+    assert stats.critic_label == rewards
+    torch.testing.assert_close(torch.tensor(stats.critic_psi), torch.tensor(stats.psi))
+    assert max(abs(x) for x in stats.critic_psi) > 1e-3  # psi != 0: the reference differs from the model
     expected = [reference_mean_logprob(reference, r, cfg.temperature) for r in rollouts]
-    torch.testing.assert_close(torch.tensor(stats["critic_ref_lp"], dtype=torch.float64),
+    torch.testing.assert_close(torch.tensor(stats.critic_ref_lp, dtype=torch.float64),
                                torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=1e-4)
-    wins, pairs = group_auc_counts(stats["critic_prob"], stats["critic_label"], G)
-    assert stats["critic_group_pairs"][1] == pairs == brute_group_auc(stats["critic_prob"], rewards, G)[1] > 0
-    assert stats["critic_group_pairs"][0] == pytest.approx(wins, abs=1e-9)
+    wins, pairs = group_auc_counts(stats.critic_prob, stats.critic_label, G)
+    assert stats.critic_group_pairs[1] == pairs == brute_group_auc(stats.critic_prob, rewards, G)[1] > 0
+    assert stats.critic_group_pairs[0] == pytest.approx(wins, abs=1e-9)
 
 
 def test_update_on_rollouts_without_reference_skips_the_trivial_minibatch():
@@ -278,11 +284,11 @@ def test_update_on_rollouts_without_reference_skips_the_trivial_minibatch():
     optimizer, scheduler = make_optimizer(model, cfg)
     stats = update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, torch.device("cpu"))
     second = rollouts[2 * G:]
-    assert len(stats["psi"]) == len(rollouts)
-    assert len(stats["critic_psi"]) == len(stats["critic_ref_lp"]) == len(stats["critic_prob"]) == len(second)
-    assert stats["critic_label"] == rewards[2 * G:]
+    assert len(stats.psi) == len(rollouts)
+    assert len(stats.critic_psi) == len(stats.critic_ref_lp) == len(stats.critic_prob) == len(second)
+    assert stats.critic_label == rewards[2 * G:]
     expected = [reference_mean_logprob(before, r, cfg.temperature) for r in second]
-    torch.testing.assert_close(torch.tensor(stats["critic_ref_lp"], dtype=torch.float64),
+    torch.testing.assert_close(torch.tensor(stats.critic_ref_lp, dtype=torch.float64),
                                torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=1e-4)
-    wins, pairs = group_auc_counts(stats["critic_prob"], stats["critic_label"], G)
-    assert stats["critic_group_pairs"] == [pytest.approx(wins, abs=1e-9), pairs] and pairs > 0
+    wins, pairs = group_auc_counts(stats.critic_prob, stats.critic_label, G)
+    assert stats.critic_group_pairs == [pytest.approx(wins, abs=1e-9), pairs] and pairs > 0

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-import pacs.trainer
+import pacs.config
+import pacs.session
 from pacs.cli import main
 from pacs.data import load_problems
 from pacs.tasks import FILE_CHARS, CharTokenizer
@@ -36,8 +37,8 @@ def one_error_line(status, err, command="train"):
 @pytest.fixture
 def nothing_built(monkeypatch):
     """A model built, or the run directory created, before the data error is a test failure."""
-    monkeypatch.setattr(pacs.trainer, "build_tiny_model", lambda *a, **k: pytest.fail("model built"))
-    monkeypatch.setattr(pacs.trainer, "load_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(pacs.session, "build_tiny_model", lambda *a, **k: pytest.fail("model built"))
+    monkeypatch.setattr(pacs.session, "load_pretrained", lambda *a, **k: pytest.fail("model loaded"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -65,9 +66,9 @@ def test_tiny_prompts_are_the_problem_text_in_a_printable_ascii_alphabet(tmp_pat
     the synthetic tasks' vocabulary, and a seed's initialization, are unchanged)."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"problem": p, "answer": "1"}) + "\n" for p in ("Why? {x}", "a\\b", "c")))
-    cfg = pacs.trainer.TrainConfig(data=str(data), out_dir=str(tmp_path / "run"), tiny_hidden=32, tiny_layers=1,
-                                   tiny_heads=2, tiny_intermediate=64)
-    session = pacs.trainer.setup(cfg)
+    cfg = pacs.config.TrainConfig(data=str(data), out_dir=str(tmp_path / "run"), tiny_hidden=32, tiny_layers=1,
+                                  tiny_heads=2, tiny_intermediate=64)
+    session = pacs.session.setup(cfg)
     tok = session.tokenizer
     assert tok.chars == FILE_CHARS and FILE_CHARS.startswith(CharTokenizer.DEFAULT_CHARS)
     for problem, ids in zip(session.train + session.test, session.train_prompts + session.test_prompts):

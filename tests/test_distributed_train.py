@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pacs import distributed
+from pacs import checkpoint, distributed
 from pacs.config import TrainConfig
 from pacs.modeling import build_tiny_model
 from pacs.rollout import Rollout
 from pacs.tasks import CharTokenizer
-from pacs.trainer import make_optimizer, update_on_rollouts
+from pacs.update import make_optimizer, update_on_rollouts
 
 from .dist_helpers import run_workers
 
@@ -72,7 +72,7 @@ def local_share(rollouts, rewards, rank):
 
 
 def update_worker(rank, world, out_dir):
-    ctx = distributed.DistContext(rank, world, rank, True)
+    ctx = distributed.Torchrun(rank, world, rank)
     rollouts, rewards = fixed_rollouts()
     mine, my_rewards = local_share(rollouts, rewards, rank)
     results = {}
@@ -90,14 +90,14 @@ def update_worker(rank, world, out_dir):
 
 def _save_and_load(ctx, cfg, model, optimizer, scheduler, out_dir):
     """A DCP checkpoint of the updated model and AdamW, loaded into a fresh sharded model: what differs."""
-    path = distributed.save_dcp_checkpoint(out_dir, 2, model=model, optimizer=optimizer, scheduler=scheduler,
-                                           trainer_state={"data_position": 48}, config={"seed": 0}, keep=1,
-                                           ctx=ctx)
+    path = checkpoint.save_dcp_checkpoint(out_dir, 2, model=model, optimizer=optimizer, scheduler=scheduler,
+                                          trainer_state={"data_position": 48}, config={"seed": 0}, keep=1,
+                                          dist=ctx)
     fresh = tiny()
     distributed.shard_model(fresh, ctx, torch.device("cpu"), torch.float32)
     fresh_optimizer, fresh_scheduler = make_optimizer(fresh, cfg)
-    state = distributed.load_dcp_checkpoint(path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler,
-                                            ctx=ctx)
+    state = checkpoint.load_dcp_checkpoint(path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler,
+                                           dist=ctx)
     before, after = distributed.full_state_dict(model), distributed.full_state_dict(fresh)
     moments = []
     for p_old, p_new in zip(model.parameters(), fresh.parameters()):
@@ -153,12 +153,12 @@ def test_update_world2_equals_world1(sharded_results, name):
             moved = max(moved, rel(value, before[key]))
         got = result[name]["stats"]
         for key in ("loss", "grad_norm", "entropy", "clip_fraction"):
-            assert len(got[key]) == len(stats[key]), (key, got[key], stats[key])
-            for x, y in zip(got[key], stats[key]):
+            assert len(getattr(got, key)) == len(getattr(stats, key)), (key, getattr(got, key), getattr(stats, key))
+            for x, y in zip(getattr(got, key), getattr(stats, key)):
                 # + 1e-6: GRPO's loss is a sum of O(1) terms that cancel to ~1e-4; float32 rounds the terms
-                assert abs(x - y) <= 1e-5 * abs(y) + 1e-6, (name, key, got[key], stats[key])
-        assert sorted(got["psi"]) == pytest.approx(sorted(stats["psi"]), rel=1e-4, abs=1e-6)
-        assert got["train_tokens"] == stats["train_tokens"]
+                assert abs(x - y) <= 1e-5 * abs(y) + 1e-6, (name, key, getattr(got, key), getattr(stats, key))
+        assert sorted(got.psi) == pytest.approx(sorted(stats.psi), rel=1e-4, abs=1e-6)
+        assert got.train_tokens == stats.train_tokens
     assert moved > 1e-4  # the update did something
 
 
@@ -180,8 +180,8 @@ def test_dcp_checkpoint_loads_in_one_process(sharded_results):
     cfg = make_config("pacs")
     model = tiny()
     optimizer, scheduler = make_optimizer(model, cfg)
-    state = distributed.load_dcp_checkpoint(Path(saved["path"]), model=model, optimizer=optimizer,
-                                            scheduler=scheduler, ctx=distributed.SINGLE)
+    state = checkpoint.load_dcp_checkpoint(Path(saved["path"]), model=model, optimizer=optimizer,
+                                           scheduler=scheduler, dist=distributed.SINGLE)
     assert state["step"] == 2
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved["params"][key]), key
@@ -209,6 +209,33 @@ def test_rank_share_whole_groups():
     problems = distributed.config_problems(cfg, 4)
     assert len(problems) == 2 and "--prompts-per-step >= 8" in problems[0] and "scale-rewards" in problems[1]
     assert distributed.config_problems(cfg, 1) == []
+
+
+def test_single_process_is_rank_0_of_1():
+    """SingleProcess, the loop's distribution without torchrun: its share of a rollout batch is the one-process
+    split into whole-group mini-batches (Torchrun at world size 1 shares alike), every collective is the identity,
+    and the loss scales are exactly 1 for every loss, so the loop and the update need no branch on torchrun."""
+    one = distributed.SINGLE
+    for n, k in ((6, 2), (7, 3), (3, 8), (1, 4)):
+        share = one.share(n, k)
+        bounds = distributed.minibatch_bounds(n, distributed.minibatch_count(n, k))
+        assert share == [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        assert sum(share, []) == list(range(n))
+        assert distributed.Torchrun(0, 1).share(n, k) == share
+    values = torch.randn(3, 2, dtype=torch.float64)
+    assert one.all_reduce_sum(values) is values
+    assert one.gather({"a": 1}) == [{"a": 1}] and one.concat([3, 4]) == [3, 4]
+    assert one.any(True) and not one.any(False) and one.from_main(True) and not one.from_main(False)
+    assert one.is_main and (one.rank, one.world) == (0, 1)
+    model = tiny()
+    assert one.wrap(model, torch.device("cpu"), torch.float32) is model
+    from pacs.update import LossSettings
+
+    counts = torch.tensor([[12.0, 37.0], [8.0, 1.0]], dtype=torch.float64)
+    for algo, loss_type in (("pacs", "grpo"), ("grpo", "grpo"), ("grpo", "bnpo"), ("rloo", "dapo"),
+                            ("grpo", "dr_grpo")):
+        settings = LossSettings.from_config(TrainConfig(algo=algo, loss_type=loss_type))
+        assert distributed.loss_scales(settings, counts, one.all_reduce_sum(counts), one.world) == [(1.0, 1.0)] * 2
 
 
 def _torchrun(out_dir, *flags, timeout=300):

@@ -13,7 +13,9 @@ import time
 import pytest
 import torch
 
+import pacs.evaluate
 import pacs.trainer
+import pacs.warmup
 from pacs.checkpoint import latest_checkpoint, read_trainer_state
 from pacs.cli import main
 from pacs.config import PRESETS, TrainConfig
@@ -33,7 +35,7 @@ def rows(run_dir):
 def interrupt_at_warmup_step(monkeypatch, step: int, sig=signal.SIGINT):
     """Send `sig` to this process from inside warm-up step `step` (0-based) of the next run, once; returns the
     list of warm-up steps taken (clear it to count again)."""
-    real, calls, armed = pacs.trainer.sft_loss, [], [True]
+    real, calls, armed = pacs.warmup.sft_loss, [], [True]
 
     def sft_loss(*args, **kwargs):
         calls.append(1)
@@ -42,7 +44,7 @@ def interrupt_at_warmup_step(monkeypatch, step: int, sig=signal.SIGINT):
             os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pacs.trainer, "sft_loss", sft_loss)
+    monkeypatch.setattr(pacs.warmup, "sft_loss", sft_loss)
     return calls
 
 
@@ -87,7 +89,7 @@ def _same_but_timings(a, b):
 
 
 def test_signal_during_an_evaluation_stops_after_it_with_a_checkpoint(tmp_path, monkeypatch, capsys):
-    real, calls = pacs.trainer.evaluate, []
+    real, calls = pacs.evaluate.evaluate, []
 
     def evaluate(*args, **kwargs):
         calls.append(1)
@@ -95,12 +97,12 @@ def test_signal_during_an_evaluation_stops_after_it_with_a_checkpoint(tmp_path, 
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pacs.trainer, "evaluate", evaluate)
+    monkeypatch.setattr(pacs.evaluate, "evaluate", evaluate)
     cfg = warmup_config(tmp_path / "run", sft_steps=0, steps=3, eval_every=1)
     run = pacs.trainer.train(cfg)
     assert latest_checkpoint(run).name == "step_000001"
     assert "stopped during RL step 1 of 3" in capsys.readouterr().out
-    monkeypatch.setattr(pacs.trainer, "evaluate", real)
+    monkeypatch.setattr(pacs.evaluate, "evaluate", real)
     pacs.trainer.train(warmup_config(tmp_path / "run", sft_steps=0, steps=3, eval_every=1, resume=True))
     assert [r["step"] for r in rows(run) if r["phase"] == "train"] == [1, 2, 3]
 
@@ -110,7 +112,7 @@ def test_a_second_interrupt_ends_in_one_line(tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pacs.trainer, "sft_loss", interrupted)
+    monkeypatch.setattr(pacs.warmup, "sft_loss", interrupted)
     status = main(["train", "--preset", "smoke", "--sft-steps", "5", "--out-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert status == 130

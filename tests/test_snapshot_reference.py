@@ -13,7 +13,8 @@ import torch
 from pacs.checkpoint import latest_checkpoint
 from pacs.config import TrainConfig, snapshot_interval
 from pacs.modeling import lm_head_params, pack_sequences, packed_hidden_states
-from pacs.trainer import make_optimizer, train, update_on_rollouts
+from pacs.trainer import train
+from pacs.update import make_optimizer, update_on_rollouts
 from tests.test_trainer import fixed_rollouts, small_run_config, tiny_model
 
 
@@ -52,14 +53,14 @@ def test_psi_is_scored_against_the_snapshot(shortcut):
     optimizer, scheduler = make_optimizer(model, cfg)
     stats = update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, torch.device("cpu"),
                                reference=snapshot, reference_fresh=False)
-    torch.testing.assert_close(torch.tensor(stats["psi"], dtype=torch.float64), expected, atol=2e-5, rtol=1e-5)
-    assert len(stats["critic_prob"]) == 12  # scored against an older policy: informative from mini-batch 1
+    torch.testing.assert_close(torch.tensor(stats.psi, dtype=torch.float64), expected, atol=2e-5, rtol=1e-5)
+    assert len(stats.critic_prob) == 12  # scored against an older policy: informative from mini-batch 1
 
     fresh = copy.deepcopy(model)
     stats = update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, torch.device("cpu"),
                                reference=fresh, reference_fresh=True)
-    assert max(abs(p) for p in stats["psi"]) < 1e-6
-    assert stats["critic_prob"] == []
+    assert max(abs(p) for p in stats.psi) < 1e-6
+    assert stats.critic_prob == []
 
 
 def _checkpoints(run_dir):

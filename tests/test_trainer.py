@@ -11,13 +11,15 @@ import torch
 
 from pacs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pacs.config import TrainConfig
-from pacs.data import load_problems
+from pacs.data import batch_indices, load_problems
 from pacs.evaluate import ks_for, pass_at_k
 from pacs.modeling import build_tiny_model, pack_sequences, packed_hidden_states, packed_logprobs
 from pacs.options import config_from_args
 from pacs.rollout import Rollout
 from pacs.tasks import CharTokenizer, make_synthetic_split
-from pacs.trainer import auc_score, batch_indices, make_optimizer, train, update_on_rollouts
+from pacs.stats import auc_score
+from pacs.trainer import train
+from pacs.update import make_optimizer, update_on_rollouts
 
 from .helpers import DEVICE
 
@@ -120,7 +122,7 @@ def test_auc_score():
 
 
 def test_near_miss_is_a_different_nonnegative_integer():
-    from pacs.trainer import near_miss
+    from pacs.warmup import near_miss
 
     rng = random.Random(0)
     for answer in ("0", "1", "85", "1000"):
@@ -286,8 +288,8 @@ def test_fused_and_reference_losses_give_the_same_curve(algo):
         optimizer, scheduler = make_optimizer(model, cfg)
         losses = []
         for rollouts, rewards in batches:
-            losses += update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, torch.device(DEVICE))[
-                "loss"]
+            losses += update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg,
+                                         torch.device(DEVICE)).loss
         curves[impl] = losses
     assert len(curves["fused"]) == 20
     torch.testing.assert_close(torch.tensor(curves["fused"]), torch.tensor(curves["reference"]), atol=1e-5,
@@ -300,12 +302,12 @@ def test_fused_and_reference_losses_give_the_same_curve(algo):
 def test_on_policy_shortcut_gives_the_same_curve(monkeypatch, algo, k, score):
     """The first mini-batch of each rollout skips its old pass (old_logprob=None; logprob_mean reads none at all);
     the curve does not change."""
-    import pacs.trainer
+    import pacs.update
 
     batches = fixed_rollouts(4, 12, seed=200, reward_seed=1)
-    real_old = pacs.trainer.old_logprobs
+    real_old = pacs.update.old_logprobs
     old_passes = []
-    monkeypatch.setattr(pacs.trainer, "old_logprobs", lambda *a: old_passes.append(1) or real_old(*a))
+    monkeypatch.setattr(pacs.update, "old_logprobs", lambda *a: old_passes.append(1) or real_old(*a))
     curves, norms, params, counts = {}, {}, {}, {}
     for shortcut in (True, False):
         old_passes.clear()
@@ -318,8 +320,8 @@ def test_on_policy_shortcut_gives_the_same_curve(monkeypatch, algo, k, score):
         optimizer, scheduler = make_optimizer(model, cfg)
         stats = [update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, torch.device("cpu"))
                  for rollouts, rewards in batches]
-        curves[shortcut] = [x for st in stats for x in st["loss"]]
-        norms[shortcut] = [x for st in stats for x in st["grad_norm"]]
+        curves[shortcut] = [x for st in stats for x in st.loss]
+        norms[shortcut] = [x for st in stats for x in st.grad_norm]
         params[shortcut] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         counts[shortcut] = len(old_passes)
     assert counts == {True: 0 if score == "logprob_mean" else 4 * (k - 1), False: 4 * k}
@@ -408,9 +410,9 @@ def test_train_on_cuda_in_bf16_with_the_triton_kernels(tmp_path, algo):
 
 
 def test_train_validates_before_building_anything(tmp_path, monkeypatch):
-    import pacs.trainer
+    import pacs.session
 
-    monkeypatch.setattr(pacs.trainer, "build_tiny_model", lambda *a, **k: pytest.fail("model built"))
+    monkeypatch.setattr(pacs.session, "build_tiny_model", lambda *a, **k: pytest.fail("model built"))
     for bad, message in ((dict(group_size=1), "--group-size must be >= 2"), (dict(lr=-1.0), "--lr must be"),
                          (dict(data=str(tmp_path / "missing.jsonl")), "does not exist")):
         with pytest.raises(ValueError, match=message):

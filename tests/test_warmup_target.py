@@ -7,7 +7,9 @@ import json
 
 import pytest
 
+import pacs.evaluate
 import pacs.trainer
+import pacs.warmup
 from pacs.config import PRESETS, TrainConfig
 from pacs.data import load_dataset
 
@@ -65,7 +67,7 @@ def test_probe_set_is_training_problems_fixed_by_the_split_seed(tmp_path):
         cfg = run_config(tmp_path / str(seed), seed=seed, sft_steps=10, sft_target_pass1=0.5,
                          sft_probe_problems=12)
         session = pacs.trainer.setup(cfg)
-        problems, prompts = pacs.trainer.sft_probe_set(session)
+        problems, prompts = pacs.warmup.sft_probe_set(session)
         assert len(problems) == len(prompts) == 12
         assert len(set(problems)) == 12  # no repeats
         for p, ids in zip(problems, prompts):
@@ -77,7 +79,7 @@ def test_probe_set_is_training_problems_fixed_by_the_split_seed(tmp_path):
     # more probe problems than training problems: all of them
     cfg = run_config(tmp_path / "all", sft_steps=10, sft_target_pass1=0.5, sft_probe_problems=1000)
     session = pacs.trainer.setup(cfg)
-    problems, _ = pacs.trainer.sft_probe_set(session)
+    problems, _ = pacs.warmup.sft_probe_set(session)
     assert sorted(problems, key=repr) == sorted(session.train, key=repr)
 
 
@@ -91,7 +93,7 @@ class ScriptedProbe:
 
     def __init__(self, monkeypatch, script):
         self.script, self.probes, self.heldout_calls, self.session = list(script), [], 0, None
-        self.real = pacs.trainer.evaluate
+        self.real = pacs.evaluate.evaluate
         real_setup = pacs.trainer.setup
 
         def setup(cfg, *args, **kwargs):
@@ -99,7 +101,7 @@ class ScriptedProbe:
             return self.session
 
         monkeypatch.setattr(pacs.trainer, "setup", setup)
-        monkeypatch.setattr(pacs.trainer, "evaluate", self)
+        monkeypatch.setattr(pacs.evaluate, "evaluate", self)
 
     def __call__(self, generator, tokenizer, problems, prompts, **kwargs):
         if problems is self.session.test:
@@ -116,8 +118,8 @@ def read_rows(run_dir):
 
 def count_sft_steps(monkeypatch):
     calls = []
-    real = pacs.trainer.sft_loss
-    monkeypatch.setattr(pacs.trainer, "sft_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = pacs.warmup.sft_loss
+    monkeypatch.setattr(pacs.warmup, "sft_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -158,7 +160,7 @@ def test_warmup_stops_at_the_first_probe_reaching_the_target(tmp_path, monkeypat
         assert prompts == [session.train_prompts[session.train.index(p)] for p in problems]
         assert kwargs["n"] == cfg.eval_n and kwargs["temperature"] == cfg.eval_temperature
         assert kwargs["max_new_tokens"] == cfg.max_new_tokens
-    assert first == pacs.trainer.sft_probe_set(session)[0]
+    assert first == pacs.warmup.sft_probe_set(session)[0]
 
 
 def test_probe_set_is_the_same_for_another_run_seed(tmp_path, monkeypatch):

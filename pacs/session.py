@@ -1,0 +1,109 @@
+"""The set-up of a run: threads, seeds, data, model, tokenizer and generator, in the `Session` that the training
+loop, the warm-up and the evaluation share."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoints, load_init_checkpoint, seed_everything
+from .config import TrainConfig
+from .data import format_prompt, load_data
+from .distributed import SINGLE, Distribution
+from .modeling import attention_implementation, build_tiny_model, load_pretrained, model_source, pick_dtype
+from .rollout import Generator, HFGenerator, Rollout, SamplingParams
+from .runinfo import environment_info
+from .tasks import tiny_tokenizer
+from .threads import apply_threads
+
+logger = logging.getLogger("pacs")
+
+
+@dataclass
+class Session:
+    """A run's configuration, model, tokenizer, data (problems and their prompt token ids), generator, run directory,
+    environment record (config.json's `info`) and distribution."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    train: list
+    test: list
+    train_prompts: list[list[int]]
+    test_prompts: list[list[int]]
+    generator: Generator  # HFGenerator here; any engine with its `generate` fits
+    run_dir: Path
+    info: dict = field(default_factory=dict)
+    dist: Distribution = SINGLE
+
+    def sample(self, idx: list[int], sampling: SamplingParams) -> list[Rollout]:
+        """`sampling.n` answers to each of the training problems `idx`, in order (under torchrun with the FSDP
+        parameters gathered)."""
+        with self.dist.gathered_for_generation(self.model):
+            return self.generator.generate([self.train_prompts[i] for i in idx], sampling)
+
+    def texts(self, rollouts: list[Rollout]) -> list[str]:
+        """The answers' text, special tokens dropped."""
+        return [self.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
+
+    def answers(self, idx: list[int], n: int) -> list[str]:
+        """The gold answer of each of the training problems `idx`, n times each (one per sampled answer)."""
+        return [self.train[i].answer for i in idx for _ in range(n)]
+
+    def checkpoints(self, optimizer, scheduler=None, *, prefix: str = "step",
+                    extra_models: dict | None = None) -> Checkpoints:
+        """The run's checkpoints of the model with this optimizer (and scheduler, extra models): step_ for RL,
+        warmup_ for the warm-up."""
+        return Checkpoints(self.run_dir, self.dist, self.model, optimizer, scheduler, config=self.cfg.to_dict(),
+                           keep=self.cfg.keep_checkpoints, prefix=prefix, extra_models=extra_models)
+
+
+def setup(cfg: TrainConfig, dist: Distribution = SINGLE) -> Session:
+    """Threads, data, model, tokenizer and generator, as `dist` runs them: under torchrun the model is
+    FSDP2-sharded (on CUDA float32 master weights computed in --dtype) and rank r seeds with seed + r.
+    Every data row is checked, and a hub model's source decided, before the model is built."""
+    cfg.validate()
+    threads, why = apply_threads(cfg.threads)
+    logger.info("torch threads: %d (%s)", threads, why)
+    seed_everything(cfg.seed + dist.rank)
+    device = dist.device(cfg.device)
+    compute_dtype = pick_dtype(cfg.dtype, device)
+    dtype = dist.master_dtype(compute_dtype, device)
+    attn = attention_implementation(cfg.attn, device)
+    train, test = load_data(cfg)
+    if cfg.eval_problems:
+        test = test[:cfg.eval_problems]
+    if cfg.model == "tiny":
+        tokenizer = tiny_tokenizer(cfg.synthetic)
+        model = build_tiny_model(tokenizer, hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads,
+                                 intermediate=cfg.tiny_intermediate, max_positions=256, seed=cfg.seed,
+                                 attn_implementation=attn).to(dtype)
+    else:
+        source, local_only = model_source(cfg.model)
+        model, tokenizer = load_pretrained(source, dtype=dtype, attn_implementation=attn, local_files_only=local_only)
+    if cfg.init_checkpoint:
+        load_init_checkpoint(model, Path(cfg.init_checkpoint))
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False  # packed training passes must not build a cache (see modeling.py)
+    n_params = sum(p.numel() for p in model.parameters())
+    model = dist.wrap(model, device, compute_dtype)
+    plain = cfg.synthetic or cfg.model == "tiny"  # the tiny model's prompt is the problem text alone (pacs/data.py)
+    encode = lambda p: format_prompt(tokenizer, p, synthetic=plain, use_chat_template=cfg.use_chat_template)
+    generator = HFGenerator(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            batch_size=cfg.generation_batch)
+    run_dir = Path(cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {"device": str(device), "dtype": str(compute_dtype).replace("torch.", ""), "attention": attn,
+            "parameters": n_params, "train_problems": len(train), "test_problems": len(test),
+            **environment_info(device), "world_size": dist.world}
+    info["hardware"]["torch_threads_reason"] = why
+    logger.info("model %s: %.2fM parameters, %s, %s, attention=%s", cfg.model, n_params / 1e6, device,
+                info["dtype"], attn)
+    return Session(cfg, model, tokenizer, device, train, test, [encode(p) for p in train],
+                   [encode(p) for p in test], generator, run_dir, info, dist)
