@@ -59,6 +59,12 @@ class TrainState:
     sft_done: bool = False
     skipped_steps: int = 0
 
+    def advance(self, prompts: int, skipped: int) -> None:
+        """One RL step done: `prompts` more drawn, `skipped` optimizer steps skipped in it."""
+        self.step += 1
+        self.data_position += prompts
+        self.skipped_steps += skipped
+
     def saved(self) -> dict:
         """The trainer state of a checkpoint (its step is the checkpoint's)."""
         return {k: v for k, v in asdict(self).items() if k != "step"}
@@ -103,9 +109,9 @@ def train(cfg: TrainConfig) -> Path:
         while state.step < cfg.steps and not stop.agreed():
             t0 = time.perf_counter()
             fresh = reference.refresh(state.step, model, optimizer)  # PACS v2: the reference becomes the policy
-            batch = batch_indices(len(session.train), cfg.prompts_per_step, state.data_position, cfg.seed)
-            share = dist.share(len(batch), cfg.minibatches_per_rollout)  # this rank's groups of each mini-batch
-            idx = [batch[g] for part in share for g in part]
+            drawn = batch_indices(len(session.train), cfg.prompts_per_step, state.data_position, cfg.seed)
+            share = dist.share(len(drawn), cfg.minibatches_per_rollout)  # this rank's groups of each mini-batch
+            idx = [drawn[g] for part in share for g in part]
             rollouts = session.sample(idx, sampling)
             t_generate = time.perf_counter() - t0
             rewards = math_reward(session.texts(rollouts), session.answers(idx, cfg.group_size))
@@ -113,9 +119,7 @@ def train(cfg: TrainConfig) -> Path:
             stats = update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, session.device,
                                        reference=reference.model, reference_fresh=fresh, dist=dist, share=share)
             t_update = time.perf_counter() - t1
-            state.step += 1
-            state.data_position += cfg.prompts_per_step
-            state.skipped_steps += stats.skipped
+            state.advance(cfg.prompts_per_step, stats.skipped)
             row = stats.row(state, dist.concat(rollouts), dist.concat(rewards), t_generate=t_generate,
                             t_update=t_update, t_total=time.perf_counter() - t0,
                             lr=optimizer.param_groups[0]["lr"], device=session.device)
