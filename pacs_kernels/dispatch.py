@@ -11,9 +11,10 @@
     one_pass        log-probs and gradients in one vocabulary pass, 6NDV           known_gradient_logprob; a loss's
                     (`one_pass.py`), for upstream gradients known before the       on-policy step (old_logprob=None)
                     forward (the on-policy step of a loss, an NLL)                 on one device, triton or torch
-    two_pass        a loss on linear_logprob's outputs: its forward, the loss,     a loss's other calls (an on-policy
-                    its backward (2NDV + 6NDV; linear_logprob plans its own path)  one on reference / vocab_parallel
-                                                                                   first takes the old log-probs, 2NDV)
+    two_pass        a loss on linear_logprob's outputs: its forward, the loss,     a loss given old_logprob (it calls
+                    its backward (2NDV + 6NDV; linear_logprob plans its own path)  linear_logprob); an on-policy one
+                                                                                   on reference / vocab_parallel, after
+                                                                                   an old-log-prob pass (2NDV)
 
 Orthogonal to the path: the backend of the vocabulary passes ("triton": Triton elementwise kernels, CUDA or the
 interpreter; "torch": PyTorch), chosen by `resolve_backend` from the device, its compute capability and the dtype;
@@ -56,7 +57,8 @@ class Plan:
     """What a public op runs: its path (see the module docstring) and the settings the path needs."""
 
     path: str  # one of PATHS
-    backend: str  # "triton" | "torch" | "reference"; "auto" on vocab_parallel two_pass (resolved there, collectively)
+    backend: str  # "triton" | "torch" | "reference"; as requested on an on-policy vocab_parallel two_pass (the
+    #               vocabulary-parallel op resolves it, on every rank alike)
     compiled: bool = False  # inside torch.compile: the sliced / fused passes as custom ops (_compiled.py)
     memory_budget: int | None = None  # bytes of per-slice (sliced) or per-chunk (one_pass) workspace; None where
     #                                   the path's own op resolves it (a loss's one_pass: known_gradient_logprob)
@@ -136,7 +138,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 
 def sequence_backend(backend: str, device: torch.device) -> str:
     """The backend of a PACS loss's sequence part: the vocabulary passes' one, "torch" for "reference"."""
-    check_backend(backend)
     backend = resolve_backend(backend, device)
     return "torch" if backend == "reference" else backend
 

@@ -128,7 +128,7 @@ def sequence_terms(logprob, old_logprob, mask, rewards, cu_seqlens, params: Sequ
     kwargs = dict(group_size=params.group_size, beta=params.beta, score=params.score,
                   advantage=params.advantage, class_balance=params.class_balance)
     if params.backend == "triton":
-        from ._triton.sequence_loss import pacs_sequence_triton
+        from ._triton.sequence_loss import pacs_sequence_triton  # lazy: Triton is optional
 
         return pacs_sequence_triton(logprob, old_logprob, mask, rewards, cu_seqlens, **kwargs)
     return sequence_terms_torch(logprob, old_logprob, mask, rewards, cu_seqlens, **kwargs)
@@ -307,9 +307,10 @@ def pacs_loss(
             return _pacs_loss_one_pass(hidden, weight, targets, rewards, cu_seqlens, params, bias=bias,
                                        temperature=temperature, ignore_index=ignore_index, with_entropy=need_entropy,
                                        entropy_coef=entropy_coef)
-        old_logprob = old_logprob_pass(hidden, weight, targets, bias=bias, temperature=temperature,
-                                       ignore_index=ignore_index, backend=backend,
-                                       vocab_parallel_group=vocab_parallel_group)
+        if plan.old_logprob_pass:  # on reference / vocab_parallel: old log-probs first (2NDV), then two passes
+            old_logprob = old_logprob_pass(hidden, weight, targets, bias=bias, temperature=temperature,
+                                           ignore_index=ignore_index, backend=backend,
+                                           vocab_parallel_group=vocab_parallel_group)
     out = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
                          with_entropy=need_entropy, backend=backend, vocab_parallel_group=vocab_parallel_group)
     mask = targets != ignore_index

@@ -199,8 +199,9 @@ def _policy_loss(p: PolicyLossParams, hidden, weight, targets, old_logprob, rewa
         if plan.path == "one_pass":
             return _one_pass_loss(hidden, weight, targets, terms, backend=plan.backend, with_entropy=need_entropy,
                                   **head)
-        old_logprob = old_logprob_pass(hidden, weight, targets, backend=backend,
-                                       vocab_parallel_group=vocab_parallel_group, **head)
+        if plan.old_logprob_pass:  # on reference / vocab_parallel: old log-probs first (2NDV), then two passes
+            old_logprob = old_logprob_pass(hidden, weight, targets, backend=backend,
+                                           vocab_parallel_group=vocab_parallel_group, **head)
     out = linear_logprob(hidden, weight, targets, with_entropy=need_entropy, backend=backend,
                          vocab_parallel_group=vocab_parallel_group, **head)
     return _surrogate(out.logprob, old_logprob, out.entropy, terms)
