@@ -55,7 +55,8 @@ def timed_ms(fn, device: str, warmup: int, reps: int) -> float:
 def slice_width(n: int, v: int, device: str) -> int:
     """The vocabulary slice pacs' sliced path plans for n tokens (float32 workspace), 8192 if it cannot say."""
     try:
-        from pacs_kernels.sliced import plan_slices, resolve_budget
+        from pacs_kernels.dispatch import resolve_budget
+        from pacs_kernels.sliced import plan_slices
 
         dev = torch.device(device)
         return plan_slices(n, v, 4, resolve_budget(None, dev), dev).v_slice

@@ -119,9 +119,9 @@ def _ours(backend: str, forward_impl: str | None = None, two_pass: bool = False)
 
 
 def _resolved_forward(h) -> str:
-    """'forward_impl auto -> sliced' (pacs_kernels.linear_logprob.resolve_forward_impl), '' where it has none."""
+    """'forward_impl auto -> sliced' (pacs_kernels.dispatch.resolve_forward_impl), '' where it has none."""
     try:
-        from pacs_kernels.linear_logprob import resolve_forward_impl
+        from pacs_kernels.dispatch import resolve_forward_impl
 
         return f"forward_impl auto -> {resolve_forward_impl('auto', 'triton', h)}"
     except (ImportError, AttributeError, TypeError, ValueError):

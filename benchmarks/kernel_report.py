@@ -40,10 +40,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from pacs_kernels._triton.config import SHARED_LIMIT  # noqa: E402  (opt-in shared memory per block, by arch)
 
 ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
 TRITON_DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TENSOR_CORE = re.compile(r"\b(HGMMA|HMMA|UTC\w*MMA)\b")
 
 
@@ -67,13 +70,13 @@ def _flags(**flags) -> str:
 
 def variants(arch: str = "sm_90") -> list[Variant]:
     """Every (kernel, config, dtype, flags) the CUDA launchers of pacs_kernels can launch on `arch`."""
-    from pacs_kernels._triton.config import ARCH_CONFIGS, shared_memory_bytes
-    from pacs_kernels._triton.slice_kernels import GEMM_GROUP_M
+    from pacs_kernels._triton.config import ARCH_CONFIGS, GEMM_GROUP_M, dot_flags, shared_memory_bytes
 
     configs = ARCH_CONFIGS[ARCHS[arch]]
     elem = {"bf16": 2, "fp16": 2, "fp32": 4}
     out = []
     for dtype, ptr in TRITON_DTYPES.items():
+        upcast, precision = dot_flags(TORCH_DTYPES[dtype], interpreter=False)  # the launchers' flags on CUDA
         # Fused forward (forward_impl="fused"); float32 dots are "ieee" (accuracy mode).
         for has_bias in (False, True):
             for entropy in (False, True):
@@ -84,35 +87,37 @@ def variants(arch: str = "sm_90") -> list[Variant]:
                     {"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
                      "t_ptr": "*fp32", "zy_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "stride_h": "i32",
                      "stride_w": "i32", "inv_temp": "fp32", "tiles_per_split": "i32", "n_splits": "i32"},
-                    dict(HAS_BIAS=has_bias, WITH_ENTROPY=entropy, UPCAST=False,
-                         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                    dict(HAS_BIAS=has_bias, WITH_ENTROPY=entropy, UPCAST=upcast, DOT_PRECISION=precision,
                          BLOCK_N=c.block_n, BLOCK_V=c.block_v, BLOCK_D=c.block_d),
                     c.num_warps, c.num_stages,
                     divisible=("h_ptr", "w_ptr", "b_ptr", "y_ptr", "m_ptr", "s_ptr", "t_ptr", "zy_ptr", "D",
                                "stride_h", "stride_w"),
                     shared_estimate=shared_memory_bytes(c, elem[dtype], ARCHS[arch]),
                 ))
-        bn, bv, warps = configs.elementwise
+        e = configs.elementwise
+        bn, bv, warps = e.block_n, e.block_v, e.num_warps
         for has_bias in (False, True):
             for entropy in (False, True):
                 out.append(Variant(
-                    "slice_stats", f"{bn}x{bv} w{warps} [{_flags(bias=has_bias, entropy=entropy)}]", dtype,
+                    "slice_stats", f"{bn}x{bv} w{warps} s{e.num_stages} [{_flags(bias=has_bias, entropy=entropy)}]",
+                    dtype,
                     {"z_ptr": "*fp32", "b_ptr": ptr, "y_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
                      "t_ptr": "*fp32", "zy_ptr": "*fp32", "n": "i32", "v": "i32", "ldz": "i32", "v0": "i32",
                      "inv_temp": "fp32"},
-                    dict(HAS_BIAS=has_bias, WITH_ENTROPY=entropy, BLOCK_N=bn, BLOCK_V=bv), warps, 1,
+                    dict(HAS_BIAS=has_bias, WITH_ENTROPY=entropy, BLOCK_N=bn, BLOCK_V=bv), warps, e.num_stages,
                     divisible=("z_ptr", "b_ptr", "y_ptr", "m_ptr", "s_ptr", "t_ptr", "zy_ptr", "ldz"),
                 ))
         for glp, gent in ((True, False), (False, True), (True, True)):
             for has_bias, db in ((False, False), (True, False), (True, True)):
                 out.append(Variant(
-                    "logit_grad", f"{bn}x{bv} w{warps} [{_flags(bias=has_bias, glp=glp, gent=gent, db=db)}]", dtype,
+                    "logit_grad", f"{bn}x{bv} w{warps} s{e.num_stages} "
+                    f"[{_flags(bias=has_bias, glp=glp, gent=gent, db=db)}]", dtype,
                     {"z_ptr": "*fp32", "b_ptr": ptr, "y_ptr": "*i64", "lse_hi_ptr": "*fp32", "lse_lo_ptr": "*fp32",
                      "ent_ptr": "*fp32",
                      "glp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": ptr, "db_ptr": "*fp32", "n": "i32",
                      "v": "i32", "ldz": "i32", "lddz": "i32", "v0": "i32", "inv_temp": "fp32"},
                     dict(HAS_BIAS=has_bias, HAS_GLP=glp, HAS_GENT=gent, COMPUTE_DB=db, BLOCK_N=bn, BLOCK_V=bv),
-                    warps, 1,
+                    warps, e.num_stages,
                     divisible=("z_ptr", "b_ptr", "y_ptr", "lse_hi_ptr", "lse_lo_ptr", "ent_ptr", "glp_ptr",
                                "gent_ptr", "dz_ptr", "db_ptr", "ldz", "lddz"),
                 ))
@@ -123,12 +128,13 @@ def variants(arch: str = "sm_90") -> list[Variant]:
             "gemm_f32", f"{g.block_n}x{g.block_v}x{g.block_d} w{g.num_warps} s{g.num_stages}", dtype,
             {"a_ptr": ptr, "b_ptr": ptr, "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
              "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32", "stride_cm": "i32"},
-            dict(UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=g.block_n,
+            dict(UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=g.block_n,
                  BLOCK_N=g.block_v, BLOCK_K=g.block_d, GROUP_M=GEMM_GROUP_M), g.num_warps, g.num_stages,
             divisible=("a_ptr", "b_ptr", "c_ptr", "K", "stride_am", "stride_bn", "stride_cm"),
             shared_estimate=shared_memory_bytes(g, elem[dtype], ARCHS[arch]),
         ))
     # The PACS sequence kernel (float32 log-probs; its per-group math in float64).
+    q = configs.sequence
     for score in (0, 1):
         for advantage in (0, 1, 2):
             for balance in (False, True):
@@ -141,8 +147,8 @@ def variants(arch: str = "sm_90") -> list[Variant]:
                          "cu_ptr": "*i32", "loss_ptr": "*fp32", "psi_ptr": "*fp32", "psihat_ptr": "*fp32",
                          "prob_ptr": "*fp32", "weight_ptr": "*fp32", "coef_ptr": "*fp32", "G": "i32",
                          "beta": "fp32", "inv_num_seqs": "fp32"},
-                        dict(SCORE=score, ADVANTAGE=advantage, CLASS_BALANCE=balance, G_PAD=g_pad, BLOCK_T=256),
-                        4, 3,
+                        dict(SCORE=score, ADVANTAGE=advantage, CLASS_BALANCE=balance, G_PAD=g_pad,
+                             BLOCK_T=q.block_t), q.num_warps, q.num_stages,
                     ))
     return out
 

@@ -393,7 +393,7 @@ def _hardware_problems(cfg: TrainConfig) -> list[str]:
     if cfg.attn == "flash_attention_2" and (not on_gpu or importlib.util.find_spec("flash_attn") is None):
         out.append("--attn flash_attention_2 needs the flash_attn package and a CUDA device")
     if cfg.kernel_backend == "triton":  # the warm-up uses it even with --loss-impl reference
-        from pacs_kernels.linear_logprob import resolve_backend
+        from pacs_kernels.dispatch import resolve_backend
 
         try:
             resolve_backend("triton", torch.device("cuda" if on_gpu else "cpu"))

@@ -1,9 +1,10 @@
-"""`linear_logprob` inside `torch.compile(fullgraph=True)`: the fused op as two torch.library custom ops.
+"""`linear_logprob` inside `torch.compile(fullgraph=True)`: its two passes as torch.library custom ops.
 
-Eager calls go through `FusedLinearLogprob` (linear_logprob.py). Under torch.compile the same forward and backward
-(`fused_forward`, `fused_backward`: the sliced pipeline or the fused Triton kernel, whose Python loops, workspace
-views and Triton launches Dynamo should not trace) are opaque custom ops with fake (meta) implementations that give
-the output shapes from the input shapes, and an autograd formula that calls the backward op:
+Eager calls go through `LinearLogprobFunction` (logprob_function.py). Where the plan says `compiled`
+(`dispatch.plan_linear_logprob`), the same forward and backward (`logprob_forward_pass`, `logprob_backward_pass`:
+the sliced passes or the fused Triton forward, whose Python loops, workspace views and Triton launches Dynamo
+should not trace) are opaque custom ops with fake (meta) implementations that give the output shapes from the
+input shapes, and an autograd formula that calls the backward op:
 
     pacs_kernels::linear_logprob_forward (hidden [N, D], weight [V, D], bias [V]?, targets [N], options)
         -> logprob [N], entropy [N] (or [0] without entropy), lse [N]
@@ -24,15 +25,13 @@ from typing import Optional
 
 import torch
 
-from .linear_logprob import LogprobParams, fused_backward, fused_forward
+from ._rows import output_dtype
+from .logprob_function import LogprobParams, logprob_backward_pass, logprob_forward_pass
+from .sliced import Upstream
 
 
 def _params(inv_temperature, with_entropy, backend, forward_impl, memory_budget, weight_grad_dtype):
     return LogprobParams(backend, inv_temperature, with_entropy, weight_grad_dtype, forward_impl, memory_budget)
-
-
-def _out_dtype(hidden: torch.Tensor) -> torch.dtype:
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("pacs_kernels::linear_logprob_forward", mutates_args=())
@@ -41,14 +40,14 @@ def linear_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
                            forward_impl: str, memory_budget: int, weight_grad_dtype: torch.dtype
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     params = _params(inv_temperature, with_entropy, backend, forward_impl, memory_budget, weight_grad_dtype)
-    logprob, entropy, lse = fused_forward(hidden, weight, bias, targets, params)
+    logprob, entropy, lse = logprob_forward_pass(params.problem(hidden, weight, bias, targets), params)
     return logprob, (entropy if entropy is not None else logprob.new_empty(0)), lse
 
 
 @linear_logprob_forward.register_fake
 def _(hidden, weight, bias, targets, inv_temperature, with_entropy, backend, forward_impl, memory_budget,
       weight_grad_dtype):
-    n, dtype = hidden.shape[0], _out_dtype(hidden)
+    n, dtype = hidden.shape[0], output_dtype(hidden)
     logprob = hidden.new_empty(n, dtype=dtype)
     entropy = hidden.new_empty(n if with_entropy else 0, dtype=dtype)
     return logprob, entropy, hidden.new_empty(n, dtype=torch.float64)  # lse is float64 (_stats.finalize_stats)
@@ -62,8 +61,9 @@ def linear_logprob_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Op
                             memory_budget: int, weight_grad_dtype: torch.dtype, need_hidden: bool,
                             need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     params = _params(inv_temperature, with_entropy, backend, forward_impl, memory_budget, weight_grad_dtype)
-    grads = fused_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, params,
-                           (need_hidden, need_weight, need_bias))
+    grads = logprob_backward_pass(params.problem(hidden, weight, bias, targets),
+                                  Upstream(lse, entropy, grad_logprob, grad_entropy), params,
+                                  (need_hidden, need_weight, need_bias))
     return tuple(g if g is not None else x.new_empty(0) for g, x in zip(grads, (hidden, weight, hidden)))
 
 
@@ -102,8 +102,7 @@ def _backward(ctx, grad_logprob, grad_entropy, grad_lse):
 linear_logprob_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def traced_linear_logprob(hidden, weight, targets, bias, problem, *, ignore_index, inv_temperature, with_entropy,
-                          backend, forward_impl, budget, weight_grad_dtype):
+def traced_linear_logprob(hidden, weight, targets, bias, problem, ignore_index: int, params: LogprobParams):
     """(logprob, entropy or None) of validated inputs, shaped like targets, without host synchronisation (see the
     module docstring). `problem` gives the sizes; its n_valid is not known here."""
     flat_targets = targets.reshape(-1)
@@ -111,11 +110,12 @@ def traced_linear_logprob(hidden, weight, targets, bias, problem, *, ignore_inde
     in_range = (flat_targets >= 0) & (flat_targets < problem.vocab)
     flat_hidden = torch.where(valid[:, None], hidden.reshape(-1, problem.dim), 0.0)
     safe_targets = torch.where(valid & in_range, flat_targets, 0).long()
-    logprob, entropy, _ = linear_logprob_forward(flat_hidden, weight, bias, safe_targets, inv_temperature,
-                                                 with_entropy, backend, forward_impl, budget, weight_grad_dtype)
+    logprob, entropy, _ = linear_logprob_forward(flat_hidden, weight, bias, safe_targets, params.inv_temperature,
+                                                 params.with_entropy, params.backend, params.forward_impl,
+                                                 params.memory_budget, params.weight_grad_dtype)
 
     def finish(x):
         x = torch.where(valid & ~in_range, float("nan"), x)  # a bad target id: NaN, not a wrong number
         return torch.where(valid, x, 0.0).view(problem.lead_shape)
 
-    return finish(logprob), finish(entropy) if with_entropy else None
+    return finish(logprob), finish(entropy) if params.with_entropy else None

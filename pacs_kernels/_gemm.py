@@ -1,4 +1,4 @@
-"""The three matrix products of the sliced log-prob pipeline, with float32 results from half-precision operands.
+"""The three matrix products of the sliced passes and the one pass, with float32 results from half-precision operands.
 
     logits      Z  = h @ W_v.T            float32 out   (2*n*D*v FLOPs)
     weight grad dW_v = dz.T @ h           weight's dtype, one rounding of a float32 accumulation
@@ -31,11 +31,12 @@ import functools
 import torch
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of operands of `dtype`: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _native(device: torch.device) -> bool:
+def native(device: torch.device) -> bool:
     """Whether GEMMs run natively in half precision here (CUDA) rather than on upcast operands (CPU)."""
     return device.type == "cuda"
 
@@ -44,7 +45,7 @@ def _native(device: torch.device) -> bool:
 def _probe_cached(device_str: str) -> tuple[tuple[str, bool], ...]:
     device = torch.device(device_str)
     results = {}
-    if not _native(device):
+    if not native(device):
         return (("mm_out_dtype", False), ("addmm_out_dtype", False))
     a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
     acc = torch.ones(16, 16, dtype=torch.float32, device=device)
@@ -81,42 +82,43 @@ def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.to(_acc_dtype(x.dtype))
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in its accumulation dtype (the CPU's GEMM operands)."""
+    return x.to(acc_dtype(x.dtype))
 
 
 def logits_f32(h: torch.Tensor, w_v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[:] = h @ w_v.T in float32 (float64 for float64 inputs); out is [n, v] and is returned."""
-    if not _native(h.device) or not _half(h.dtype):  # float32 / float64: out has the operands' dtype
-        return torch.mm(_upcast(h), _upcast(w_v).T, out=out)
+    if not native(h.device) or not _half(h.dtype):  # float32 / float64: out has the operands' dtype
+        return torch.mm(upcast(h), upcast(w_v).T, out=out)
     if _supports(h.device, "mm_out_dtype"):
         return torch.mm(h, w_v.T, out_dtype=torch.float32, out=out)
-    from ._triton.slice_kernels import gemm_f32
+    from ._triton.slice_kernels import gemm_f32  # lazy: Triton is optional (CUDA without out_dtype GEMMs)
 
     return gemm_f32(h, w_v.T, out)
 
 
 def weight_grad(dz: torch.Tensor, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[:] = dz.T @ h, accumulated in float32 and rounded once to out's dtype (the weight's)."""
-    if _native(h.device):
+    if native(h.device):
         return torch.mm(dz.T, h, out=out)  # cuBLAS: float32 accumulation, one rounding at the store
-    if out.dtype == _acc_dtype(out.dtype):
-        return torch.mm(_upcast(dz).T, _upcast(h), out=out)
-    return out.copy_(torch.mm(_upcast(dz).T, _upcast(h)))
+    if out.dtype == acc_dtype(out.dtype):
+        return torch.mm(upcast(dz).T, upcast(h), out=out)
+    return out.copy_(torch.mm(upcast(dz).T, upcast(h)))
 
 
 def accumulate_(acc: torch.Tensor, dz: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
     """acc += dz @ w_v: dH into its float32 [n, D] accumulator (float64 for float64 inputs); also dW over token
     chunks, where acc may be half precision (weight_grad_dtype=weight.dtype)."""
-    if acc.dtype != _acc_dtype(acc.dtype):  # a half-precision accumulator (weight_grad_dtype=weight.dtype)
-        return acc.add_(torch.mm(_upcast(dz), _upcast(w_v)).to(acc.dtype))
-    if not _native(acc.device) or not _half(dz.dtype):  # float32 into float32, float64 into float64
-        return acc.addmm_(_upcast(dz), _upcast(w_v))
+    if acc.dtype != acc_dtype(acc.dtype):  # a half-precision accumulator (weight_grad_dtype=weight.dtype)
+        return acc.add_(torch.mm(upcast(dz), upcast(w_v)).to(acc.dtype))
+    if not native(acc.device) or not _half(dz.dtype):  # float32 into float32, float64 into float64
+        return acc.addmm_(upcast(dz), upcast(w_v))
     if _supports(acc.device, "addmm_out_dtype"):
         return torch.addmm(acc, dz, w_v, out_dtype=torch.float32, out=acc)
     if _supports(acc.device, "mm_out_dtype"):
         return acc.add_(torch.mm(dz, w_v, out_dtype=torch.float32))
-    from ._triton.slice_kernels import gemm_f32
+    from ._triton.slice_kernels import gemm_f32  # lazy: Triton is optional (CUDA without out_dtype GEMMs)
 
     return acc.add_(gemm_f32(dz, w_v, torch.empty_like(acc)))
 

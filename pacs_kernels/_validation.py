@@ -139,7 +139,7 @@ def check_weight_grad_dtype(weight_grad_dtype: torch.dtype, weight: torch.Tensor
 def count_valid_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> int:
     """Number of targets != ignore_index; raises if any of them lies outside [0, vocab).
 
-    One fused reduction and one host sync: the two counts come back together.
+    One reduction per count, stacked, and one host sync: the two counts come back together.
     """
     flat = targets.reshape(-1)
     valid = flat != ignore_index
@@ -211,7 +211,8 @@ def check_packed_sequences(
         if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.shape != (n_tokens,)):
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(f"{name} must have shape [N] = ({n_tokens},), got {shape}")
-    tensors = {"cu_seqlens": cu_seqlens, "rewards": rewards, **{k: v for k, v in (per_token or {}).items() if v is not None}}
+    present = {name: tensor for name, tensor in (per_token or {}).items() if tensor is not None}
+    tensors = {"cu_seqlens": cu_seqlens, "rewards": rewards, **present}
     for name, tensor in tensors.items():
         if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device}, expected {device} like the other inputs")

@@ -11,7 +11,9 @@ The math is docs/pacs-math.md (PACS, arXiv 2509.02522). In short, for S packed s
 
 The loss reaches each token only through one coefficient per sequence, dL/dl_t = beta * m_t * dL/dpsi_seq(t), so
 it runs as one vocabulary pass for the log-probs (`linear_logprob`), one small pass over sequences (a Triton
-kernel, or PyTorch) that also produces those coefficients, and one vocabulary pass for the gradient.
+kernel, or PyTorch) that also produces those coefficients, and one vocabulary pass for the gradient; on-policy
+(old_logprob=None) as the one pass (`one_pass.py`), where `dispatch.plan_on_policy` says so. The spec, with
+materialized logits: `reference.pacs_loss_reference`.
 """
 
 from __future__ import annotations
@@ -21,18 +23,18 @@ from typing import NamedTuple
 
 import torch
 
+from . import dispatch
+from ._segments import response_mean, segment_ids, segment_sum
 from ._validation import (
     ADVANTAGE_NAMES,
     SCORE_NAMES,
-    check_backend,
     check_choice,
     check_finite_number,
     check_linear_inputs,
     check_packed_sequences,
 )
-from ._segments import response_mean, segment_ids, segment_sum
-from .linear_logprob import linear_logprob, resolve_backend
-from .onepass import attach_gradients, known_gradient_logprob, two_pass_old_logprob
+from .linear_logprob import linear_logprob, old_logprob_pass
+from .one_pass import attach_gradients, known_gradient_logprob
 
 
 class PACSOutput(NamedTuple):
@@ -50,6 +52,8 @@ class PACSOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class SequenceParams:
+    """The options of the PACS sequence part (checked), and the backend it runs on."""
+
     group_size: int
     beta: float
     score: str
@@ -124,7 +128,7 @@ def sequence_terms(logprob, old_logprob, mask, rewards, cu_seqlens, params: Sequ
     kwargs = dict(group_size=params.group_size, beta=params.beta, score=params.score,
                   advantage=params.advantage, class_balance=params.class_balance)
     if params.backend == "triton":
-        from ._triton.sequence_loss import pacs_sequence_triton
+        from ._triton.sequence_loss import pacs_sequence_triton  # lazy: Triton is optional
 
         return pacs_sequence_triton(logprob, old_logprob, mask, rewards, cu_seqlens, **kwargs)
     return sequence_terms_torch(logprob, old_logprob, mask, rewards, cu_seqlens, **kwargs)
@@ -215,11 +219,8 @@ def _sequence_params(group_size, beta, score, advantage, class_balance, backend,
     if isinstance(group_size, int) and not isinstance(group_size, bool) and group_size < 2 and advantage != "naive":
         raise ValueError(f"advantage={advantage!r} needs group_size >= 2 (a baseline from the other answers), "
                          f"got {group_size}")
-    check_backend(backend)
-    backend = resolve_backend(backend, device)
-    if backend == "reference":
-        backend = "torch"
-    return SequenceParams(group_size, beta, score, advantage, bool(class_balance), backend)
+    return SequenceParams(group_size, beta, score, advantage, bool(class_balance),
+                          dispatch.sequence_backend(backend, device))
 
 
 def pacs_loss(
@@ -253,8 +254,8 @@ def pacs_loss(
         loss  = mean_i w_i * BCEWithLogits(psihat_i, rewards_i)
 
     in one vocabulary pass forward (log-probs), one launch over sequences (scores, advantage, loss and the
-    per-token gradient coefficients) and one vocabulary pass backward; on-policy (old_logprob=None) in one
-    vocabulary pass that also computes the gradients.
+    per-token gradient coefficients) and one vocabulary pass backward; on-policy (old_logprob=None) in the one
+    pass, one vocabulary pass that also computes the gradients.
 
     Args:
         hidden: [N, D] packed hidden states of S sequences (prompt + response tokens), float32/float16/bfloat16.
@@ -263,9 +264,9 @@ def pacs_loss(
         old_logprob: [N] log-probs of the targets under the rollout policy (never read at ignored positions).
             None means on-policy (theta = theta_old, the first optimizer step after a rollout): the result (loss,
             every field, the gradients) equals the call with
-            `old_logprob = linear_logprob(...).logprob.detach()` within float32 rounding, at the cost of one
-            vocabulary pass (6NDV, `pacs_kernels/onepass.py`) instead of the old-log-prob pass and the two-pass
-            loss (2NDV + 8NDV). psi = 0 exactly there, so sigmoid(psihat) = 1/2 and the BCE part is exactly
+            `old_logprob = linear_logprob(...).logprob.detach()` within float32 rounding, at the cost of the one
+            pass (6NDV, `pacs_kernels/one_pass.py`) instead of the old-log-prob pass and the two-pass loss
+            (2NDV + 8NDV). psi = 0 exactly there, so sigmoid(psihat) = 1/2 and the BCE part is exactly
             ln 2 (the class weights of a group average to 1; NaN, like the two-pass loss, if a log-prob is
             NaN); the gradient is the REINFORCE one with c_i = w_i (R_i - 1/2) (docs/pacs-math.md).
             With score="logprob_mean" old_logprob is not used.
@@ -281,7 +282,7 @@ def pacs_loss(
             "reference" materializes the logits (for checks; the sequence part then runs in PyTorch).
         vocab_parallel_group: `weight`/`bias` are this rank's rows of the vocabulary (see `linear_logprob`);
             every other input and the loss are the same on every rank. On-policy (old_logprob=None) it takes
-            two passes (old log-probs under no_grad, then the two-pass loss): the one-pass path is single-device.
+            two passes (old log-probs under no_grad, then the two-pass loss): the one pass is single-device.
 
     Returns:
         PACSOutput(loss, score, advantage, prob, weight, logprob, entropy, bce).
@@ -299,14 +300,17 @@ def pacs_loss(
     if old_logprob is None and score == "logratio_sum":
         if not isinstance(hidden, torch.Tensor):
             raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-        old_logprob = two_pass_old_logprob(hidden, weight, targets, bias=bias, temperature=temperature,
+        plan = dispatch.plan_on_policy(backend, hidden.device, vocab_parallel=vocab_parallel_group is not None)
+        if plan.path == "one_pass":
+            params = _sequence_params(group_size, beta, "logratio_sum", advantage, class_balance, plan.backend,
+                                      hidden.device)
+            return _pacs_loss_one_pass(hidden, weight, targets, rewards, cu_seqlens, params, bias=bias,
+                                       temperature=temperature, ignore_index=ignore_index, with_entropy=need_entropy,
+                                       entropy_coef=entropy_coef)
+        if plan.old_logprob_pass:  # on reference / vocab_parallel: old log-probs first (2NDV), then two passes
+            old_logprob = old_logprob_pass(hidden, weight, targets, bias=bias, temperature=temperature,
                                            ignore_index=ignore_index, backend=backend,
                                            vocab_parallel_group=vocab_parallel_group)
-        if old_logprob is None:
-            return _pacs_loss_on_policy(hidden, weight, targets, rewards, cu_seqlens, group_size=group_size,
-                                        beta=beta, advantage=advantage, class_balance=class_balance,
-                                        temperature=temperature, ignore_index=ignore_index, bias=bias,
-                                        entropy_coef=entropy_coef, with_entropy=need_entropy, backend=backend)
     out = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
                          with_entropy=need_entropy, backend=backend, vocab_parallel_group=vocab_parallel_group)
     mask = targets != ignore_index
@@ -317,21 +321,20 @@ def pacs_loss(
     )
 
 
-def _pacs_loss_on_policy(hidden, weight, targets, rewards, cu_seqlens, *, group_size, beta, advantage,
-                         class_balance, temperature, ignore_index, bias, entropy_coef, with_entropy, backend):
-    """pacs_loss at theta = theta_old (old_logprob=None, score="logratio_sum"): one vocabulary pass (onepass.py).
+def _pacs_loss_one_pass(hidden, weight, targets, rewards, cu_seqlens, params: SequenceParams, *, bias, temperature,
+                        ignore_index, with_entropy, entropy_coef):
+    """pacs_loss at theta = theta_old (old_logprob=None, score="logratio_sum") as the one pass (one_pass.py).
 
     psi = 0 exactly, so the sequence part runs on zeros before any logit exists; its per-token coefficients (and
     the entropy bonus's -entropy_coef / n_resp) are the upstream gradients of the one pass, which returns the
     log-probs, the entropies and the gradients; the loss's backward hands those back. The returned values come
     from the sequence part on the pass's log-probs (old = l), so a NaN log-prob makes the loss NaN.
     """
-    params = _sequence_params(group_size, beta, "logratio_sum", advantage, class_balance, backend, hidden.device)
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, params.backend)
     entropy_coef = check_finite_number("entropy_coef", entropy_coef)
     mask = targets != ignore_index
-    check_packed_sequences(targets.numel(), cu_seqlens, rewards, group_size, device=hidden.device,
-                           binary_rewards=class_balance, per_token={"mask": mask})
+    check_packed_sequences(targets.numel(), cu_seqlens, rewards, params.group_size, device=hidden.device,
+                           binary_rewards=params.class_balance, per_token={"mask": mask})
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     zeros = torch.zeros(targets.shape, dtype=dtype, device=hidden.device)
     loss, psi, psihat, prob, weights, coef = sequence_terms(zeros, zeros, mask, rewards, cu_seqlens, params)

@@ -1,4 +1,4 @@
-"""GRPO and RLOO baselines on the fused log-prob op, in the packed layout of `pacs_loss`.
+"""GRPO and RLOO baselines on the log-prob op (`linear_logprob`), in the packed layout of `pacs_loss`.
 
 The spec is TRL's GRPOTrainer (`trl/trainer/grpo_trainer.py`, `_compute_loss`), written here for packed sequences:
 
@@ -33,19 +33,22 @@ Ahmadian et al. 2024) with the same clipped per-token surrogate and loss types.
 
 An entropy bonus, loss -= entropy_coef * mean response-token entropy, is available on both.
 Only the log-prob pass touches the vocabulary; everything else is elementwise on [N] tensors. old_logprob=None is
-the on-policy step (ratio = 1): one vocabulary pass computes the log-probs and the gradients (`onepass.py`).
+the on-policy step (ratio = 1): the one pass computes the log-probs and the gradients (`one_pass.py`), where
+`dispatch.plan_on_policy` says so. The spec, in plain loops: `reference.grpo_loss_reference`, `rloo_loss_reference`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 
+from . import dispatch
 from ._segments import response_mean, segment_ids, segment_sum
 from ._validation import check_choice, check_finite_number, check_packed_sequences
-from .linear_logprob import linear_logprob
-from .onepass import attach_gradients, known_gradient_logprob, two_pass_old_logprob
+from .linear_logprob import linear_logprob, old_logprob_pass
+from .one_pass import attach_gradients, known_gradient_logprob
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -87,114 +90,155 @@ def _bias_corrected(kl, delta, ratio, lp):
     return value + (-(delta * ratio).detach()) * (lp - lp.detach())
 
 
-def _policy_loss(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon,
-                 epsilon_high, loss_type, scale_rewards, kl_coef, ref_logprob, use_bias_correction_kl, max_len,
-                 normalizer, temperature, ignore_index, bias, entropy_coef, with_entropy, backend,
-                 vocab_parallel_group=None):
-    check_choice("loss_type", loss_type, LOSS_TYPES)
-    check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
-    epsilon = check_finite_number("epsilon", epsilon, nonnegative=True)
-    epsilon_high = epsilon if epsilon_high is None else check_finite_number("epsilon_high", epsilon_high,
-                                                                            nonnegative=True)
-    kl_coef = check_finite_number("kl_coef", kl_coef, nonnegative=True)
-    entropy_coef = check_finite_number("entropy_coef", entropy_coef)
-    if isinstance(group_size, int) and group_size < 2:
-        raise ValueError(f"{kind}_loss needs group_size >= 2 (a baseline from the other answers), got {group_size}")
-    if kl_coef and ref_logprob is None:
+@dataclass(frozen=True)
+class PolicyLossParams:
+    """The non-tensor options of grpo_loss / rloo_loss (see grpo_loss's docstring); `check` returns them checked."""
+
+    kind: str  # "grpo" | "rloo": the advantage
+    group_size: int
+    epsilon: float
+    epsilon_high: float | None
+    loss_type: str
+    scale_rewards: str
+    kl_coef: float
+    use_bias_correction_kl: bool
+    max_len: int | None
+    normalizer: float | None
+    entropy_coef: float
+
+    def check(self) -> PolicyLossParams:
+        """The options checked, epsilon_high filled in, numbers as floats; ValueError naming a bad one. (The
+        tensor-dependent checks are `_policy_loss`'s, between the kl_coef and the max_len checks.)"""
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        epsilon = check_finite_number("epsilon", self.epsilon, nonnegative=True)
+        epsilon_high = epsilon if self.epsilon_high is None else check_finite_number("epsilon_high",
+                                                                                     self.epsilon_high,
+                                                                                     nonnegative=True)
+        kl_coef = check_finite_number("kl_coef", self.kl_coef, nonnegative=True)
+        entropy_coef = check_finite_number("entropy_coef", self.entropy_coef)
+        if isinstance(self.group_size, int) and self.group_size < 2:
+            raise ValueError(f"{self.kind}_loss needs group_size >= 2 (a baseline from the other answers), "
+                             f"got {self.group_size}")
+        return replace(self, epsilon=epsilon, epsilon_high=epsilon_high, kl_coef=kl_coef, entropy_coef=entropy_coef)
+
+    def check_normalizers(self) -> PolicyLossParams:
+        max_len, normalizer = self.max_len, self.normalizer
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+            raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
+        if normalizer is not None:
+            if self.loss_type != "dapo":
+                raise ValueError(f"normalizer applies to loss_type='dapo' only, got loss_type={self.loss_type!r}")
+            if isinstance(normalizer, torch.Tensor):
+                if normalizer.numel() != 1:
+                    raise ValueError(f"normalizer must be a number or a one-element tensor, got shape "
+                                     f"{tuple(normalizer.shape)}")
+                normalizer = normalizer.item()
+            normalizer = check_finite_number("normalizer", normalizer, positive=True)
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise ValueError(f"use_bias_correction_kl must be True or False, got {self.use_bias_correction_kl!r}")
+        return replace(self, normalizer=normalizer)
+
+
+@dataclass(frozen=True)
+class SurrogateTerms:
+    """What the clipped surrogate reads besides the log-probs: the response mask [N], the advantage per sequence
+    [S], each token's sequence [N], the layout, the reference's log-probs [N] (or None) and the checked options."""
+
+    mask: torch.Tensor
+    adv_seq: torch.Tensor
+    seq: torch.Tensor
+    cu_seqlens: torch.Tensor
+    ref_logprob: torch.Tensor | None
+    params: PolicyLossParams
+
+    def token_normalizer(self) -> torch.Tensor:
+        """[N] weights of the per-token losses: loss = sum_t norm_t * L_t (0 at ignored positions), float64.
+
+        grpo: 1 / (S * response tokens of t's sequence); bnpo (and dapo without a normalizer): 1 / response tokens;
+        dapo: 1 / normalizer; dr_grpo: 1 / (S * max_len)."""
+        p, mask = self.params, self.mask
+        maskf = mask.to(torch.float64)
+        n_seqs = self.cu_seqlens.numel() - 1
+        if p.loss_type == "grpo":
+            counts = segment_sum(mask.long(), self.cu_seqlens).clamp_min(1).double()
+            return maskf / (counts[self.seq] * n_seqs)
+        if p.loss_type == "bnpo" or (p.loss_type == "dapo" and p.normalizer is None):
+            return maskf / maskf.sum().clamp_min(1)
+        if p.loss_type == "dapo":
+            return maskf / p.normalizer
+        return maskf / (n_seqs * p.max_len)  # dr_grpo
+
+
+def _policy_loss(p: PolicyLossParams, hidden, weight, targets, old_logprob, rewards, cu_seqlens, ref_logprob, *,
+                 temperature, ignore_index, bias, with_entropy, backend, vocab_parallel_group):
+    p = p.check()
+    if p.kl_coef and ref_logprob is None:
         raise ValueError("kl_coef > 0 needs ref_logprob [N] (the reference model's log-probs)")
     if isinstance(targets, torch.Tensor) and targets.dim() != 1:
-        raise ValueError(f"{kind}_loss takes the packed layout: targets [N], got {tuple(targets.shape)}")
+        raise ValueError(f"{p.kind}_loss takes the packed layout: targets [N], got {tuple(targets.shape)}")
     if old_logprob is not None and (not isinstance(old_logprob, torch.Tensor)
                                     or not old_logprob.dtype.is_floating_point):
         raise ValueError(f"old_logprob must be a float tensor [N] or None (on-policy), got "
                          f"{getattr(old_logprob, 'dtype', type(old_logprob).__name__)}")
     n_tokens = targets.numel() if isinstance(targets, torch.Tensor) else 0
-    check_packed_sequences(n_tokens, cu_seqlens, rewards, group_size, device=hidden.device, binary_rewards=False,
+    check_packed_sequences(n_tokens, cu_seqlens, rewards, p.group_size, device=hidden.device, binary_rewards=False,
                            unit_rewards=False, per_token={"old_logprob": old_logprob, "ref_logprob": ref_logprob})
-    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
-        raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
-    if normalizer is not None:
-        if loss_type != "dapo":
-            raise ValueError(f"normalizer applies to loss_type='dapo' only, got loss_type={loss_type!r}")
-        if isinstance(normalizer, torch.Tensor):
-            if normalizer.numel() != 1:
-                raise ValueError(f"normalizer must be a number or a one-element tensor, got shape "
-                                 f"{tuple(normalizer.shape)}")
-            normalizer = normalizer.item()
-        normalizer = check_finite_number("normalizer", normalizer, positive=True)
-    if not isinstance(use_bias_correction_kl, bool):
-        raise ValueError(f"use_bias_correction_kl must be True or False, got {use_bias_correction_kl!r}")
+    p = p.check_normalizers()
 
-    need_entropy = with_entropy or entropy_coef != 0.0
+    need_entropy = with_entropy or p.entropy_coef != 0.0
     mask = targets != ignore_index
-    adv_seq = group_advantages(rewards, group_size, kind, scale_rewards).to(hidden.device)
+    adv_seq = group_advantages(rewards, p.group_size, p.kind, p.scale_rewards).to(hidden.device)
     seq = segment_ids(cu_seqlens, n_tokens)
-    if loss_type == "dr_grpo" and max_len is None:
-        max_len = int(segment_sum(mask.long(), cu_seqlens).max().clamp_min(1))
-    terms = dict(mask=mask, adv_seq=adv_seq, seq=seq, cu_seqlens=cu_seqlens, epsilon=epsilon,
-                 epsilon_high=epsilon_high, loss_type=loss_type, kl_coef=kl_coef, ref_logprob=ref_logprob,
-                 use_bias_correction_kl=use_bias_correction_kl, max_len=max_len, normalizer=normalizer,
-                 entropy_coef=entropy_coef)
-    linear = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, with_entropy=need_entropy)
+    if p.loss_type == "dr_grpo" and p.max_len is None:
+        p = replace(p, max_len=int(segment_sum(mask.long(), cu_seqlens).max().clamp_min(1)))
+    terms = SurrogateTerms(mask, adv_seq, seq, cu_seqlens, ref_logprob, p)
+    head = dict(bias=bias, temperature=temperature, ignore_index=ignore_index)
     if old_logprob is None:
-        old_logprob = two_pass_old_logprob(hidden, weight, targets, bias=bias, temperature=temperature,
-                                           ignore_index=ignore_index, backend=backend,
-                                           vocab_parallel_group=vocab_parallel_group)
-        if old_logprob is None:
-            return _on_policy(hidden, weight, targets, backend=backend, linear=linear, terms=terms)
-    out = linear_logprob(hidden, weight, targets, backend=backend, vocab_parallel_group=vocab_parallel_group,
-                         **linear)
-    return _surrogate(out.logprob, old_logprob, out.entropy, **terms)
+        plan = dispatch.plan_on_policy(backend, hidden.device, vocab_parallel=vocab_parallel_group is not None)
+        if plan.path == "one_pass":
+            return _one_pass_loss(hidden, weight, targets, terms, backend=plan.backend, with_entropy=need_entropy,
+                                  **head)
+        if plan.old_logprob_pass:  # on reference / vocab_parallel: old log-probs first (2NDV), then two passes
+            old_logprob = old_logprob_pass(hidden, weight, targets, backend=backend,
+                                           vocab_parallel_group=vocab_parallel_group, **head)
+    out = linear_logprob(hidden, weight, targets, with_entropy=need_entropy, backend=backend,
+                         vocab_parallel_group=vocab_parallel_group, **head)
+    return _surrogate(out.logprob, old_logprob, out.entropy, terms)
 
 
-def _token_normalizer(mask, seq, cu_seqlens, loss_type, max_len, normalizer):
-    """[N] weights of the per-token losses: loss = sum_t norm_t * L_t (0 at ignored positions), float64.
-
-    grpo: 1 / (S * response tokens of t's sequence); bnpo (and dapo without a normalizer): 1 / response tokens;
-    dapo: 1 / normalizer; dr_grpo: 1 / (S * max_len)."""
-    maskf = mask.to(torch.float64)
-    n_seqs = cu_seqlens.numel() - 1
-    if loss_type == "grpo":
-        counts = segment_sum(mask.long(), cu_seqlens).clamp_min(1).double()
-        return maskf / (counts[seq] * n_seqs)
-    if loss_type == "bnpo" or (loss_type == "dapo" and normalizer is None):
-        return maskf / maskf.sum().clamp_min(1)
-    if loss_type == "dapo":
-        return maskf / normalizer
-    return maskf / (n_seqs * max_len)  # dr_grpo
-
-
-def _surrogate(lp, old_logprob, entropy, *, mask, adv_seq, seq, cu_seqlens, epsilon, epsilon_high, loss_type, kl_coef,
-               ref_logprob, use_bias_correction_kl, max_len, normalizer, entropy_coef):
+def _surrogate(lp, old_logprob, entropy, terms: SurrogateTerms):
     """The loss from per-token log-probs lp [N] (differentiable) and the rollout policy's old_logprob [N]."""
+    p, mask = terms.params, terms.mask
     maskf = mask.to(lp.dtype)
-    adv = adv_seq[seq].to(lp.dtype)
+    adv = terms.adv_seq[terms.seq].to(lp.dtype)
     log_ratio = torch.where(mask, lp - old_logprob.to(lp.dtype), torch.zeros_like(lp))  # old never read at ignored
     ratio = log_ratio.exp()
-    clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)
+    clipped = ratio.clamp(1 - p.epsilon, 1 + p.epsilon_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     kl_mean = None
     n_resp = maskf.sum().clamp_min(1)
-    if ref_logprob is not None:
-        delta = torch.where(mask, ref_logprob.to(lp.dtype) - lp, torch.zeros_like(lp))
+    if terms.ref_logprob is not None:
+        delta = torch.where(mask, terms.ref_logprob.to(lp.dtype) - lp, torch.zeros_like(lp))
         kl = torch.expm1(delta) - delta
-        if use_bias_correction_kl:
+        if p.use_bias_correction_kl:
             kl = _bias_corrected(kl, delta, ratio, lp)
         kl_mean = (kl * maskf).sum().detach() / n_resp
-        if kl_coef:
-            per_token = per_token + kl_coef * kl
-    norm = _token_normalizer(mask, seq, cu_seqlens, loss_type, max_len, normalizer)
+        if p.kl_coef:
+            per_token = per_token + p.kl_coef * kl
+    norm = terms.token_normalizer()
     loss = (per_token * norm.to(lp.dtype)).sum()  # norm is 0 at ignored positions
-    if entropy_coef:
-        loss = loss - entropy_coef * response_mean(entropy, mask)
-    is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    if p.entropy_coef:
+        loss = loss - p.entropy_coef * response_mean(entropy, mask)
+    is_clipped = ((ratio < 1 - p.epsilon) & (adv < 0)) | ((ratio > 1 + p.epsilon_high) & (adv > 0))
     clip_fraction = (is_clipped & mask).sum() / n_resp
-    return PolicyLossOutput(loss, adv_seq, lp.detach(), None if entropy is None else entropy.detach(),
+    return PolicyLossOutput(loss, terms.adv_seq, lp.detach(), None if entropy is None else entropy.detach(),
                             clip_fraction.detach(), kl_mean)
 
 
-def _on_policy(hidden, weight, targets, *, backend, linear, terms):
-    """The loss at theta = theta_old (old_logprob=None) in one vocabulary pass (onepass.py).
+def _one_pass_loss(hidden, weight, targets, terms: SurrogateTerms, *, bias, temperature, ignore_index,
+                   with_entropy, backend):
+    """The loss at theta = theta_old (old_logprob=None) as the one pass (one_pass.py).
 
     ratio = 1, so the surrogate's gradient is d L / d l_t = -A_seq(t) * norm_t (norm_t: the loss type's token
     weight; the clip is inactive: clamp passes the gradient at ratio = 1, also for epsilon = 0), and the
@@ -204,27 +248,25 @@ def _on_policy(hidden, weight, targets, *, backend, linear, terms):
     log-probs are known and before its dz. The returned values come from `_surrogate` with old = the pass's
     log-probs, i.e. the explicit call's formulas.
     """
-    mask, seq, adv_seq = terms["mask"], terms["seq"], terms["adv_seq"]
-    norm = _token_normalizer(mask, seq, terms["cu_seqlens"], terms["loss_type"], terms["max_len"],
-                             terms["normalizer"])
-    grad_logprob = -adv_seq[seq] * norm
+    p, mask = terms.params, terms.mask
+    norm = terms.token_normalizer()
+    grad_logprob = -terms.adv_seq[terms.seq] * norm
     grad_entropy = None
-    if terms["entropy_coef"]:
-        grad_entropy = -terms["entropy_coef"] * mask.to(torch.float64) / mask.sum().clamp_min(1)
+    if p.entropy_coef:
+        grad_entropy = -p.entropy_coef * mask.to(torch.float64) / mask.sum().clamp_min(1)
     kl_grad = None
-    ref, kl_coef = terms["ref_logprob"], terms["kl_coef"]
-    if ref is not None and kl_coef:
-        flat_ref = ref.reshape(-1)
+    if terms.ref_logprob is not None and p.kl_coef:
+        flat_ref = terms.ref_logprob.reshape(-1)
 
         def kl_grad(lp, rows):
             delta = flat_ref[rows].to(lp.dtype) - lp
-            slope = -delta if terms["use_bias_correction_kl"] else -torch.expm1(delta)
-            return kl_coef * norm[rows].to(lp.dtype) * slope
+            slope = -delta if p.use_bias_correction_kl else -torch.expm1(delta)
+            return p.kl_coef * norm[rows].to(lp.dtype) * slope
 
-    bias = linear["bias"]
-    known = known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy, backend=backend,
-                                   logprob_grad_fn=kl_grad, **linear)
-    out = _surrogate(known.logprob, known.logprob, known.entropy, **terms)
+    known = known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy, bias=bias,
+                                   temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
+                                   backend=backend, logprob_grad_fn=kl_grad)
+    out = _surrogate(known.logprob, known.logprob, known.entropy, terms)
     return out._replace(loss=attach_gradients(out.loss, hidden, weight, bias, known))
 
 
@@ -238,8 +280,8 @@ def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, grou
     Args are those of `pacs_loss` plus:
         old_logprob: [N], or None for the on-policy step (theta = theta_old): ratio = 1, the clip is inactive, and
             the loss and its gradients (the same as with `old_logprob = linear_logprob(...).logprob.detach()`
-            within float32 rounding) come from one vocabulary pass (6NDV instead of 2NDV + 8NDV); a KL term's
-            gradient, which needs the log-probs, is added inside that pass per token chunk.
+            within float32 rounding) come from the one pass (6NDV instead of 2NDV + 8NDV); a KL term's gradient,
+            which needs the log-probs, is added inside that pass per token chunk.
         epsilon / epsilon_high: clip range [1 - epsilon, 1 + epsilon_high]; epsilon_high defaults to epsilon.
         loss_type: "grpo" (default here) | "bnpo" | "dr_grpo" | "dapo" (TRL's default).
         scale_rewards: "group" | "batch" | "none".
@@ -252,7 +294,7 @@ def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, grou
             response tokens. Only with loss_type="dapo".
         vocab_parallel_group: `weight`/`bias` are this rank's rows of the vocabulary (see `linear_logprob`);
             every other input and the loss are the same on every rank. On-policy (old_logprob=None) it takes
-            two passes (old log-probs under no_grad, then the two-pass loss): the one-pass path is single-device.
+            two passes (old log-probs under no_grad, then the two-pass loss): the one pass is single-device.
     Rewards are any finite numbers.
 
     Example::
@@ -261,12 +303,11 @@ def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, grou
                         loss_type="dr_grpo", scale_rewards="none")
         out.loss.backward()
     """
-    return _policy_loss("grpo", hidden, weight, targets, old_logprob, rewards, cu_seqlens, group_size=group_size,
-                        epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type, scale_rewards=scale_rewards,
-                        kl_coef=kl_coef, ref_logprob=ref_logprob, use_bias_correction_kl=use_bias_correction_kl,
-                        max_len=max_len, normalizer=normalizer, temperature=temperature, ignore_index=ignore_index,
-                        bias=bias, entropy_coef=entropy_coef, with_entropy=with_entropy, backend=backend,
-                        vocab_parallel_group=vocab_parallel_group)
+    params = PolicyLossParams("grpo", group_size, epsilon, epsilon_high, loss_type, scale_rewards, kl_coef,
+                              use_bias_correction_kl, max_len, normalizer, entropy_coef)
+    return _policy_loss(params, hidden, weight, targets, old_logprob, rewards, cu_seqlens, ref_logprob,
+                        temperature=temperature, ignore_index=ignore_index, bias=bias, with_entropy=with_entropy,
+                        backend=backend, vocab_parallel_group=vocab_parallel_group)
 
 
 def rloo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon=0.2,
@@ -277,9 +318,8 @@ def rloo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, grou
 
     Same arguments as `grpo_loss` (no reward scaling), vocab_parallel_group included.
     """
-    return _policy_loss("rloo", hidden, weight, targets, old_logprob, rewards, cu_seqlens, group_size=group_size,
-                        epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type, scale_rewards="none",
-                        kl_coef=kl_coef, ref_logprob=ref_logprob, use_bias_correction_kl=use_bias_correction_kl,
-                        max_len=max_len, normalizer=normalizer, temperature=temperature, ignore_index=ignore_index,
-                        bias=bias, entropy_coef=entropy_coef, with_entropy=with_entropy, backend=backend,
-                        vocab_parallel_group=vocab_parallel_group)
+    params = PolicyLossParams("rloo", group_size, epsilon, epsilon_high, loss_type, "none", kl_coef,
+                              use_bias_correction_kl, max_len, normalizer, entropy_coef)
+    return _policy_loss(params, hidden, weight, targets, old_logprob, rewards, cu_seqlens, ref_logprob,
+                        temperature=temperature, ignore_index=ignore_index, bias=bias, with_entropy=with_entropy,
+                        backend=backend, vocab_parallel_group=vocab_parallel_group)

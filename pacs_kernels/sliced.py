@@ -1,4 +1,4 @@
-"""The vocabulary-sliced log-prob pipeline: library GEMMs for the matrix products, small passes for the rest.
+"""The vocabulary-sliced log-prob passes: library GEMMs for the matrix products, small passes for the rest.
 
 One design for every backend. For each slice of v vocabulary rows [v0, v0 + v) and all n tokens (or a chunk of
 them, see `SlicePlan`):
@@ -9,17 +9,18 @@ them, see `SlicePlan`):
     (merged over slices by _stats.merge_stats)      dW_v = dz.T @ h         GEMM, complete: one rounding  2nDv
                                                     dH  += dz @ W_v         GEMM into float32 [n, D]      2nDv
 
-FLOPs: 2NDV forward, 6NDV backward (8NDV together, the same as the fused kernels), no atomics: the results are
-bitwise reproducible. The elementwise passes are Triton kernels (`_triton/slice_kernels.py`) on the "triton"
-backend and PyTorch on the "torch" backend; the GEMMs are `_gemm.py` (cuBLAS on CUDA, float32 from upcast operands
-on the CPU).
+FLOPs: 2NDV forward, 6NDV backward (8NDV together), no atomics: the results are bitwise reproducible. The
+elementwise passes are Triton kernels (`_triton/slice_kernels.py`) on the "triton" backend and PyTorch on the
+"torch" backend; the GEMMs are `_gemm.py` (cuBLAS on CUDA, float32 from upcast operands on the CPU).
 
 Memory besides inputs, outputs and the per-token statistics (16 bytes per token per slice, merged at the end):
-the per-slice workspace, which the memory budget bounds (`plan_slices`), and the float32 dH [N, D] accumulator:
+the per-slice workspace, which the memory budget bounds (`plan_slices`; the budget: `dispatch.resolve_budget`),
+and the float32 dH [N, D] accumulator:
 
-    triton backend: Z float32 [n, v] + dz [n, v] in h's dtype: 6 bytes per token x column (bf16)
-        default budget 512 MiB on CUDA -> v = 4096 at N = 16384 (256 MiB Z + 128 MiB dz) + 256 MiB dH at D=4096,
-        against 8 GiB for float32 [N, V] logits at V = 131072 (16 GiB with their gradient)
+    triton backend: Z float32 [n, v]; in backward also dz [n, v] in h's dtype: 4 bytes per token x column forward,
+        6 backward (bf16). The default 512 MiB on CUDA at N = 16384 tokens: 8192 columns forward (512 MiB of Z),
+        5376 backward (336 MiB Z + 168 MiB dz) + 256 MiB dH at D = 4096, against 8 GiB for float32 [N, V]
+        logits at V = 131072 (16 GiB with their gradient)
     torch backend: Z and one elementwise temporary, 8 bytes per token x column; default budget 8 MiB on the CPU,
         where slices that stay in the caches beat wide ones: measured at N=2048, D=256, V=151936, fp32, fwd+bwd on
         2 cores, 512-1024 columns (4-8 MiB of logits) took 4.1-4.4 s against 7.6 s for 8192 columns (and 5.7-6.2 s
@@ -33,56 +34,58 @@ overflow the budget are tokens chunked too, and dW is then accumulated over chun
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import _gemm
 from ._stats import finalize_stats, logit_grad, merge_stats, slice_stats
 
-MiB = 1 << 20
-DEFAULT_BUDGET = {"cuda": 512 * MiB, "cpu": 8 * MiB}
-BUDGET_ENV = "PACS_KERNELS_MEMORY_BUDGET"
 # Narrowest slice worth a GEMM launch (CUDA: ~16 launches per ms of work stay negligible; CPU: narrower GEMMs
 # lose efficiency) and slice granularity.
 MIN_SLICE = {"cuda": 1024, "cpu": 512}
 SLICE_MULTIPLE = 128
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MiB, "mb": MiB, "mib": MiB,
-          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 
 
-def parse_bytes(value, name: str = "memory_budget") -> int:
-    """Bytes from an int or a string such as '512M', '1GiB', '268435456' (binary units); ValueError otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number of bytes, got {value!r}")
-    if isinstance(value, int):
-        number = value
-    else:
-        text = str(value).strip().lower().replace(" ", "")
-        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(digits):]
-        try:
-            number = float(digits) * _UNITS[unit]
-        except (ValueError, KeyError):
-            raise ValueError(f"{name} must be bytes as an int or a string like '512M' or '1G', got {value!r}") from None
-        if not math.isfinite(number):
-            raise ValueError(f"{name} must be finite, got {value!r}")
-        number = int(number)
-    if number < 1 * MiB:
-        raise ValueError(f"{name} must be at least 1 MiB, got {value!r} ({number} bytes)")
-    return number
+@dataclass(frozen=True)
+class LogprobProblem:
+    """The inputs of one vocabulary pass, validated: hidden [N, D], weight [V, D] (same dtype), bias [V] or None,
+    targets [N] int64 in [0, V) (the vocabulary-parallel op also passes other shards' ids, outside [0, V): their
+    target logit is 0 here), 1 / temperature, and whether the entropy is wanted."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    targets: torch.Tensor
+    inv_temperature: float
+    with_entropy: bool
 
 
-def resolve_budget(memory_budget, device: torch.device) -> int:
-    """The workspace budget in bytes: the argument, else $PACS_KERNELS_MEMORY_BUDGET, else the device default."""
-    if memory_budget is not None:
-        return parse_bytes(memory_budget)
-    env = os.environ.get(BUDGET_ENV)
-    if env:
-        return parse_bytes(env, BUDGET_ENV)
-    return DEFAULT_BUDGET["cuda" if device.type == "cuda" else "cpu"]
+@dataclass(frozen=True)
+class Upstream:
+    """What a gradient pass reads per token: the forward's lse [N] (float64) and entropy [N] (None unless
+    grad_entropy is given), and the upstream gradients d loss / d logprob and d loss / d entropy (either None)."""
+
+    lse: torch.Tensor
+    entropy: torch.Tensor | None
+    grad_logprob: torch.Tensor | None
+    grad_entropy: torch.Tensor | None
+
+    def rows(self, n0: int, n1: int) -> Upstream:
+        part = lambda x: None if x is None else x[n0:n1]
+        return Upstream(self.lse[n0:n1], part(self.entropy), part(self.grad_logprob), part(self.grad_entropy))
+
+
+@dataclass(frozen=True)
+class LogitSlice:
+    """One slice's logits as the elementwise passes see them: z [n, v] float32 (the raw GEMM output on the triton
+    backend, finished logits on the torch backend), its bias b_v [v] or None, the targets [n] and the slice's first
+    vocabulary row v0 (a target's column in the slice is target - v0)."""
+
+    z: torch.Tensor
+    bias: torch.Tensor | None
+    targets: torch.Tensor
+    v0: int
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,16 @@ def plan_slices(n_tokens: int, vocab: int, bytes_per_elem: int, budget: int, dev
     return SlicePlan(chunk_n, max(1, min(v_slice, vocab)))
 
 
+def slice_bounds(vocab: int, width: int) -> list[tuple[int, int]]:
+    """[(v0, v1), ...]: the vocabulary cut into slices of `width` columns, the last one shorter."""
+    return [(v0, min(v0 + width, vocab)) for v0 in range(0, vocab, width)]
+
+
+def workspace_view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous [rows, cols] view at the start of a flat workspace (GEMM outputs must be contiguous)."""
+    return buffer[: rows * cols].view(rows, cols)
+
+
 # ------------------------------------------------------------------------------------------ elementwise passes
 
 def _target_columns(targets: torch.Tensor, v0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,20 +141,20 @@ class TorchPasses:
     # Workspace bytes per token x column: Z and one temporary of its size (exp); on CUDA with half-precision
     # inputs also dz in h's dtype (the GEMM operand).
     def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.dz_dtype = dtype if _gemm._native(device) and dtype != _gemm._acc_dtype(dtype) else None
+        self.dz_dtype = dtype if _gemm.native(device) and dtype != _gemm.acc_dtype(dtype) else None
         self.forward_bytes = 8
         self.backward_bytes = 8 + (0 if self.dz_dtype is None else torch.empty((), dtype=dtype).element_size())
 
     @staticmethod
     def prepare(h: torch.Tensor) -> torch.Tensor:
         """The hidden chunk as a GEMM operand: upcast once per chunk on the CPU."""
-        return h if _gemm._native(h.device) else _gemm._upcast(h)
+        return h if _gemm.native(h.device) else _gemm.upcast(h)
 
     @staticmethod
     def logits(h, w_v, b_v, inv_temperature, out):
-        if not _gemm._native(h.device):  # bias and 1/T ride on the GEMM (beta=0 never reads out's old values)
+        if not _gemm.native(h.device):  # bias and 1/T ride on the GEMM (beta=0 never reads out's old values)
             b = out if b_v is None else b_v.to(out.dtype)
-            torch.addmm(b, h, _gemm._upcast(w_v).T, beta=0.0 if b_v is None else inv_temperature,
+            torch.addmm(b, h, _gemm.upcast(w_v).T, beta=0.0 if b_v is None else inv_temperature,
                         alpha=inv_temperature, out=out)
         else:
             _gemm.logits_f32(h, w_v, out)
@@ -154,20 +167,21 @@ class TorchPasses:
         return out.clamp_min_(-1e30) if b_v is not None else out
 
     @staticmethod
-    def stats(z, b_v, targets, v0, inv_temperature, with_entropy, out):
-        hit, column = _target_columns(targets, v0, z.shape[1])
-        out[3] = torch.where(hit, z.gather(1, column).squeeze(1), 0.0)
-        m, s, t = slice_stats(z, with_entropy)
+    def stats(sl: LogitSlice, inv_temperature, with_entropy, out):
+        hit, column = _target_columns(sl.targets, sl.v0, sl.z.shape[1])
+        out[3] = torch.where(hit, sl.z.gather(1, column).squeeze(1), 0.0)
+        m, s, t = slice_stats(sl.z, with_entropy)
         out[0], out[1] = m, s
         if t is not None:
             out[2] = t
 
     @staticmethod
-    def grad(z, b_v, targets, v0, lse, entropy, grad_logprob, grad_entropy, inv_temperature, dz_out, need_bias):
-        dz = logit_grad(z, lse, grad_logprob, entropy if grad_entropy is not None else None, grad_entropy)
-        if grad_logprob is not None:
-            hit, column = _target_columns(targets, v0, z.shape[1])
-            dz.scatter_add_(1, column, torch.where(hit, grad_logprob, 0.0).unsqueeze(1))
+    def grad(sl: LogitSlice, up: Upstream, inv_temperature, dz_out, need_bias):
+        dz = logit_grad(sl.z, up.lse, up.grad_logprob, up.entropy if up.grad_entropy is not None else None,
+                        up.grad_entropy)
+        if up.grad_logprob is not None:
+            hit, column = _target_columns(sl.targets, sl.v0, sl.z.shape[1])
+            dz.scatter_add_(1, column, torch.where(hit, up.grad_logprob, 0.0).unsqueeze(1))
         if inv_temperature != 1.0:
             dz.mul_(inv_temperature)  # d/d(h W^T + b) = (1/T) d/dz
         db = dz.sum(0) if need_bias else None
@@ -195,70 +209,66 @@ class TritonPasses:
         return _gemm.logits_f32(h, w_v, out)
 
     @staticmethod
-    def stats(z, b_v, targets, v0, inv_temperature, with_entropy, out):
-        from ._triton.slice_kernels import slice_stats as kernel
+    def stats(sl: LogitSlice, inv_temperature, with_entropy, out):
+        from ._triton.slice_kernels import slice_stats as kernel  # lazy: Triton is optional
 
-        kernel(z, b_v, targets, v0, inv_temperature, with_entropy, out)
+        kernel(sl.z, sl.bias, sl.targets, sl.v0, inv_temperature, with_entropy, out)
 
     @staticmethod
-    def grad(z, b_v, targets, v0, lse, entropy, grad_logprob, grad_entropy, inv_temperature, dz_out, need_bias):
-        from ._triton.slice_kernels import logit_grad as kernel
+    def grad(sl: LogitSlice, up: Upstream, inv_temperature, dz_out, need_bias):
+        from ._triton.slice_kernels import logit_grad as kernel  # lazy: Triton is optional
 
-        db = kernel(z, b_v, targets, v0, lse, entropy, grad_logprob, grad_entropy, inv_temperature, dz_out,
-                    need_bias)
+        db = kernel(sl.z, sl.bias, sl.targets, sl.v0, up.lse, up.entropy, up.grad_logprob, up.grad_entropy,
+                    inv_temperature, dz_out, need_bias)
         return dz_out, db
 
 
 def passes_for(backend: str, hidden: torch.Tensor):
+    """The elementwise passes of a backend ("triton" | "torch") for hidden's dtype and device."""
     return (TritonPasses if backend == "triton" else TorchPasses)(hidden.dtype, hidden.device)
 
 
 # ------------------------------------------------------------------------------------------------ the passes
 
-def _slices(vocab: int, v_slice: int):
-    return [(v0, min(v0 + v_slice, vocab)) for v0 in range(0, vocab, v_slice)]
-
-
-def _view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """A contiguous [rows, cols] view at the start of a flat workspace (GEMM outputs must be contiguous)."""
-    return buffer[: rows * cols].view(rows, cols)
-
-
-def sliced_forward(hidden, weight, bias, targets, inv_temperature, with_entropy, passes, plan: SlicePlan):
-    """(logprob [N], entropy [N] or None, lse [N]) of validated hidden [N, D], targets [N] in [0, V)."""
-    m, s, t, zy = sliced_stats(hidden, weight, bias, targets, inv_temperature, with_entropy, passes, plan)
+def sliced_forward(problem: LogprobProblem, passes, plan: SlicePlan):
+    """(logprob [N], entropy [N] or None, lse [N] float64) of the problem (targets in [0, V))."""
+    m, s, t, zy = sliced_stats(problem, passes, plan)
     lse, entropy = finalize_stats(m, s, t)
     logprob = (zy - lse).clamp_max(0.0).to(zy.dtype)  # log p <= 0 mathematically: clamp the rounding above 0
     return logprob, entropy, lse
 
 
-def sliced_stats(hidden, weight, bias, targets, inv_temperature, with_entropy, passes, plan: SlicePlan):
+def sliced_stats(problem: LogprobProblem, passes, plan: SlicePlan):
     """(m, s, t or None, z_y) [N] each: the softmax statistics of `weight`'s rows merged over its slices, and the
     target logit (0 for a target outside [0, V): the vocabulary-parallel op passes ids of other shards)."""
+    hidden, weight, bias = problem.hidden, problem.weight, problem.bias
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    acc = _gemm._acc_dtype(hidden.dtype)
-    slices = _slices(vocab, plan.v_slice)
+    acc = _gemm.acc_dtype(hidden.dtype)
+    slices = slice_bounds(vocab, plan.v_slice)
     stats = torch.zeros((4, len(slices), n_tokens), dtype=acc, device=hidden.device)  # m, s, t, z_y per slice
     z_buf = torch.empty(plan.workspace_elems, dtype=acc, device=hidden.device)
     for n0 in range(0, n_tokens, plan.chunk_n):
         n1 = min(n0 + plan.chunk_n, n_tokens)
         h = passes.prepare(hidden[n0:n1])
-        y = targets[n0:n1]
+        y = problem.targets[n0:n1]
         for k, (v0, v1) in enumerate(slices):
             b_v = None if bias is None else bias[v0:v1]
-            z = passes.logits(h, weight[v0:v1], b_v, inv_temperature, _view(z_buf, n1 - n0, v1 - v0))
-            passes.stats(z, b_v, y, v0, inv_temperature, with_entropy, stats[:, k, n0:n1])
+            z = passes.logits(h, weight[v0:v1], b_v, problem.inv_temperature, workspace_view(z_buf, n1 - n0, v1 - v0))
+            passes.stats(LogitSlice(z, b_v, y, v0), problem.inv_temperature, problem.with_entropy,
+                         stats[:, k, n0:n1])
     m, s, t, zy = stats.unbind(0)
-    return (*merge_stats(m, s, t if with_entropy else None), zy.sum(0))
+    return (*merge_stats(m, s, t if problem.with_entropy else None), zy.sum(0))
 
 
-def sliced_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, grad_entropy, inv_temperature, needs,
-                    passes, plan: SlicePlan, weight_grad_dtype=torch.float32):
-    """(d_hidden [N, D] float32, d_weight [V, D], d_bias [V] float32), None where `needs` says so."""
+def sliced_backward(problem: LogprobProblem, upstream: Upstream, needs, passes, plan: SlicePlan,
+                    weight_grad_dtype=torch.float32):
+    """(d_hidden [N, D] float32, d_weight [V, D], d_bias [V] float32), None where `needs` (hidden, weight, bias)
+    says so."""
     need_h, need_w, need_b = needs
+    hidden, weight, bias = problem.hidden, problem.weight, problem.bias
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
-    acc = _gemm._acc_dtype(hidden.dtype)
+    acc = _gemm.acc_dtype(hidden.dtype)
     one_chunk = plan.chunk_n >= n_tokens
     d_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if need_h else None
     d_weight = None
@@ -268,9 +278,9 @@ def sliced_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, g
         w_acc = torch.float64 if acc == torch.float64 else weight_grad_dtype
         d_weight = torch.empty_like(weight) if one_chunk else torch.zeros(weight.shape, dtype=w_acc, device=device)
     d_bias = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
-    g_lp = None if grad_logprob is None else grad_logprob.to(acc).contiguous()
-    g_ent = None if grad_entropy is None else grad_entropy.to(acc).contiguous()
-    ent = None if grad_entropy is None else entropy
+    as_acc = lambda x: None if x is None else x.to(acc).contiguous()
+    upstream = replace(upstream, entropy=None if upstream.grad_entropy is None else upstream.entropy,
+                       grad_logprob=as_acc(upstream.grad_logprob), grad_entropy=as_acc(upstream.grad_entropy))
     z_buf = torch.empty(plan.workspace_elems, dtype=acc, device=device)
     # The GEMM operand dz: h's dtype on the triton backend (the GPU's rounding, also under the interpreter) and
     # for half precision on CUDA; the torch backend on the CPU multiplies its float32 dz as it is.
@@ -280,14 +290,14 @@ def sliced_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob, g
         n1 = min(n0 + plan.chunk_n, n_tokens)
         rows = n1 - n0
         h = passes.prepare(hidden[n0:n1])
-        y = targets[n0:n1]
-        chunk = lambda x: None if x is None else x[n0:n1]
-        for v0, v1 in _slices(vocab, plan.v_slice):
+        y = problem.targets[n0:n1]
+        up = upstream.rows(n0, n1)
+        for v0, v1 in slice_bounds(vocab, plan.v_slice):
             b_v = None if bias is None else bias[v0:v1]
             w_v = weight[v0:v1]
-            z = passes.logits(h, w_v, b_v, inv_temperature, _view(z_buf, rows, v1 - v0))
-            dz, db = passes.grad(z, b_v, y, v0, lse[n0:n1], chunk(ent), chunk(g_lp), chunk(g_ent), inv_temperature,
-                                 None if dz_buf is None else _view(dz_buf, rows, v1 - v0), need_b)
+            z = passes.logits(h, w_v, b_v, problem.inv_temperature, workspace_view(z_buf, rows, v1 - v0))
+            dz, db = passes.grad(LogitSlice(z, b_v, y, v0), up, problem.inv_temperature,
+                                 None if dz_buf is None else workspace_view(dz_buf, rows, v1 - v0), need_b)
             if need_h:
                 _gemm.accumulate_(d_hidden[n0:n1], dz, w_v)
             if need_w:

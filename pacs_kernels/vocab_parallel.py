@@ -34,23 +34,25 @@ Bad input (a target outside [0, V), ranks that disagree on D, on the tokens or o
 any argument the single-device op rejects) raises a ValueError on every rank of the group after the set-up
 gather: no rank leaves the others waiting in a collective.
 
-Backends: "torch" and "triton" (forward_impl="sliced": the fused forward returns finished log-sum-exps, not the
-mergeable statistics). "reference" is refused: it would need the [N, V] logits gathered. The collectives are
-torch.distributed's: NCCL with CUDA tensors on GPUs, gloo with CPU tensors (how the tests run it).
+Backends: "torch" and "triton", with the sliced forward (`dispatch.plan_vocab_parallel`: the fused forward
+returns finished log-sum-exps, not the mergeable statistics). "reference" is refused: it would need the [N, V]
+logits gathered. The collectives are torch.distributed's: NCCL with CUDA tensors on GPUs, gloo with CPU tensors
+(how the tests run it). Not under torch.compile: the set-up exchanges sizes and checks on the host.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
+from . import dispatch
+from ._rows import output_dtype, scatter_rows, valid_rows, zeros_with_graph
 from ._stats import finalize_stats, rescale_stats
 from ._validation import check_linear_inputs, check_temperature, check_weight_grad_dtype
-from .sliced import passes_for, resolve_budget, sliced_backward, sliced_stats
-
-logger = logging.getLogger("pacs_kernels")
+from .logprob_function import LogprobOutput, LogprobParams
+from .sliced import Upstream, passes_for, sliced_backward, sliced_stats
 
 # One row of the set-up gather, per rank.
 LAYOUT_FIELDS = ("error", "shard_rows", "dim", "tokens", "valid_rows", "target_min", "target_max",
@@ -71,8 +73,6 @@ class VocabLayout(NamedTuple):
 
 def comm_device(group=None) -> torch.device:
     """Where `group`'s collectives take their tensors: the current CUDA device for NCCL, else the CPU (gloo)."""
-    import torch.distributed as dist
-
     if "nccl" in str(dist.get_backend(group)).lower():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -80,8 +80,6 @@ def comm_device(group=None) -> torch.device:
 
 def check_group(group) -> None:
     """The group must be a torch.distributed process group of an initialized default group."""
-    import torch.distributed as dist
-
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("vocab_parallel_group needs torch.distributed initialized (init_process_group)")
     if not isinstance(group, dist.ProcessGroup):
@@ -99,8 +97,6 @@ def _targets_checksum(targets: torch.Tensor) -> int:
 def exchange_layout(group, hidden, weight, targets, ignore_index: int, options: tuple, error: ValueError | None):
     """One all_gather of every rank's sizes and target range; raises the same ValueError on every rank if any
     rank's inputs are bad (its own message where it is the bad one). Returns the `VocabLayout`."""
-    import torch.distributed as dist
-
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     row = [0] * len(LAYOUT_FIELDS)
     n_valid_local = 0
@@ -151,8 +147,6 @@ def exchange_layout(group, hidden, weight, targets, ignore_index: int, options: 
 def reduce_stats(m, s, t, zy, group):
     """(lse, entropy or None, logprob) from this rank's per-token statistics over its rows: all_reduce MAX of m
     (N floats), then one all_reduce SUM of the rescaled s, t and the target logit (3N floats)."""
-    import torch.distributed as dist
-
     m_all = m.clone()
     dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
     s_part, t_part = rescale_stats(m, s, t, m_all)  # a shard of only -inf logits (s = 0) adds 0, never nan
@@ -168,13 +162,10 @@ class VocabParallelLinearLogprob(torch.autograd.Function):
     offset: out of [0, V_r) where another rank owns the target) -> (logprob [N], entropy [N] | None), unsharded."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, local_targets, params, group):
-        from .linear_logprob import _plan
-
+    def forward(ctx, hidden, weight, bias, local_targets, params: LogprobParams, group):
         passes = passes_for(params.backend, hidden)
-        plan = _plan(hidden, weight, params, passes.forward_bytes)
-        m, s, t, zy = sliced_stats(hidden, weight, bias, local_targets, params.inv_temperature, params.with_entropy,
-                                   passes, plan)
+        plan = params.slice_plan(hidden, weight, passes.forward_bytes)
+        m, s, t, zy = sliced_stats(params.problem(hidden, weight, bias, local_targets), passes, plan)
         lse, entropy, logprob = reduce_stats(m, s, t, zy, group)
         ctx.save_for_backward(hidden, weight, bias, local_targets, lse, entropy)
         ctx.params, ctx.group = params, group
@@ -183,20 +174,16 @@ class VocabParallelLinearLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy):
-        import torch.distributed as dist
-
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         p = ctx.params
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if (grad_logprob is None and grad_entropy is None) or not any(needs):
             return None, None, None, None, None, None
-        from .linear_logprob import _plan
-
         passes = passes_for(p.backend, hidden)
-        plan = _plan(hidden, weight, p, passes.backward_bytes)
-        d_hidden, d_weight, d_bias = sliced_backward(hidden, weight, bias, targets, lse, entropy, grad_logprob,
-                                                     grad_entropy, p.inv_temperature, needs, passes, plan,
-                                                     p.weight_grad_dtype)
+        plan = p.slice_plan(hidden, weight, passes.backward_bytes)
+        d_hidden, d_weight, d_bias = sliced_backward(p.problem(hidden, weight, bias, targets),
+                                                     Upstream(lse, entropy, grad_logprob, grad_entropy), needs,
+                                                     passes, plan, p.weight_grad_dtype)
         if d_hidden is not None:
             # This rank's columns' share of dH = dz @ W; summed in float32 (float64 for float64 inputs), then
             # rounded once to hidden's dtype.
@@ -209,36 +196,27 @@ class VocabParallelLinearLogprob(torch.autograd.Function):
 def vocab_parallel_linear_logprob(hidden, weight, targets, *, bias, temperature, ignore_index, with_entropy, backend,
                                   forward_impl, memory_budget, weight_grad_dtype, group):
     """`linear_logprob` with `weight`/`bias` this rank's rows of the vocabulary (see the module docstring)."""
-    from .linear_logprob import (LogprobOutput, LogprobParams, _zeros_with_graph, resolve_backend,
-                                 resolve_forward_impl, scatter_rows, valid_rows)
-
+    dispatch.refuse_compiled_vocab_parallel()
     check_group(group)  # before any collective; the same outcome on every rank of a well-formed job
     error, problem, params = None, None, None
     try:  # every check the single-device op makes, except the target range: the ranks decide that together
         if not isinstance(hidden, torch.Tensor):
             raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-        backend = resolve_backend(backend, hidden.device)
-        if backend == "reference":
-            raise ValueError("vocab_parallel_group runs on the 'torch' or 'triton' backend; 'reference' would "
-                             "gather the [N, V] logits")
+        backend = dispatch.resolve_backend(backend, hidden.device, path="vocab_parallel")
         inv_temperature = 1.0 / check_temperature(temperature)
         problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, check_targets=False)
         check_weight_grad_dtype(weight_grad_dtype, weight)
-        if resolve_forward_impl(forward_impl, backend, hidden) == "fused":
-            logger.info("linear_logprob: vocab_parallel_group uses forward_impl='sliced' (the fused forward "
-                        "returns finished log-sum-exps, not statistics to merge across ranks)")
-        budget = resolve_budget(memory_budget, hidden.device)
-        params = LogprobParams(backend, inv_temperature, bool(with_entropy), weight_grad_dtype, "sliced", budget)
+        plan = dispatch.plan_vocab_parallel(backend, hidden, forward_impl=forward_impl, memory_budget=memory_budget)
+        params = LogprobParams.from_plan(plan, inv_temperature, bool(with_entropy), weight_grad_dtype)
         options = (_DTYPE_CODES.get(hidden.dtype, 0), round(inv_temperature, 12), int(ignore_index),
                    bool(with_entropy), bias is not None)
     except ValueError as err:
         error, options = err, ()
     layout = exchange_layout(group, hidden, weight, targets, ignore_index, options, error)
 
-    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     lead = problem.lead_shape
     if layout.n_valid == 0:  # the same on every rank (checked): no collective at all
-        zeros = _zeros_with_graph(hidden, weight, lead, out_dtype)
+        zeros = zeros_with_graph(hidden, weight, lead, output_dtype(hidden))
         return LogprobOutput(zeros, zeros.clone() if with_entropy else None)
     problem = problem._replace(vocab=layout.vocab, n_valid=layout.n_valid)
     flat_hidden, flat_targets, index = valid_rows(hidden, targets, problem, ignore_index)

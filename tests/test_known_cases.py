@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import pacs_kernels
-from pacs_kernels.linear_logprob import FusedLinearLogprob, LogprobParams
+from pacs_kernels.logprob_function import LinearLogprobFunction, LogprobParams
 
 from .helpers import BACKENDS, DEVICE, HAS_TRITON, max_err
 
@@ -172,7 +172,7 @@ def test_vocabulary_sizes_that_fit_no_tile(backend, vocab, v_slice):
         params = LogprobParams(name, 1 / 0.9, True, v_slice=v_slice, forward_impl=options.get("forward_impl",
                                                                                                  "sliced"))
         valid = targets != -100
-        lp, ent = FusedLinearLogprob.apply(h[valid], w, b, targets[valid], params)
+        lp, ent = LinearLogprobFunction.apply(h[valid], w, b, targets[valid], params)
         scatter = lambda x: torch.zeros(targets.shape, dtype=x.dtype, device=DEVICE).masked_scatter(valid, x)
         return scatter(lp), scatter(ent)
 
@@ -367,7 +367,7 @@ def test_triton_device_support_decision():
 def test_old_gpus_get_the_torch_backend_or_a_clear_error(monkeypatch, caplog):
     # Fake compute capabilities on a CPU-only machine: "auto" falls back to torch (logged once per device),
     # "triton" raises a ValueError naming the capability; the losses resolve their backend the same way.
-    ll = importlib.import_module("pacs_kernels.linear_logprob")
+    ll = importlib.import_module("pacs_kernels.dispatch")
     ll._log_torch_fallback.cache_clear()
     cuda = torch.device("cuda", 0)
     if HAS_TRITON:

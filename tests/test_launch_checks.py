@@ -18,7 +18,7 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def native_gemms(monkeypatch):
     """Route the GEMM wrappers as on CUDA (native half-precision GEMMs, float32-output calls available), on the
     CPU: a float32-output call with float64 operands then fails here as it does on CUDA."""
-    monkeypatch.setattr(_gemm, "_native", lambda device: True)
+    monkeypatch.setattr(_gemm, "native", lambda device: True)
     monkeypatch.setattr(_gemm, "_supports", lambda device, what: True)
 
 

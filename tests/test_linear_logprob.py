@@ -17,7 +17,7 @@ import torch
 
 import pacs_kernels
 from pacs_kernels import LinearLogprob, linear_logprob_reference
-from pacs_kernels.linear_logprob import FusedLinearLogprob, LogprobParams
+from pacs_kernels.logprob_function import LinearLogprobFunction, LogprobParams
 
 from .helpers import BACKENDS as LOSS_BACKENDS
 from .helpers import DEVICE, DTYPES, HAS_TRITON, max_err, random_problem
@@ -206,7 +206,7 @@ def test_slice_and_chunk_invariance(backend):
     results = []
     for chunk_n, v_slice in PLANS:
         params = LogprobParams(backend, 1 / 0.9, True, chunk_n=chunk_n, v_slice=v_slice)
-        fn = lambda h, w, b: FusedLinearLogprob.apply(h, w, b, targets, params)
+        fn = lambda h, w, b: LinearLogprobFunction.apply(h, w, b, targets, params)
         results.append(_grads_of(fn, hidden, weight, bias, g1, g2))
     for got in results:
         for x, r in zip(got, (ref_lp, ref_ent, *refs)):
@@ -240,7 +240,7 @@ def test_slice_plan_from_the_budget():
 
 
 def test_memory_budget_option_and_environment(monkeypatch):
-    from pacs_kernels.sliced import resolve_budget
+    from pacs_kernels.dispatch import resolve_budget
 
     cpu = torch.device("cpu")
     assert resolve_budget(None, cpu) == 8 << 20 and resolve_budget(None, torch.device("cuda")) == 512 << 20
@@ -331,8 +331,8 @@ def test_triton_fused_forward_block_and_split_invariance():
     for fwd in [KernelConfig(128, 512, 16), KernelConfig(16, 16, 16, n_splits=21), KernelConfig(32, 64, 32, n_splits=3)]:
         params = LogprobParams("triton", 1 / 0.9, True, forward_impl="fused", forward_config=fwd)
         with torch.no_grad():
-            results.append(FusedLinearLogprob.apply(hidden, weight, bias, targets, params))
-    sliced = FusedLinearLogprob.apply(hidden, weight, bias, targets, LogprobParams("triton", 1 / 0.9, True))
+            results.append(LinearLogprobFunction.apply(hidden, weight, bias, targets, params))
+    sliced = LinearLogprobFunction.apply(hidden, weight, bias, targets, LogprobParams("triton", 1 / 0.9, True))
     for other in results[1:] + [tuple(x.detach() for x in sliced)]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
@@ -438,7 +438,7 @@ def test_weight_grad_dtype_option():
     for acc in (torch.float32, torch.bfloat16):
         w = weight.clone().requires_grad_()
         params = LogprobParams("torch", 1.0, False, weight_grad_dtype=acc, chunk_n=16)
-        out = FusedLinearLogprob.apply(hidden, w, None, targets, params)[0]
+        out = LinearLogprobFunction.apply(hidden, w, None, targets, params)[0]
         (g,) = torch.autograd.grad(out.sum(), (w,))
         assert g.dtype == torch.bfloat16
         grads.append(g)
@@ -450,7 +450,7 @@ def test_weight_grad_dtype_option():
 def test_float64_gradcheck_torch_backend():
     hidden, weight, bias, targets = random_problem(9, 5, 23, torch.float64, bias=True, seed=71)
     params = LogprobParams("torch", 1 / 0.8, True, chunk_n=4, v_slice=6)
-    fn = lambda h, w, b: FusedLinearLogprob.apply(h, w, b, targets, params)
+    fn = lambda h, w, b: LinearLogprobFunction.apply(h, w, b, targets, params)
     assert torch.autograd.gradcheck(fn, tuple(x.clone().requires_grad_() for x in (hidden, weight, bias)))
 
 

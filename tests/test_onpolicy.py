@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pacs_kernels import grpo_loss, linear_logprob, pacs_loss, rloo_loss
-from pacs_kernels.onepass import attach_gradients, known_gradient_logprob, plan_chunk
+from pacs_kernels.one_pass import attach_gradients, known_gradient_logprob, plan_chunk
 
 from .helpers import BACKENDS, DEVICE, max_err, random_problem
 from .test_pacs_loss import packed_problem

@@ -1,4 +1,4 @@
-"""pacs_loss and pacs_loss_from_logprobs against the float64 reference of tests/pacs_reference.py.
+"""pacs_loss and pacs_loss_from_logprobs against the float64 reference (pacs_kernels.reference.pacs_loss_reference).
 
 Tolerances (float32 inputs): the loss, scores and gradients are sums of O(100) per-token log-probs, each with a
 float32 error of ~1e-6 relative to its size (see test_linear_logprob.py); 2e-5 relative to the largest value
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from pacs_kernels import linear_logprob, pacs_loss, pacs_loss_from_logprobs
+from pacs_kernels.reference import pacs_loss_reference
 
 from .helpers import BACKENDS, DEVICE, HAS_TRITON, max_err
-from .pacs_reference import pacs_reference
 
 TOL = 2e-5
 
@@ -65,9 +65,9 @@ def run_reference(problem, **opts):
     h = problem["hidden"].double().requires_grad_()
     w = problem["weight"].double().requires_grad_()
     b = None if problem["bias"] is None else problem["bias"].double().requires_grad_()
-    loss, psi, psihat, weights, l = pacs_reference(
-        h, w, problem["targets"], problem["old_logprob"], problem["rewards"], problem["cu_seqlens"],
-        group_size=problem["group_size"], bias=b, **opts)
+    ref = pacs_loss_reference(h, w, problem["targets"], problem["old_logprob"], problem["rewards"],
+                              problem["cu_seqlens"], group_size=problem["group_size"], bias=b, **opts)
+    loss, psi, psihat, weights, l = ref.loss, ref.score, ref.advantage, ref.weight, ref.logprob
     grads = torch.autograd.grad(loss, [x for x in (h, w, b) if x is not None])
     return loss, psi, psihat, weights, l, grads
 

@@ -1,4 +1,4 @@
-"""grpo_loss / rloo_loss against TRL's GRPOTrainer formulas, written here in TRL's padded [S, T] layout.
+"""grpo_loss / rloo_loss against TRL's GRPOTrainer formulas, as pacs_kernels.reference states them.
 
 From TRL's GRPOTrainer._compute_loss (TRL 1.16, token-level importance sampling), with completion mask m [S, T]:
     coef_1 = exp(logps - old_logps); coef_2 = clamp(coef_1, 1 - eps_low, 1 + eps_high)
@@ -13,7 +13,9 @@ From TRL's GRPOTrainer._compute_loss (TRL 1.16, token-level importance sampling)
     logged kl: (per_token_kl * m).sum() / m.sum()
     advantages = rewards - mean_grouped; / (std_grouped + 1e-4) when scale_rewards is on.
 RLOO: advantages = rewards - (sum_grouped - rewards) / (G - 1).
-Here num_processes = grad_accum_steps = 1 (pacs/trainer.py: one process, one optimizer step per mini-batch).
+pacs_kernels.reference.policy_loss_from_logprobs_reference writes these per packed sequence; here TRL's terms
+(num_items_in_batch, steps_per_generation) become its normalizer, with num_processes = grad_accum_steps = 1
+(pacs/trainer.py: one process, one optimizer step per mini-batch).
 The log-probs come from the float64 materialized reference; tolerances as in test_pacs_loss.py.
 """
 
@@ -23,21 +25,12 @@ import pytest
 import torch
 
 from pacs_kernels import grpo_loss, linear_logprob_reference, rloo_loss
+from pacs_kernels.reference import policy_loss_from_logprobs_reference
 
 from .helpers import BACKENDS, DEVICE, max_err
 from .test_pacs_loss import packed_problem
 
 TOL = 2e-5
-
-
-def to_padded(x, cu, fill=0.0):
-    S = len(cu) - 1
-    T = int((cu[1:] - cu[:-1]).max())
-    out = torch.full((S, T), fill, dtype=x.dtype)
-    for i in range(S):
-        seg = x[cu[i]:cu[i + 1]]
-        out[i, :len(seg)] = seg
-    return out
 
 
 def trl_reference(problem, *, kind, epsilon, epsilon_high, loss_type, scale_rewards, kl_coef, ref_logprob,
@@ -49,54 +42,22 @@ def trl_reference(problem, *, kind, epsilon, epsilon_high, loss_type, scale_rewa
     """
     h = problem["hidden"].double().requires_grad_()
     w = problem["weight"].double().requires_grad_()
-    targets = problem["targets"].cpu()
     l, H = linear_logprob_reference(h, w, problem["targets"], temperature=temperature, with_entropy=True,
                                     compute_dtype=torch.float64)
-    cu = problem["cu_seqlens"].long().cpu()
-    G = problem["group_size"]
-    m = to_padded((targets != -100).double(), cu)
-    logps = to_padded(l.cpu(), cu)
-    old = to_padded(torch.nan_to_num(problem["old_logprob"].double().cpu()), cu)
-    r = problem["rewards"].double().cpu().view(-1, G)
-    if kind == "rloo":
-        adv = (r - (r.sum(1, keepdim=True) - r) / (G - 1)).reshape(-1)
-    else:
-        adv = r - r.mean(1, keepdim=True)
-        if scale_rewards == "group":
-            adv = adv / (r.std(1, keepdim=True) + 1e-4)
-        elif scale_rewards == "batch":
-            adv = adv / (r.std() + 1e-4)
-        adv = adv.reshape(-1)
-    A = adv[:, None]
-    coef_1 = torch.exp(logps - old)
-    per_token_kl = logged_kl = None
-    if ref_logprob is not None:
-        ref = to_padded(ref_logprob.double().cpu(), cu)
-        per_token_kl = torch.exp(ref - logps) - (ref - logps) - 1
-        if use_bias_correction_kl:
-            per_token_kl = per_token_kl * coef_1
-        logged_kl = (per_token_kl * m).sum() / m.sum().clamp(min=1)
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + eps_high)
-    per_token_loss = -torch.min(coef_1 * A, coef_2 * A)
-    if kl_coef:
-        per_token_loss = per_token_loss + kl_coef * per_token_kl
-    if loss_type == "grpo":
-        loss = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
-        loss = (per_token_loss * m).sum() / m.sum().clamp(min=1)
-    elif loss_type == "dapo":
-        items = m.sum() if num_items_in_batch is None else torch.tensor(float(num_items_in_batch))
+    mask = problem["targets"].cpu() != -100
+    normalizer = None
+    if loss_type == "dapo":
+        items = mask.sum().double() if num_items_in_batch is None else torch.tensor(float(num_items_in_batch))
         num_processes, grad_accum_steps = 1, 1
-        normalizer = items.clamp(min=1.0) / num_processes * grad_accum_steps / steps_per_generation
-        loss = (per_token_loss * m).sum() / normalizer
-    else:
-        T = max_len if max_len is not None else int(m.sum(-1).max())
-        loss = (per_token_loss * m).sum() / (per_token_loss.size(0) * T)
-    if entropy_coef:
-        Hp = to_padded(H.cpu(), cu)
-        loss = loss - entropy_coef * (Hp * m).sum() / m.sum()
-    return loss, adv, logged_kl, torch.autograd.grad(loss, (h, w))
+        normalizer = float(items.clamp(min=1.0) / num_processes * grad_accum_steps / steps_per_generation)
+    ref = policy_loss_from_logprobs_reference(
+        l.cpu(), problem["old_logprob"].double().cpu(), problem["rewards"].cpu(), problem["cu_seqlens"].cpu(),
+        group_size=problem["group_size"], kind=kind, mask=mask, epsilon=epsilon, epsilon_high=epsilon_high,
+        loss_type=loss_type, scale_rewards=scale_rewards, kl_coef=kl_coef,
+        ref_logprob=None if ref_logprob is None else ref_logprob.double().cpu(),
+        use_bias_correction_kl=use_bias_correction_kl, max_len=max_len, normalizer=normalizer, entropy=H.cpu(),
+        entropy_coef=entropy_coef)
+    return ref.loss, ref.advantage, ref.kl, torch.autograd.grad(ref.loss, (h, w))
 
 
 def ours_kwargs(spec):

@@ -19,7 +19,7 @@ trl = pytest.importorskip("trl")
 
 from pacs.integrations import trl as pacs_trl  # noqa: E402
 from pacs.integrations.trl import PACSConfig, PACSTrainer  # noqa: E402
-from .pacs_reference import pacs_reference  # noqa: E402
+from pacs_kernels.reference import pacs_loss_reference  # noqa: E402
 
 V = 4096
 D = 32
@@ -268,7 +268,7 @@ def test_pacs_two_steps(tokenizer):
 @pytest.mark.parametrize("advantage,score,class_balance", [
     ("rloo", "logratio_sum", True), ("grpo", "logratio_sum", False), ("naive", "logprob_mean", True)])
 def test_pacs_loss_matches_float64_reference(tokenizer, advantage, score, class_balance):
-    """Off-policy PACS loss and gradients against tests/pacs_reference.py (materialized logits, float64)."""
+    """Off-policy PACS loss and gradients against pacs_kernels.reference (materialized logits, float64)."""
     trainer = make_trainer(PACSTrainer, config(pacs_advantage=advantage, pacs_score=score,
                                                pacs_class_balance=class_balance, pacs_beta=2.0), tokenizer)
     inputs = hand_batch(trainer, groups=(1, 0, 0, 1))  # rows of one group apart: the plug-in regroups them
@@ -284,10 +284,10 @@ def test_pacs_loss_matches_float64_reference(tokenizer, advantage, score, class_
     old = torch.zeros_like(targets, dtype=torch.float64)
     old[:, -6:] = inputs["old_per_token_logps"][order].double()
     S, T = targets.shape
-    ref_loss, *_ = pacs_reference(hidden.reshape(S * T, D), ref_model.lm_head.weight, targets.reshape(-1),
-                                  old.reshape(-1), inputs["pacs_rewards"][order], torch.arange(S + 1) * T,
-                                  group_size=2, beta=2.0, score=score, advantage=advantage,
-                                  class_balance=class_balance)
+    ref_loss = pacs_loss_reference(hidden.reshape(S * T, D), ref_model.lm_head.weight, targets.reshape(-1),
+                                   old.reshape(-1), inputs["pacs_rewards"][order], torch.arange(S + 1) * T,
+                                   group_size=2, beta=2.0, score=score, advantage=advantage,
+                                   class_balance=class_balance).loss
     ref_loss.backward()
     assert_rel_close(loss, ref_loss.detach(), 1e-5, "loss")
     for name, p in ref_model.named_parameters():

@@ -54,6 +54,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from pacs.stats import auc_score
 from pacs_kernels import linear_logprob, pacs_loss_from_logprobs
+from pacs_kernels.reference import pacs_loss_from_logprobs_reference
 
 __all__ = ["PACSConfig", "PACSTrainer", "TESTED_TRL", "check_trl"]
 
@@ -468,29 +469,15 @@ def _group_order(group: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _pacs_soft_balanced(logps, old, mask, rewards, group_size, beta, score, advantage):
-    """PACS with soft labels and class balance, which pacs_kernels defines for {0, 1} labels only: the same
-    formulas (docs/pacs-math.md) in PyTorch, counting labels > 0.5 as positive. Returns (loss, psi, prob).
+    """PACS with soft labels and class balance, which pacs_kernels' ops define for {0, 1} labels only: the package's
+    spec (`pacs_kernels.reference.pacs_loss_from_logprobs_reference`, docs/pacs-math.md), which counts labels
+    > 0.5 as positive for the class weights, on the padded rows [S, T]. Returns (loss, psi, prob).
 
     Binary labels never come here (they take pacs_kernels' sequence kernel, whose class weights agree with these).
     """
-    per_token = torch.where(mask, logps - old if score == "logratio_sum" else logps, torch.zeros_like(logps))
-    psi = beta * per_token.sum(1)
-    if score == "logprob_mean":
-        psi = psi / mask.sum(1).clamp(min=1)
-    g = psi.view(-1, group_size)
-    if advantage == "rloo":
-        psihat = g - (g.sum(1, keepdim=True) - g) / (group_size - 1)
-    elif advantage == "grpo":
-        centered = g - g.mean(1, keepdim=True)
-        psihat = centered / (centered.square().sum(1, keepdim=True) / (group_size - 1)).sqrt().add(1e-6)
-    else:
-        psihat = g
-    r = rewards.view(-1, group_size).to(psihat.dtype)
-    positive = r > 0.5
-    k = positive.sum(1, keepdim=True).to(r.dtype)
-    balanced = torch.where(positive, group_size / (2 * k.clamp(min=1)),
-                           group_size / (2 * (group_size - k).clamp(min=1)))
-    weight = torch.where((k > 0) & (k < group_size), balanced, torch.ones_like(r))
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(psihat, r, reduction="none")
-    loss = (weight * bce).sum() / r.numel()
-    return loss, psi.detach(), torch.sigmoid(psihat).detach().reshape(-1)
+    n_seqs, width = logps.shape
+    cu_seqlens = torch.arange(n_seqs + 1, device=logps.device) * width
+    out = pacs_loss_from_logprobs_reference(logps.reshape(-1), old.reshape(-1), rewards, cu_seqlens,
+                                            group_size=group_size, mask=mask.reshape(-1), beta=beta, score=score,
+                                            advantage=advantage, class_balance=True)
+    return out.loss, out.score.detach(), out.prob.detach()

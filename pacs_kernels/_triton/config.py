@@ -2,8 +2,10 @@
 
 Two targets:
 - CUDA (bf16/fp16 tensor cores, fp32 accumulation). `ARCH_CONFIGS` holds one entry per architecture (compute
-  capability 8.0 A100, 9.0 H100/H200, 10.0 B200): the fused forward's tile, the elementwise kernels' blocks and the
-  fallback GEMM's tile. The running device's compute capability picks the entry (the newest one not newer than
+  capability 8.0 A100, 9.0 H100/H200, 10.0 B200): the fused forward's tile, the elementwise kernels' blocks, the
+  fallback GEMM's tile and the sequence kernel's steps. Every launcher reads its parameters from it through
+  `forward_config`, `elementwise_config`, `gemm_config` and `sequence_config`, and kernel_report compiles exactly
+  those entries. The running device's compute capability picks the entry (the newest one not newer than
   the device). `python -m benchmarks.kernel_report --arch sm_80 --arch sm_90 --arch sm_100 --check` compiles every
   entry for its own architecture (registers, spills, shared memory, tensor-core instructions, no GPU needed).
   The fused forward's vocabulary splits: at least 16 when there are that many tiles (so the resident programs
@@ -54,12 +56,32 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class ElementwiseConfig:
+    """Launch parameters of the slice kernels (no tl.dot): [block_n, block_v] tiles of the float32 logits."""
+
+    block_n: int
+    block_v: int
+    num_warps: int = 8
+    num_stages: int = 3  # Triton's default, stated: the statistics kernel's loop over column tiles is pipelined
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """Launch parameters of the PACS sequence kernel: block_t tokens per step of its loops over a sequence."""
+
+    block_t: int = 256
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
 class ArchConfigs:
     """The CUDA launch parameters of every Triton kernel for one GPU architecture."""
 
     forward: KernelConfig  # fused forward: BLOCK_N x BLOCK_V logit tiles, BLOCK_D-wide steps over D
-    elementwise: tuple[int, int, int]  # slice statistics / logit gradient: (BLOCK_N, BLOCK_V, num_warps)
+    elementwise: ElementwiseConfig  # slice statistics / logit gradient
     gemm: KernelConfig  # fallback float32-output GEMM: block_n = BLOCK_M, block_v = BLOCK_N, block_d = BLOCK_K
+    sequence: SequenceConfig  # PACS sequence kernel
 
 
 # The fused forward's tile per architecture. Registers and spills are those of kernel_report under Triton 3.6 and
@@ -76,19 +98,20 @@ class ArchConfigs:
 #   measured on a B200.
 # Elementwise kernels: 16 x 512 tiles, 8 warps (32 KiB of float32 per program: enough bytes in flight
 # per SM for HBM rate; the stats kernel has 1024 programs at n=16k). The fallback GEMM: 128 x 128 x 64, 8 warps,
-# 3 stages (GROUP_M = 8), free of spills on every architecture.
-_ELEMENTWISE = (16, 512, 8)
+# 3 stages (GROUP_M = 8), free of spills on every architecture. The sequence kernel: 256-token steps, 4 warps.
+_ELEMENTWISE = ElementwiseConfig(16, 512, num_warps=8, num_stages=3)
 _GEMM = KernelConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
+_SEQUENCE = SequenceConfig(block_t=256, num_warps=4, num_stages=3)
 ARCH_CONFIGS = {
-    80: ArchConfigs(KernelConfig(128, 128, 32, num_warps=8, num_stages=4), _ELEMENTWISE, _GEMM),
-    90: ArchConfigs(KernelConfig(128, 128, 64, num_warps=8, num_stages=3), _ELEMENTWISE, _GEMM),
-    100: ArchConfigs(KernelConfig(128, 64, 64, num_warps=8, num_stages=3), _ELEMENTWISE, _GEMM),
+    80: ArchConfigs(KernelConfig(128, 128, 32, num_warps=8, num_stages=4), _ELEMENTWISE, _GEMM, _SEQUENCE),
+    90: ArchConfigs(KernelConfig(128, 128, 64, num_warps=8, num_stages=3), _ELEMENTWISE, _GEMM, _SEQUENCE),
+    100: ArchConfigs(KernelConfig(128, 64, 64, num_warps=8, num_stages=3), _ELEMENTWISE, _GEMM, _SEQUENCE),
 }
+GEMM_GROUP_M = 8  # the fallback GEMM's programs walk 8 row blocks per column block (L2 reuse of b's tiles)
 DEFAULT_ARCH = 90  # the design target: used where no device can be asked (config selection on a CPU-only build)
 # Opt-in shared memory per block (CUDA programming guide): 163 KiB on A100, 227 KiB on H100 and B200; the
 # device's own value (shared_memory_per_block_optin) is used where torch reports it.
 SHARED_LIMIT = {80: 166_912, 90: 232_448, 100: 232_448}
-CUDA_FORWARD = ARCH_CONFIGS[DEFAULT_ARCH].forward
 MIN_SPLITS = 16
 CONFIG_ENV = "PACS_KERNELS_CONFIG"
 
@@ -207,6 +230,35 @@ def _override(config: KernelConfig) -> KernelConfig:
     if bad:
         raise ValueError(f"{CONFIG_ENV} blocks must be powers of two >= 16, got {spec!r} ({bad} are not)")
     return replace(config, block_n=blocks[0], block_v=blocks[1], block_d=blocks[2])
+
+
+def dot_flags(dtype: torch.dtype, interpreter: bool) -> tuple[bool, str]:
+    """(UPCAST, DOT_PRECISION) of a tl.dot on operands of `dtype`: the interpreter multiplies raw bits of bf16
+    operands, so they are upcast there; float32 dots are exact ("ieee"), never TF32 ("tf32" is ignored for 16-bit
+    operands)."""
+    upcast = interpreter and dtype != torch.float32
+    return upcast, "ieee" if (upcast or dtype == torch.float32) else "tf32"
+
+
+def elementwise_config(n: int, v: int, device: torch.device) -> ElementwiseConfig:
+    """The slice kernels' blocks for an [n, v] slice: the device's `ARCH_CONFIGS` entry, or in the interpreter as
+    large as the problem allows (its cost grows with programs x iterations)."""
+    if interpreting():
+        return ElementwiseConfig(_pow2_clamp(n, 16, 128), _pow2_clamp(v, 16, 1024), num_warps=4)
+    return arch_configs(device).elementwise
+
+
+def gemm_config(device: torch.device, elem_bytes: int) -> KernelConfig:
+    """The fallback GEMM's tile: the device's `ARCH_CONFIGS` entry fitted to its shared memory, or 64 x 64 x 64 in
+    the interpreter."""
+    if interpreting():
+        return KernelConfig(64, 64, 64, num_warps=4, num_stages=1)
+    return fit_to_device(arch_configs(device).gemm, elem_bytes, device, "GEMM")
+
+
+def sequence_config(device: torch.device) -> SequenceConfig:
+    """The PACS sequence kernel's launch parameters (the same in the interpreter)."""
+    return arch_configs(device).sequence
 
 
 def forward_config(n_tokens: int, vocab: int, dim: int, device: torch.device) -> KernelConfig:

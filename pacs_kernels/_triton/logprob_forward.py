@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._stats import finalize_stats, merge_stats
-from .config import KernelConfig, fit_to_device, forward_config, interpreting, launch
+from .config import KernelConfig, dot_flags, fit_to_device, forward_config, interpreting, launch
 from .tiles import fold_tile, logit_tile
 
 
@@ -67,13 +67,6 @@ def _logprob_forward_kernel(
     tl.store(zy_ptr + out, zy, mask=row_ok)
 
 
-def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    """(UPCAST, DOT_PRECISION) for operands of `dtype`: float32 dots are exact (ieee), never tf32."""
-    upcast = interpreting() and dtype != torch.float32
-    precision = "ieee" if (upcast or dtype == torch.float32) else "tf32"
-    return upcast, precision
-
-
 def logprob_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -83,7 +76,8 @@ def logprob_forward(
     with_entropy: bool,
     config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(logprob [N], entropy [N] or None, lse [N]), float32, for validated hidden [N, D] and targets in [0, V)."""
+    """(logprob [N] float32, entropy [N] float32 or None, lse [N] float64) for validated hidden [N, D] and targets
+    in [0, V)."""
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     hidden = hidden.contiguous()
@@ -97,7 +91,7 @@ def logprob_forward(
     n_splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
     stats = torch.empty((4, n_splits, n_tokens), dtype=torch.float32, device=hidden.device)
     m, s, t, zy = stats.unbind(0)
-    upcast, precision = dot_flags(hidden.dtype)
+    upcast, precision = dot_flags(hidden.dtype, interpreting())
     grid = (triton.cdiv(n_tokens, config.block_n) * n_splits,)
     launch(
         _logprob_forward_kernel, grid, config, hidden.device, "fused forward",

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import sequence_config
+
 SCORES = {"logratio_sum": 0, "logprob_mean": 1}
 ADVANTAGES = {"rloo": 0, "grpo": 1, "naive": 2}
 
@@ -142,12 +144,14 @@ def pacs_sequence_triton(logprob, old_logprob, mask, rewards, cu_seqlens, *, gro
     psi, psihat, prob, weight = per_seq.unbind(0)
     coef = torch.empty_like(logprob, dtype=torch.float32)
     old = old_logprob if old_logprob is not None else logprob
+    config = sequence_config(device)
     _pacs_sequence_kernel[(n_groups,)](
         logprob.float().contiguous(), old.contiguous(), mask.contiguous().view(torch.uint8),
         rewards.float().contiguous(), cu_seqlens.to(torch.int32).contiguous(),
         group_loss, psi, psihat, prob, weight, coef,
         group_size, float(beta), 1.0 / n_seqs,
         SCORE=SCORES[score], ADVANTAGE=ADVANTAGES[advantage], CLASS_BALANCE=bool(class_balance),
-        G_PAD=max(2, triton.next_power_of_2(group_size)), BLOCK_T=256,
+        G_PAD=max(2, triton.next_power_of_2(group_size)), BLOCK_T=config.block_t,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return group_loss.sum(), psi, psihat, prob, weight, coef

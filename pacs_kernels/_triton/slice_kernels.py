@@ -1,14 +1,18 @@
-"""Triton kernels of the vocabulary-sliced pipeline (`pacs_kernels/sliced.py`): elementwise work on a logit slice.
+"""Triton kernels of the sliced passes and the one pass (`pacs_kernels/sliced.py`, `one_pass.py`): a logit
+slice's elementwise work, and the fallback GEMM.
 
-For one slice of v vocabulary rows the library GEMM writes the float32 logits Z = h @ W_v.T [n, v]; these kernels
-read Z once and never multiply matrices (no `tl.dot`, so the Triton interpreter runs them exactly as the GPU does):
+For one slice of v vocabulary rows the library GEMM writes the float32 logits Z = h @ W_v.T [n, v]; the two
+elementwise kernels read Z once and never multiply matrices (no `tl.dot`, so the Triton interpreter runs them
+exactly as the GPU does):
 
 - `_slice_stats_kernel`: per token, the online softmax statistics of the slice (m, s, t, target logit), see
   `pacs_kernels/_stats.py`. Reads 4*n*v bytes, writes 16*n.
 - `_logit_grad_kernel`: dz = dL/d(h W_v^T + b) for the slice, written in the GEMM operand dtype (bf16/fp16: the
   rounding the GPU's dH/dW products see), plus per-row-block partial sums of dz for the bias gradient (summed in
   torch afterwards: deterministic, no atomics). Reads 4*n*v, writes 2*n*v bytes (bf16).
-- `_gemm_f32_kernel`: C = A @ B with a float32 output, the fallback where torch has no float32-output half GEMM.
+
+The third kernel is a matrix product: `_gemm_f32_kernel`, C = A @ B with a float32 output, the fallback of
+`_gemm.py` where torch has no float32-output half-precision GEMM. Launch parameters: `config.ARCH_CONFIGS`.
 
 At the headline shape (N=16384, V=131072) the two elementwise passes move 8.6 + 12.9 GB: ~2 + ~3 ms at 4.3 TB/s,
 against ~22 ms for each of the four GEMMs.
@@ -24,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import KernelConfig, arch_configs, fit_to_device, interpreting, launch
+from .config import GEMM_GROUP_M, dot_flags, elementwise_config, gemm_config, interpreting, launch
 from .tiles import fold_tile
 
 
@@ -140,26 +144,16 @@ def _gemm_f32_kernel(
 
 # ------------------------------------------------------------------------------------------------- launchers
 
-GEMM_GROUP_M = 8  # the fallback GEMM's programs walk 8 row blocks per column block (L2 reuse of b's tiles)
-
-def _blocks(n: int, v: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_V, num_warps) of the elementwise kernels: the device's `ARCH_CONFIGS` entry, or in the
-    interpreter as large as the problem allows (its cost grows with programs x iterations)."""
-    if interpreting():
-        return max(16, min(128, triton.next_power_of_2(n))), max(16, min(1024, triton.next_power_of_2(v))), 4
-    return arch_configs(device).elementwise
-
-
 def slice_stats(z, bias_v, targets, v0, inv_temperature, with_entropy, out):
     """Fill out = (m, s, t, zy) [4, n] float32 with the statistics of the slice z [n, v] (float32, row stride any)."""
     n, v = z.shape
-    block_n, block_v, warps = _blocks(n, v, z.device)
+    config = elementwise_config(n, v, z.device)
     m, s, t, zy = out.unbind(0)
-    _slice_stats_kernel[(triton.cdiv(n, block_n),)](
+    _slice_stats_kernel[(triton.cdiv(n, config.block_n),)](
         z, bias_v if bias_v is not None else z, targets, m, s, t, zy,
         n, v, z.stride(0), v0, inv_temperature,
-        HAS_BIAS=bias_v is not None, WITH_ENTROPY=with_entropy, BLOCK_N=block_n, BLOCK_V=block_v,
-        num_warps=warps,
+        HAS_BIAS=bias_v is not None, WITH_ENTROPY=with_entropy, BLOCK_N=config.block_n, BLOCK_V=config.block_v,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
 
@@ -167,20 +161,21 @@ def slice_stats(z, bias_v, targets, v0, inv_temperature, with_entropy, out):
 def logit_grad(z, bias_v, targets, v0, lse, entropy, grad_logprob, grad_entropy, inv_temperature, dz, need_bias):
     """Write dz [n, v] (its dtype) for the slice z [n, v]; return the bias gradient of the slice (float32) or None."""
     n, v = z.shape
-    block_n, block_v, warps = _blocks(n, v, z.device)
-    n_blocks = triton.cdiv(n, block_n)
+    config = elementwise_config(n, v, z.device)
+    n_blocks = triton.cdiv(n, config.block_n)
     db = torch.empty((n_blocks, v), dtype=torch.float32, device=z.device) if need_bias else z
     dummy = z  # stands in for absent pointers (the flags keep them unread)
     lse_hi = lse.float()  # lse (float64, from finalize_stats) = hi + lo: 8 bytes per row, no float64 in the kernel
     lse_lo = (lse - lse_hi.to(lse.dtype)).float()
-    _logit_grad_kernel[(n_blocks, triton.cdiv(v, block_v))](
+    _logit_grad_kernel[(n_blocks, triton.cdiv(v, config.block_v))](
         z, bias_v if bias_v is not None else z, targets, lse_hi, lse_lo,
         entropy if grad_entropy is not None else dummy,
         grad_logprob if grad_logprob is not None else dummy,
         grad_entropy if grad_entropy is not None else dummy,
         dz, db, n, v, z.stride(0), dz.stride(0), v0, inv_temperature,
         HAS_BIAS=bias_v is not None, HAS_GLP=grad_logprob is not None, HAS_GENT=grad_entropy is not None,
-        COMPUTE_DB=need_bias, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps,
+        COMPUTE_DB=need_bias, BLOCK_N=config.block_n, BLOCK_V=config.block_v, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return db.sum(0) if need_bias else None
 
@@ -192,12 +187,8 @@ def gemm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tenso
     accuracy mode)."""
     M, K = a.shape
     N = b.shape[1]
-    upcast = interpreting() and a.dtype != torch.float32
-    precision = "ieee" if (upcast or a.dtype == torch.float32) else "tf32"  # tf32 is unused for 16-bit operands
-    if interpreting():
-        config = KernelConfig(64, 64, 64, num_warps=4, num_stages=1)
-    else:
-        config = fit_to_device(arch_configs(a.device).gemm, a.element_size(), a.device, "GEMM")
+    upcast, precision = dot_flags(a.dtype, interpreting())
+    config = gemm_config(a.device, a.element_size())
     bm, bn, bk = config.block_n, config.block_v, config.block_d
     launch(
         _gemm_f32_kernel, (triton.cdiv(M, bm) * triton.cdiv(N, bn),), config, a.device, "GEMM",

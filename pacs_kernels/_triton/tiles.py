@@ -1,4 +1,6 @@
-"""Triton device functions shared by the forward and backward log-prob kernels."""
+"""Triton device functions of the log-prob kernels: `logit_tile` (the fused forward computes its logits in
+registers) and `fold_tile` (the online softmax statistics, shared by the fused forward and the slice statistics
+kernel)."""
 
 import triton
 import triton.language as tl

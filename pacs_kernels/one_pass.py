@@ -1,8 +1,9 @@
-"""One vocabulary pass for losses whose per-token gradient is known before the forward: 6NDV instead of 2NDV + 8NDV.
+"""The one pass: log-probs and the loss's gradients in one vocabulary pass, for upstream gradients known before the
+forward: 6NDV instead of 2NDV + 8NDV.
 
-On-policy RL (the first optimizer step after a rollout: theta = theta_old, so PACS's psi = 0 and GRPO's ratio = 1)
-and the supervised NLL give every token's upstream gradient d loss / d logprob_t (and d loss / d entropy_t) before
-any logit is computed. The head then needs each logit once: per chunk of c tokens (all V columns),
+A loss's on-policy step (the first optimizer step after a rollout: theta = theta_old, so PACS's psi = 0 and GRPO's
+ratio = 1) and the supervised NLL give every token's upstream gradient d loss / d logprob_t (and d loss /
+d entropy_t) before any logit is computed. The head then needs each logit once: per chunk of c tokens (all V columns),
 
     Z    = h_c @ W.T             GEMM, float32 [c, V] workspace           2cDV FLOPs
     m, s, t, z_y of Z            statistics pass (the whole vocabulary as one slice, v0 = 0) -> lse, logprob, H
@@ -20,27 +21,31 @@ per element (`passes.backward_bytes`): triton: Z float32 + dz in hidden's dtype 
 one temporary (8 bytes). At V = 131072 and the 512 MiB CUDA default that is 682 -> 640 tokens per chunk (rounded
 down to a multiple of 128 above 128 tokens). An explicit budget (argument or $PACS_KERNELS_MEMORY_BUDGET) bounds
 the workspace; the device default gets at least `DEFAULT_MIN_CHUNK` = 256 tokens per chunk (on the CPU, whose
-8 MiB default is a cache size, not a memory limit: 311 MiB at V = 151936 in float32). The workspace stays float32: bf16 logits (8 bits of mantissa) would
-put errors of ~|z| / 256 into every log-prob (0.06 at |z| = 16), far above float32 rounding.
+8 MiB default is a cache size, not a memory limit: 297 MiB at V = 151936 in float32). The workspace stays
+float32: bf16 logits (8 bits of mantissa) would put errors of ~|z| / 256 into every log-prob (0.06 at |z| = 16),
+far above float32 rounding.
 
 Other memory: the gradients live from the loss's forward to its backward: dH [N, D] in hidden's dtype, dW [V, D]
 in weight's dtype (1 GiB at V = 131072, D = 4096, bf16) and, when the tokens take more than one chunk, the float32
 [V, D] accumulator of dW (`weight_grad_dtype`; 2 GiB there, or weight's dtype at the cost of one rounding per
 chunk). No float32 [N, D] accumulator exists (dH of a chunk is complete in one GEMM over the whole vocabulary).
+
+Public: `known_gradient_logprob` (the pass) and `attach_gradients` (its gradients as a loss's); the losses take it
+for old_logprob=None where `dispatch.plan_on_policy` says "one_pass".
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 
-from . import _gemm
+from . import _gemm, dispatch
+from ._rows import output_dtype, scatter_rows, valid_rows
 from ._stats import finalize_stats, merge_stats
 from ._validation import check_linear_inputs, check_temperature, check_weight_grad_dtype
-from .linear_logprob import linear_logprob, resolve_backend, scatter_rows, valid_rows
-from .sliced import BUDGET_ENV, TorchPasses, _slices, _view, passes_for, resolve_budget
+from .sliced import LogitSlice, LogprobProblem, TorchPasses, Upstream, passes_for, slice_bounds, workspace_view
 
 GradFn = Callable[[int, int, torch.Tensor, torch.Tensor | None],
                   tuple[torch.Tensor | None, torch.Tensor | None]]
@@ -65,28 +70,39 @@ def plan_chunk(n_tokens: int, vocab: int, bytes_per_elem: int, budget: int, chun
     return max(1, min(chunk_n, max(n_tokens, 1)))
 
 
-def known_gradient_pass(hidden, weight, bias, targets, grad_fn: GradFn, inv_temperature, with_entropy, passes,
-                        chunk_n, needs, weight_grad_dtype=torch.float32, stats_slice=None):
-    """(logprob [N], entropy [N] | None, d_hidden [N, D], d_weight [V, D], d_bias [V]) of validated 2-d inputs
-    (targets in [0, V)); the gradients in the inputs' dtypes, None where `needs` (hidden, weight, bias) says so.
+@dataclass(frozen=True)
+class PassSchedule:
+    """How the one pass walks the problem: tokens per chunk, columns per launch of the Triton statistics kernel
+    (None: `TRITON_STATS_SLICE`), and the dtype of the dW accumulator when there is more than one chunk."""
+
+    chunk_n: int
+    stats_slice: int | None = None
+    weight_grad_dtype: torch.dtype = torch.float32
+
+
+def one_pass(problem: LogprobProblem, grad_fn: GradFn, needs, passes, schedule: PassSchedule):
+    """(logprob [N], entropy [N] | None, d_hidden [N, D], d_weight [V, D], d_bias [V]) of a problem with targets
+    in [0, V); the gradients in the inputs' dtypes, None where `needs` (hidden, weight, bias) says so.
 
     grad_fn(n0, n1, logprob, entropy) gives the upstream gradients (grad_logprob, grad_entropy) of rows [n0, n1)
     (float tensors of n1 - n0 values or None) from that chunk's log-probs and entropies.
-    stats_slice: columns per launch of the Triton statistics kernel (default `TRITON_STATS_SLICE`), whose programs
-    are blocks of rows: a chunk's 640 rows alone would be 40 programs; 16 column slices of 8192 at V = 131072 make
-    640, merged by `_stats.merge_stats`. The torch backend takes the whole vocabulary at once.
+    The Triton statistics kernel's programs are blocks of rows: a chunk's 640 rows alone would be 40 programs;
+    16 column slices of 8192 (`schedule.stats_slice`) at V = 131072 make 640, merged by `_stats.merge_stats`.
+    The torch backend takes the whole vocabulary at once.
     """
     need_h, need_w, need_b = needs
+    hidden, weight, bias = problem.hidden, problem.weight, problem.bias
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    chunk_n = schedule.chunk_n
     device = hidden.device
-    acc = _gemm._acc_dtype(hidden.dtype)
+    acc = _gemm.acc_dtype(hidden.dtype)
     one_chunk = chunk_n >= n_tokens
     logprob = torch.empty(n_tokens, dtype=acc, device=device)
-    entropy = torch.empty(n_tokens, dtype=acc, device=device) if with_entropy else None
+    entropy = torch.empty(n_tokens, dtype=acc, device=device) if problem.with_entropy else None
     d_hidden = torch.empty_like(hidden) if need_h else None
     d_weight = None
     if need_w:  # as in sliced_backward: one chunk writes dW once; several accumulate in weight_grad_dtype
-        w_acc = torch.float64 if acc == torch.float64 else weight_grad_dtype
+        w_acc = torch.float64 if acc == torch.float64 else schedule.weight_grad_dtype
         d_weight = torch.empty_like(weight) if one_chunk else torch.zeros(weight.shape, dtype=w_acc, device=device)
     d_bias = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
     z_buf = torch.empty(chunk_n * vocab, dtype=acc, device=device)
@@ -96,23 +112,23 @@ def known_gradient_pass(hidden, weight, bias, targets, grad_fn: GradFn, inv_temp
     # The torch statistics pass leaves z - m in the workspace (`_stats.slice_stats` shifts in place), so it runs
     # on the whole vocabulary and its dz pass gets log s = lse - m; the Triton kernels only read the workspace.
     shifted = isinstance(passes, TorchPasses)
-    cols = _slices(vocab, vocab if shifted else min(vocab, stats_slice or TRITON_STATS_SLICE))
+    cols = slice_bounds(vocab, vocab if shifted else min(vocab, schedule.stats_slice or TRITON_STATS_SLICE))
     stats = torch.zeros((4, len(cols), chunk_n), dtype=acc, device=device)  # m, s, t, z_y per column slice
     for n0 in range(0, n_tokens, chunk_n):
         n1 = min(n0 + chunk_n, n_tokens)
         rows = n1 - n0
         h = passes.prepare(hidden[n0:n1])
-        y = targets[n0:n1]
-        z = passes.logits(h, weight, bias, inv_temperature, _view(z_buf, rows, vocab))
+        y = problem.targets[n0:n1]
+        z = passes.logits(h, weight, bias, problem.inv_temperature, workspace_view(z_buf, rows, vocab))
         for k, (v0, v1) in enumerate(cols):
-            passes.stats(z[:, v0:v1], None if bias is None else bias[v0:v1], y, v0, inv_temperature, with_entropy,
-                         stats[:, k, :rows])
+            passes.stats(LogitSlice(z[:, v0:v1], None if bias is None else bias[v0:v1], y, v0),
+                         problem.inv_temperature, problem.with_entropy, stats[:, k, :rows])
         m, s, t, zy = stats[:, :, :rows].unbind(0)
-        m, s, t = merge_stats(m, s, t if with_entropy else None)  # one slice: unchanged
+        m, s, t = merge_stats(m, s, t if problem.with_entropy else None)  # one slice: unchanged
         lse, ent = finalize_stats(m, s, t)
         lp = (zy.sum(0) - lse).clamp_max(0.0).to(acc)  # as sliced_forward: log p <= 0
         logprob[n0:n1] = lp
-        if with_entropy:
+        if problem.with_entropy:
             entropy[n0:n1] = ent
         if not any(needs):
             continue
@@ -121,8 +137,9 @@ def known_gradient_pass(hidden, weight, bias, targets, grad_fn: GradFn, inv_temp
             g_lp = torch.zeros(rows, dtype=acc, device=device)
         g_lp = None if g_lp is None else g_lp.to(acc).contiguous()
         g_ent = None if g_ent is None else g_ent.to(acc).contiguous()
-        dz, db = passes.grad(z, bias, y, 0, s.log() if shifted else lse, ent if g_ent is not None else None, g_lp,
-                             g_ent, inv_temperature, None if dz_buf is None else _view(dz_buf, rows, vocab), need_b)
+        up = Upstream(s.log() if shifted else lse, ent if g_ent is not None else None, g_lp, g_ent)
+        dz, db = passes.grad(LogitSlice(z, bias, y, 0), up, problem.inv_temperature,
+                             None if dz_buf is None else workspace_view(dz_buf, rows, vocab), need_b)
         if need_h:  # dH_c = dz @ W = (dz.T).T @ W: one GEMM over the whole vocabulary, one rounding
             _gemm.weight_grad(dz.T, weight, d_hidden[n0:n1])
         if need_w:
@@ -138,7 +155,8 @@ def known_gradient_pass(hidden, weight, bias, targets, grad_fn: GradFn, inv_temp
 
 
 class KnownGradient(NamedTuple):
-    """Per-token log-prob / entropy ([...], 0 at ignored positions) and the precomputed gradients of the loss."""
+    """The one pass's result: per-token log-prob / entropy ([...], 0 at ignored positions) and the precomputed
+    gradients of the loss."""
 
     logprob: torch.Tensor
     entropy: torch.Tensor | None
@@ -151,25 +169,22 @@ def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=N
                            ignore_index=-100, with_entropy=False, backend="auto", memory_budget=None,
                            weight_grad_dtype=torch.float32, logprob_grad_fn=None, chunk_n=None,
                            stats_slice=None) -> KnownGradient:
-    """`linear_logprob`'s outputs and the gradients of a loss whose upstream gradients are known, in one pass.
+    """The one pass: `linear_logprob`'s outputs and the gradients of a loss whose upstream gradients are known.
 
     grad_logprob / grad_entropy: [...] like targets (or None): d loss / d logprob_t and d loss / d entropy_t
     (values at ignored positions are never read). logprob_grad_fn(logprob, index): an extra d loss / d logprob of
     the valid rows `index` (indices into the flattened targets) from their log-probs, e.g. a KL term.
-    backend: "triton" | "torch" | "auto" ("reference" is not a one-pass backend: callers fall back to two passes).
+    backend: "triton" | "torch" | "auto" ("reference" has no one pass: the losses take two passes there).
     chunk_n, stats_slice: overrides of the token chunk and of the Triton statistics slice (tests, tuning).
     Gradients are computed only for the inputs that require them (none under torch.no_grad()).
     """
-    backend = resolve_backend(backend, hidden.device, getattr(hidden, "dtype", None))
-    if backend == "reference":
-        raise ValueError("known_gradient_logprob runs on the 'triton' or 'torch' backend, not 'reference'")
+    backend = dispatch.resolve_backend(backend, hidden.device, getattr(hidden, "dtype", None), path="one_pass")
     inv_temperature = 1.0 / check_temperature(temperature)
     problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend)
     check_weight_grad_dtype(weight_grad_dtype, weight)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     flat_hidden, flat_targets, index = valid_rows(hidden.detach(), targets, problem, ignore_index)
     flat = lambda x: None if x is None else x.reshape(-1)
     g_lp_all, g_ent_all = flat(grad_logprob), flat(grad_entropy)
@@ -184,20 +199,20 @@ def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=N
 
     w, b = weight.detach(), None if bias is None else bias.detach()
     if problem.n_valid == 0:
-        lp = torch.zeros(0, dtype=out_dtype, device=hidden.device)
+        lp = torch.zeros(0, dtype=output_dtype(hidden), device=hidden.device)
         ent = lp if with_entropy else None
         d_h = hidden.new_zeros(0, problem.dim) if needs[0] else None
         d_w = torch.zeros_like(weight) if needs[1] else None
         d_b = torch.zeros_like(bias) if needs[2] else None
     else:
-        passes = passes_for(backend, hidden)
-        budget = resolve_budget(memory_budget, hidden.device)
-        explicit = memory_budget is not None or bool(os.environ.get(BUDGET_ENV))  # then the budget is a bound
-        chunk = plan_chunk(flat_hidden.shape[0], problem.vocab, passes.backward_bytes, budget, chunk_n,
-                           1 if explicit else DEFAULT_MIN_CHUNK)
-        lp, ent, d_h, d_w, d_b = known_gradient_pass(flat_hidden, w, b, flat_targets, grad_fn, inv_temperature,
-                                                     with_entropy, passes, chunk, needs, weight_grad_dtype,
-                                                     stats_slice)
+        plan = dispatch.plan_one_pass(backend, hidden, memory_budget=memory_budget)
+        passes = passes_for(plan.backend, hidden)
+        # An explicit budget bounds the workspace; the device default gets at least DEFAULT_MIN_CHUNK tokens.
+        chunk = plan_chunk(flat_hidden.shape[0], problem.vocab, passes.backward_bytes, plan.memory_budget, chunk_n,
+                           1 if plan.budget_explicit else DEFAULT_MIN_CHUNK)
+        lp, ent, d_h, d_w, d_b = one_pass(LogprobProblem(flat_hidden, w, b, flat_targets, inv_temperature,
+                                                         with_entropy), grad_fn, needs, passes,
+                                          PassSchedule(chunk, stats_slice, weight_grad_dtype))
 
     def unflatten(x):
         if x is None:
@@ -208,7 +223,7 @@ def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=N
     return KnownGradient(unflatten(lp), unflatten(ent), unflatten(d_h), d_w, d_b)
 
 
-class _KnownGradientLoss(torch.autograd.Function):
+class _AttachedGradients(torch.autograd.Function):
     """value (a detached scalar) -> value, whose backward hands back grad * (d_hidden, d_weight, d_bias)."""
 
     @staticmethod
@@ -224,21 +239,9 @@ class _KnownGradientLoss(torch.autograd.Function):
 
 
 def attach_gradients(value: torch.Tensor, hidden, weight, bias, known: KnownGradient) -> torch.Tensor:
-    """The scalar `value` (detached) as a loss whose gradients w.r.t. hidden, weight and bias are `known`'s."""
+    """The scalar `value` (detached) as a loss whose gradients w.r.t. hidden, weight and bias are the one pass's
+    (`known`)."""
     value = value.detach()
     if known.d_hidden is None and known.d_weight is None and known.d_bias is None:
         return value
-    return _KnownGradientLoss.apply(value, hidden, weight, bias, known.d_hidden, known.d_weight, known.d_bias)
-
-
-def two_pass_old_logprob(hidden, weight, targets, *, bias, temperature, ignore_index, backend,
-                         vocab_parallel_group) -> torch.Tensor | None:
-    """For an on-policy loss call (old_logprob=None): None where the one pass applies; where it does not (the
-    "reference" backend materializes the logits, and the vocabulary-parallel op is split across ranks), the old
-    log-probs under no_grad, for the two-pass loss. Costs 2NDV there, against the one pass's 6NDV that replaces
-    2NDV (old pass) + 8NDV (two-pass loss)."""
-    if vocab_parallel_group is None and resolve_backend(backend, hidden.device) != "reference":
-        return None
-    with torch.no_grad():
-        return linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
-                              backend=backend, vocab_parallel_group=vocab_parallel_group).logprob
+    return _AttachedGradients.apply(value, hidden, weight, bias, known.d_hidden, known.d_weight, known.d_bias)
