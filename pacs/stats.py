@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from pacs_kernels._segments import segment_sum
+from pacs_kernels import segment_sum
 
 # ------------------------------------------------------------------------------------------------------------
 # The implicit critic: ranking and calibration

@@ -10,6 +10,7 @@ Triton kernels with a PyTorch twin each, importable alone (torch; Triton optiona
 - `known_gradient_logprob` + `attach_gradients`: the one pass, for any loss whose per-token gradient is known
   before the forward (the three losses' on-policy step, old_logprob=None; an NLL).
 - `reference`: the specification of every op (materialized, float64-capable); the tests hold the ops to it.
+- `segment_sum`, `segment_ids`: per-sequence sums on the packed layout, exact and deterministic on every device.
 
 Op map: kernel file -> launcher -> autograd.Function -> public function -> reference; `dispatch.py` picks the path.
 
@@ -50,6 +51,7 @@ from .one_pass import KnownGradient, attach_gradients, known_gradient_logprob
 from .pacs_loss import PACSOutput, pacs_loss, pacs_loss_from_logprobs
 from .policy_losses import PolicyLossOutput, grpo_loss, rloo_loss
 from .reference import linear_logprob_reference
+from .segments import segment_ids, segment_sum
 
 __all__ = [
     "KnownGradient",
@@ -65,5 +67,7 @@ __all__ = [
     "pacs_loss",
     "pacs_loss_from_logprobs",
     "rloo_loss",
+    "segment_ids",
+    "segment_sum",
 ]
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._segments import segment_sum
+from .segments import segment_sum
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

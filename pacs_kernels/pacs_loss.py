@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from . import dispatch
-from ._segments import response_mean, segment_ids, segment_sum
+from .segments import response_mean, segment_ids, segment_sum
 from ._validation import (
     ADVANTAGE_NAMES,
     SCORE_NAMES,
@@ -66,7 +66,7 @@ def sequence_terms_torch(logprob, old_logprob, mask, rewards, cu_seqlens, *, gro
                          class_balance):
     """PyTorch twin of the Triton sequence kernel: (loss, psi, psihat, prob, weight, coef [N]), closed forms.
 
-    Token sums are exact (`_segments.segment_sum`: fixed point, deterministic on every device), rounded once to
+    Token sums are exact (`segments.segment_sum`: fixed point, deterministic on every device), rounded once to
     float64; the per-sequence math runs in float64, where the grpo Jacobian's cancellation between two terms of
     similar size costs nothing. Outputs are float32 (float64 for float64 log-probs).
     """

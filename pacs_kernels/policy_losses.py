@@ -45,7 +45,7 @@ from typing import NamedTuple
 import torch
 
 from . import dispatch
-from ._segments import response_mean, segment_ids, segment_sum
+from .segments import response_mean, segment_ids, segment_sum
 from ._validation import check_choice, check_finite_number, check_packed_sequences
 from .linear_logprob import linear_logprob, old_logprob_pass
 from .one_pass import attach_gradients, known_gradient_logprob

@@ -13,7 +13,7 @@ Every function computes in the dtype it is given (pass float64 for a reference: 
 float64 log-probs for the losses) and is differentiable by plain autograd in the inputs' dtypes. The logits need
 N * V * 8 bytes in float64, plus as much again for autograd, and the losses loop over sequences in Python: this is
 for tests, checks and small inputs. Nothing here calls the fast paths (`sliced.py`, `one_pass.py`, the Triton
-kernels, `_segments.py`): the fast paths are tested against this module.
+kernels, `segments.py`): the fast paths are tested against this module.
 """
 
 from __future__ import annotations

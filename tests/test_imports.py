@@ -182,11 +182,7 @@ def test_the_graph_sees_cycles_and_lazy_imports(tmp_path, monkeypatch):
     assert private_imports("demo") == ["demo.a: _hidden of demo.b"]
 
 
-@pytest.mark.parametrize("package", [
-    "pacs_kernels",
-    pytest.param("pacs", marks=pytest.mark.xfail(strict=True, reason="pacs.trainer <-> pacs.distributed (a lazy "
-                                                  "import of seed_everything): drop this mark when it is gone")),
-])
+@pytest.mark.parametrize("package", PACKAGES)
 def test_no_import_cycle(package):
     graph = import_graph(package)
     assert len(graph) > 5 and any(graph.values())

@@ -337,7 +337,7 @@ def test_sequence_kernel_matches_torch_twin_on_many_groups():
 
 
 def test_segment_ids_with_empty_sequences():
-    from pacs_kernels._segments import segment_ids, segment_sum
+    from pacs_kernels.segments import segment_ids, segment_sum
 
     lengths = torch.tensor([3, 0, 0, 2, 1, 0], device=DEVICE)
     cu = torch.cat([torch.zeros(1, dtype=torch.long, device=DEVICE), lengths.cumsum(0)]).int()

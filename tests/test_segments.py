@@ -1,4 +1,4 @@
-"""Per-sequence sums of the packed layout (`pacs_kernels._segments.segment_sum`): exact, order-free, differentiable.
+"""Per-sequence sums of the packed layout (`pacs_kernels.segments.segment_sum`): exact, order-free, differentiable.
 
 The reference is a Python loop with math.fsum (the correctly rounded sum) over each sequence, in float64.
 """
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from pacs_kernels._segments import segment_ids, segment_sum
+from pacs_kernels.segments import segment_ids, segment_sum
 
 from .helpers import DEVICE
 
