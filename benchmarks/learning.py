@@ -13,7 +13,9 @@ the same for every run. Algorithms:
                          copy of the policy, hard-reset to the current policy and AdamW every K rollout steps)
     pacs-snapshot-keep-adam:K   the same without `--reset-optimizer` (AdamW's moments carry over a refresh)
 
-Runs live in OUT/runs/ALGO/seed_S (the usual run directories: metrics.jsonl, eval/, plots/), their logs in
+OUT is a fresh runs/learning-<UTC time> folder unless `--out` names one (the committed study lives in
+benchmarks/results/learning: `--out benchmarks/results/learning` adds to it or completes it). Runs live in
+OUT/runs/ALGO/seed_S (the usual run directories: metrics.jsonl, eval/, plots/), their logs in
 OUT/logs. A finished run is not redone (rerun the same command to complete an interrupted study); an unfinished one
 starts over. The study then writes OUT/summary.json, OUT/summary.md (the table), OUT/learning_curves.png (mean
 +- 95% interval of held-out pass@1 against the RL step) and OUT/critic.png (the implicit critic's AUC and Brier
@@ -42,7 +44,15 @@ from typing import NamedTuple
 
 from pacs.stats import mean_ci, paired_t
 
-DEFAULT_OUT = Path("benchmarks/results/learning")
+COMMITTED_OUT = Path("benchmarks/results/learning")  # the study the README reports (changed only by --out)
+
+
+def default_out() -> Path:
+    """A fresh study folder, runs/learning-<UTC time> (git-ignored): a study never adds to or rewrites committed
+    results unless --out names them."""
+    from datetime import datetime, timezone
+
+    return Path("runs") / f"learning-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -433,8 +443,10 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (the CPU's threads are split between them)")
     p.add_argument("--preset", default="demo", help="the pacs train preset every run starts from (default demo)")
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the preset's)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"study directory (default {DEFAULT_OUT})")
-    p.add_argument("--summarize", action="store_true", help="only rebuild the summary and plots from finished runs")
+    p.add_argument("--out", type=Path, help="study directory (default: a fresh runs/learning-<time>; "
+                   f"--out {COMMITTED_OUT} adds to the committed study)")
+    p.add_argument("--summarize", action="store_true",
+                   help="only rebuild the summary and plots from the finished runs in --out")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: more `pacs train` flags for every run (e.g. -- --level 3)")
     args = p.parse_args(argv)
@@ -450,6 +462,11 @@ def main(argv=None) -> None:
         p.error(str(err))
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.summarize and args.out is None:
+        p.error("--summarize needs --out DIR, the study to summarize")
+    if args.out is None:
+        args.out = default_out()
+        print(f"study directory {args.out} (--out to choose one)", flush=True)
     extra = [a for a in args.train_args if a != "--"]
     steps = args.steps if args.steps is not None else _preset_steps(args.preset, extra)
     args.out.mkdir(parents=True, exist_ok=True)
