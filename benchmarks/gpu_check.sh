@@ -6,7 +6,8 @@
 # states each step's duration.
 #
 #   0. refuse a machine without CUDA (one sentence, exit 1) unless --dry-run: nothing is written;
-#   1. install the baseline libraries from wheels carried in the working tree (.whl/, see fetch_wheels.sh);
+#   1. install the baseline libraries from wheels carried in the working tree (.whl/, see fetch_wheels.sh) into
+#      a fresh temporary folder ($PACS_SITE to choose one);
 #   2. the card and the library versions;
 #   3. the ceilings (benchmarks/ceilings.py): bf16 GEMM TFLOP/s at 8192^3, the full logits GEMM and the sliced
 #      path's shapes, HBM copy GB/s, pacs_kernels._gemm.probe('cuda');
@@ -112,7 +113,10 @@ run_step() {
 WHEELS=${PACS_WHEELS:-.whl}
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
   say "installing carried wheels: $(cd "$WHEELS" && echo *.whl)"
-  SITE=${PACS_SITE:-/tmp/site}
+  if [[ -n "${PACS_SITE:-}" ]]; then SITE=$PACS_SITE; else
+    SITE=$(mktemp -d "${TMPDIR:-/tmp}/pacs_site.XXXXXX")  # this run's own: a shared machine may run several
+    trap 'rm -rf "$SITE"' EXIT
+  fi
   if timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$SITE" "$WHEELS"/*.whl; then
     export PYTHONPATH="$PYTHONPATH:$SITE"

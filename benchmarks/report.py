@@ -411,7 +411,10 @@ def describe_meta(meta: dict) -> list[str]:
         f"- machine: {meta.get('device_name')} ({meta.get('device')}"
         + (f", compute capability {meta['capability']}, {meta.get('sms')} SMs, {meta.get('gpu_memory_gib')} GiB"
            if meta.get("capability") else "")
-        + f", torch threads {meta.get('torch_threads')})",
+        + f", torch threads {meta.get('torch_threads')}"
+        + (f", OMP_WAIT_POLICY={meta['omp_wait_policy']}" if meta.get("omp_wait_policy") else "")
+        + (f", load average {' '.join(str(x) for x in meta['loadavg'])} at the start" if meta.get("loadavg") else "")
+        + ")",
         f"- versions: Python {meta.get('python')}, torch {meta.get('torch')}"
         + (f" (CUDA {meta['cuda']})" if meta.get("cuda") else "")
         + f", triton {meta.get('triton')}, liger-kernel {meta.get('liger-kernel')}, "

@@ -886,6 +886,7 @@ def environment(st: Settings, argv: list[str]) -> dict:
         "pacs": package_version("pacs"), "pacs_forward_impl": forward_impl,
         "memory_budget": os.environ.get("PACS_KERNELS_MEMORY_BUDGET", ""),
         "commit": commit, "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "loadavg": [round(x, 2) for x in os.getloadavg()],
         "dtype": st.dtype, "warmup": st.warmup, "reps": st.reps, "acc_tokens": st.acc_tokens,
         "interpret": st.interpret, "command": "python -m benchmarks.suite " + " ".join(argv),
     }
