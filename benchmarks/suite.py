@@ -744,8 +744,9 @@ def run_isolated(specs: list[Spec], st: Settings, results_path: Path, worker_tim
     """CPU: per group, one process per implementation for its accuracy check and its memory call (so that its
     peak RSS is its own), then one process that times every prepared implementation of the group interleaved (so
     that the machine's load falls on all of them alike). A worker still running after `worker_timeout` seconds is
-    killed: an unprepared row is recorded as an error, a timing worker's finished rounds are kept (also on
-    KeyboardInterrupt, which is re-raised once the group's rows are written)."""
+    killed (the timing worker after `worker_timeout` per implementation it times): an unprepared row is recorded
+    as an error, a timing worker's finished rounds are kept (also on KeyboardInterrupt, which is re-raised once the
+    group's rows are written)."""
     from .report import append_rows
 
     groups = groups_of(specs)
@@ -773,8 +774,9 @@ def run_isolated(specs: list[Spec], st: Settings, results_path: Path, worker_tim
                             ready.append(spec)
                     else:
                         rows[spec.impl].update(status="error", note=failed or "its worker wrote nothing")
-                if ready:
-                    why = _run_worker("time", ready, st, timing, worker_timeout)
+                if ready:  # the timing worker calls every implementation `reps` times: a prepare's time each
+                    why = _run_worker("time", ready, st, timing,
+                                      None if worker_timeout is None else worker_timeout * len(ready))
             except KeyboardInterrupt:
                 interrupted = True
             records = [json.loads(line) for line in timing.read_text().splitlines()] if timing.exists() else []
@@ -975,8 +977,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=math.inf,
                    help="seconds after which no new row starts (the remaining rows are marked skipped)")
     p.add_argument("--worker-timeout", type=float,
-                   help="with --isolate impl: seconds after which a worker is stopped (default 240 with --device cpu "
-                   "--quick, else none)")
+                   help="with --isolate impl: seconds after which an implementation's prepare worker is stopped, "
+                   "and the group's timing worker after that much per implementation it times (default 240 with "
+                   "--device cpu --quick, else none)")
     p.add_argument("--interpret", action="store_true",
                    help="cpu: run the Triton backend in Triton's interpreter (tiny sizes only)")
     p.add_argument("--fresh", action="store_true", help="drop the rows already in OUT first")
