@@ -210,15 +210,15 @@ def headline(rows: list[dict]) -> list[str]:
         if (row.get("family") == "ours" and row.get("naive_time_ms") is not None
                 and largest[keyf(row)] == (row["v"], row["n"])):
             pairs = row.get("time_vs_naive_pairs") or 0
-            how = (f"median of {pairs} interleaved pairs, range {_sig(row['time_vs_naive_min'])}-"
+            how = (f"the median of {pairs} interleaved rounds' ratios, range {_sig(row['time_vs_naive_min'])}-"
                    f"{_sig(row['time_vs_naive_max'])}" if pairs > 1 else
-                   "one interleaved pair" if pairs == 1 else "ratio of medians, not interleaved")
+                   "one interleaved round" if pairs == 1 else "the ratio of medians, not interleaved")
             lines.append(
                 f"- {row['label']} vs naive, {row['mode']}, D={row['d']} V={row['v']} N={row['n']} ({row['dtype']}, "
                 f"{row['dist']} logits{load_text(row.get('load'), row.get('threads'))}): "
                 f"peak extra memory {_sig(row.get('peak_extra_mib'))} MiB vs {_sig(row.get('naive_peak_extra_mib'))} "
-                f"MiB (ratio {_sig(row.get('mem_vs_naive'))}), time {_sig(row['time_ms'])} ms vs "
-                f"{_sig(row['naive_time_ms'])} ms (ratio {_sig(row['time_vs_naive'])}, {how})"
+                f"MiB (ratio {_sig(row.get('mem_vs_naive'))}); time ratio {_sig(row['time_vs_naive'])} ({how}; "
+                f"median times {_sig(row['time_ms'])} ms vs {_sig(row['naive_time_ms'])} ms)"
             )
     return lines
 

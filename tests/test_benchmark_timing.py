@@ -129,7 +129,8 @@ def test_report_ratios_are_per_round_medians_with_their_range():
     text = report.markdown_tables(rows)
     assert "0.5x [0.5, 0.9]" in text
     head = "\n".join(report.headline(rows))
-    assert "median of 3 interleaved pairs, range 0.5-0.9" in head and "ratio of medians, not interleaved" in head
+    assert "median of 3 interleaved rounds' ratios, range 0.5-0.9" in head
+    assert "ratio of medians, not interleaved" in head
 
 
 def test_rows_under_load_and_other_threads_are_compared_only_with_their_own_kind():
