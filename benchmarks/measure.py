@@ -113,15 +113,17 @@ def round_order(names: Sequence[str], round_index: int) -> list[str]:
 
 def interleaved_times(calls: dict[str, Callable[[], tuple]], device: str, rounds: int, *,
                       timer: Callable[[Callable[[], tuple]], float] | None = None,
-                      max_seconds: float = math.inf, deadline: float = math.inf,
+                      max_seconds: float = math.inf, slow_factor: float = math.inf, deadline: float = math.inf,
                       on_round: Callable[[int, dict[str, list[float]]], None] | None = None,
                       now: Callable[[], float] = time.time) -> dict[str, list[float]]:
     """Seconds of each call of each implementation, timed in `rounds` interleaved rounds (see the module docstring).
 
     times[name][i] is the call of round i, so that round i of two implementations pairs up (ratio_stats). Every
     implementation gets at least one call. Afterwards:
-    - an implementation whose timed seconds plus its last call would pass `max_seconds` gets no more rounds (a
-      very slow baseline is timed once or twice, not `rounds` times); its list is then shorter, never gapped;
+    - an implementation whose first call took more than `slow_factor` times the median first call of the round
+      gets no more rounds (a baseline 20x slower than the rest is timed once, not `rounds` times: relative, so a
+      loaded machine that slows every call alike changes nothing), nor does one whose timed seconds plus its last
+      call would pass `max_seconds`; its list is then shorter, never gapped;
     - no round starts after `deadline` (`now()` seconds, time.time() by default).
     `timer(call)` times one call (default: time_call on `device`); `on_round(i, times)` sees the times after each
     round (the caller streams them, so an interrupted run keeps its finished rounds).
@@ -136,6 +138,9 @@ def interleaved_times(calls: dict[str, Callable[[], tuple]], device: str, rounds
             times[name].append(timer(calls[name]))
         if on_round is not None:
             on_round(r, times)
+        if r == 0 and math.isfinite(slow_factor):
+            typical = statistics.median(times[name][0] for name in active)
+            active = [name for name in active if times[name][0] <= slow_factor * typical]
         active = [name for name in active if sum(times[name]) + times[name][-1] <= max_seconds]
     return times
 

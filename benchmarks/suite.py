@@ -94,6 +94,7 @@ class Settings:
     preset: str = "custom"
     determinism: str = "none"  # "ours" | "all" | "none": whose gradient rows are run twice and compared bitwise
     max_row_seconds: float = math.inf  # an implementation gets no more timed rounds once its calls took this long
+    slow_factor: float = math.inf  # ... nor one whose first call took this many times the row's median first call
 
 
 @dataclass
@@ -577,7 +578,7 @@ class Runner:
         spec0, mode = specs[0], MODES[specs[0].mode]
         with busy_process(spec0.load):
             times = interleaved_times(calls, self.st.device, self.st.reps, max_seconds=self.st.max_row_seconds,
-                                      deadline=self.st.deadline, on_round=on_round)
+                                      slow_factor=self.st.slow_factor, deadline=self.st.deadline, on_round=on_round)
         repeat = {}
         det = self.st.determinism
         for spec in specs:
@@ -966,9 +967,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="interleaved timing rounds per row, one call of each implementation "
                    "per round; the median is reported and ratios are medians of per-round ratios (default 5 cuda, "
                    "3 cpu)")
+    p.add_argument("--slow-factor", type=float,
+                   help="an implementation whose first timed call took more than this many times the median first "
+                   "call of its row is timed once (default 5 on cpu, no limit on cuda)")
     p.add_argument("--max-row-seconds", type=float,
                    help="an implementation gets no more timing rounds once its timed calls took this long (default: "
-                   "60 with --device cpu --quick, else no limit)")
+                   "no limit)")
     p.add_argument("--acc-tokens", type=int, help="tokens of the float64 accuracy check, 0 to skip "
                    "(default 1024 cuda, 256 cpu)")
     p.add_argument("--isolate", choices=["impl", "none"],
@@ -1069,7 +1073,8 @@ def main(argv: list[str] | None = None) -> int:
         acc_tokens=args.acc_tokens if args.acc_tokens is not None else (1024 if cuda else 256),
         deadline=time.time() + args.time_budget, interpret=args.interpret, preset=preset,
         determinism=args.determinism or ("ours" if cuda else "none"),
-        max_row_seconds=args.max_row_seconds or (60.0 if quick_cpu else math.inf),
+        max_row_seconds=args.max_row_seconds or math.inf,
+        slow_factor=args.slow_factor or (math.inf if cuda else 5.0),
     )
     configure_environment(st)
     out = args.out or default_out(device, preset)

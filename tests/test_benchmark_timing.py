@@ -86,6 +86,13 @@ def test_slow_implementations_and_the_deadline_end_rounds_early():
     assert len(times["slow"]) == 1 and len(times["fast"]) == 5  # 50 s + another 50 s would pass 60 s
     assert clock.log == ["fast", "slow"] + ["fast"] * 4
 
+    # relative: 20x the round's median first call is timed once, whatever the machine's load does to every call
+    four = _calls("a", "b", "c", "lce")
+    for load in (1.0, 3.0):
+        clock = FakeClock({"a": 1.0, "b": 1.2, "c": 0.9, "lce": 20.0}, lambda k, load=load: load)
+        times = measure.interleaved_times(four, "cpu", 3, timer=clock.timer_for(four), slow_factor=5.0)
+        assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3, "lce": 1}
+
     seen = []
     fake_now = iter([0.0, 5.0, 11.0, 12.0, 13.0])  # read once after each round
     clock = FakeClock({"fast": 1.0, "slow": 1.0}, lambda k: 1.0)
