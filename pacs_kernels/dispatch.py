@@ -46,7 +46,7 @@ FORWARD_IMPLS = ("auto", "sliced", "fused")
 FORWARD_ENV = "PACS_KERNELS_FORWARD"
 
 MiB = 1 << 20
-DEFAULT_BUDGET = {"cuda": 512 * MiB, "cpu": 8 * MiB}
+DEFAULT_BUDGET = {"cuda": 512 * MiB, "cpu": 64 * MiB}
 BUDGET_ENV = "PACS_KERNELS_MEMORY_BUDGET"
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MiB, "mb": MiB, "mib": MiB,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}

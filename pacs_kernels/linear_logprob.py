@@ -68,7 +68,7 @@ def linear_logprob(
             kernel; the default), "fused" (one Triton kernel that writes no logits and needs no workspace, e.g. for
             no-grad passes where memory is tight) or "auto" ($PACS_KERNELS_FORWARD, else "sliced").
         memory_budget: bytes (or a string like "512M") for the per-slice workspace: float32 logits of a slice plus
-            their gradient. Default $PACS_KERNELS_MEMORY_BUDGET, else 512 MiB on CUDA and 8 MiB on the CPU; the
+            their gradient. Default $PACS_KERNELS_MEMORY_BUDGET, else 512 MiB on CUDA and 64 MiB on the CPU; the
             slice width is the budget / (tokens x bytes per element), e.g. at 16k tokens on CUDA 8192 columns
             forward (float32 logits, 4 bytes) and 5376 backward (bf16: 4 + 2 bytes).
         weight_grad_dtype: only when even the narrowest slice of all tokens exceeds the budget are tokens chunked
