@@ -154,7 +154,18 @@ def _order(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["device"], r["dtype"], mode_rank.get(r["mode"], 99),
                                        dist_rank.get(r["dist"], 9), r.get("load", "idle") != "idle",
                                        r.get("threads") or 0, r["d"], r["v"], r["n"],
-                                       impl_rank.get(impl_base(r["impl"]), 99), r["impl"]))
+                                       impl_rank.get(impl_base(r["impl"]), 99), _budget_of(r["impl"])))
+
+
+def _budget_of(name: str) -> int:
+    """Bytes of an `ours_torch@64M` variant's budget (0 for the plain implementation), to sort variants by it."""
+    from pacs_kernels.sliced import parse_bytes
+
+    budget = name.partition("@")[2]
+    try:
+        return parse_bytes(budget) if budget else 0
+    except ValueError:
+        return 0
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -511,14 +522,48 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+VERSUS = ("trl_chunked",)  # baselines that get a table of every row's time against them (TRL: what RL users run)
+
+
+def versus_lines(rows: list[dict], pool: list[dict] | None = None, base: str = "trl_chunked") -> list[str]:
+    """A table of every row's time over `base`'s in the same row group (shape, mode, tokens, load, threads): the
+    median of the interleaved rounds' ratios with its range (time_ratio); [] when no group has `base`."""
+    timed = {(r["timing_id"], r["impl"]): r for r in (pool or rows)
+             if r.get("status") == "ok" and r.get("timing_id")}
+    bases = {tuple(r.get(k) for k in GROUP): r for r in rows if r.get("status") == "ok" and r["impl"] == base}
+    out = []
+    for row in rows:
+        group = tuple(row.get(k) for k in GROUP)
+        if row.get("status") != "ok" or row["impl"] in (base, "gemm") or group not in bases:
+            continue
+        ref = timed.get((row.get("timing_id"), base), bases[group])
+        stats = time_ratio(row, ref)
+        spread = (f"[{_sig(stats['min'])}, {_sig(stats['max'])}], {stats['pairs']} rounds" if stats["pairs"]
+                  else "ratio of medians, not interleaved")
+        where = load_text(row.get("load"), row.get("threads")).lstrip(", ") or "as found"
+        if row.get("loadavg_1m") is not None:
+            where += f" (load average {row['loadavg_1m']:.2f})"
+        out.append(f"| {row['mode']} | {row['shape']} ({row['d']} x {row['v']}) | {row['n']} | {where} | "
+                   f"{row['label']} | {_sig(stats['median'])}x {spread} | {_sig(row['time_ms'])} / "
+                   f"{_sig(ref['time_ms'])} |")
+    if not out:
+        return []
+    label = next(r["label"] for r in bases.values())
+    return [f"Time against {label} in the same interleaved rounds (median of the per-round ratios, [min, max]):",
+            "", "| mode | shape | N | conditions | implementation | time / " + label + " | median ms (row / "
+            + label + ") |", "|---|---|---|---|---|---|---|"] + out + [""]
+
+
 def section_text(out_dir: Path, rows: list[dict], metas: list[dict], title: str, plot_note: str | None,
-                 relative_to: Path, ceilings: dict | None = None) -> str:
+                 relative_to: Path, ceilings: dict | None = None, pool: list[dict] | None = None) -> str:
     """The markdown of one run: machine, ceilings, goal verdicts, headline ratios, tables, plot."""
     lines = [f"### {title}", ""] + describe_runs(metas) + [""] + ceilings_lines(ceilings)
     lines += goal_table(rows)
     heads = headline(rows)
     if heads:
         lines += ["Headline (our backends against the naive path in the same run):", ""] + heads + [""]
+    for base in VERSUS:
+        lines += versus_lines(rows, pool, base)
     plot_path = out_dir / "plot.png"
     if plot_note is None and plot_path.exists():
         try:
@@ -566,12 +611,13 @@ def write_all(out_dir: Path, update_results_md: bool = False, title: str | None 
                                                       "ceilings": ceilings}, indent=1))
     write_csv(rows, out_dir / "results.csv")
     plot_note = plot(rows, out_dir / "plot.png")
-    (out_dir / "results.md").write_text(section_text(out_dir, rows, metas, title, plot_note, out_dir, ceilings)
-                                        + "\n")
+    (out_dir / "results.md").write_text(section_text(out_dir, rows, metas, title, plot_note, out_dir, ceilings,
+                                                     every) + "\n")
     print(f"wrote {out_dir}/results.{{jsonl,json,csv,md}}" + ("" if plot_note else " and plot.png"))
     if update_results_md and not any(r.get("status") == "ok" for r in rows):
         print(f"no measured rows in {jsonl}: {RESULTS_MD} left as it is")
     elif update_results_md:
         key = _slug(f"{meta.get('device', '')}-{meta.get('preset', '')}-{meta.get('device_name', '')}")
-        replace_section(key, section_text(out_dir, rows, metas, title, plot_note, RESULTS_MD.parent, ceilings))
+        replace_section(key, section_text(out_dir, rows, metas, title, plot_note, RESULTS_MD.parent, ceilings,
+                                          every))
         print(f"updated {RESULTS_MD} section {key}")

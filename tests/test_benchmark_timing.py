@@ -316,3 +316,20 @@ def test_a_row_pairs_with_its_own_group_when_a_later_run_replaced_the_baseline_s
     assert ours["naive_time_ms"] == pytest.approx(2.0)
     trl = next(r for r in saved if r["impl"] == "trl_chunked")
     assert trl["time_vs_naive"] == pytest.approx(2.0) and trl["time_vs_naive_pairs"] == 3
+
+
+def test_rows_against_trl_are_per_round_ratios_in_their_own_group():
+    rows = report.derive([
+        _row("trl_chunked", "baseline", [4.0, 8.0, 4.0]),
+        _row("ours_torch@64M", "ours", [2.0, 2.0, 4.0]),  # 0.5, 0.25, 1.0
+        _row("ours_torch@8M", "ours", [8.0, 8.0, 8.0]),   # 2, 1, 2
+        _row("trl_chunked", "baseline", [4.0, 4.0], timing_id="g2", threads=2),
+        _row("ours_torch@64M", "ours", [1.0, 3.0], timing_id="g2", threads=2),
+    ])
+    lines = report.versus_lines(report._order(rows))
+    table = [line for line in lines if line.startswith("| fwd_bwd")]
+    assert len(table) == 3
+    assert "ours_torch@8M | 2x [1, 2], 3 rounds" in table[0]
+    assert "ours_torch@64M | 0.5x [0.25, 1], 3 rounds" in table[1]
+    assert "2 threads" in table[2] and "0.5x [0.25, 0.75], 2 rounds" in table[2]
+    assert report.versus_lines([_row("naive", "baseline", [1.0])]) == []
