@@ -332,7 +332,7 @@ def get_impl(name: str) -> Impl:
     base, sep, budget = name.partition("@")
     if not sep or base not in IMPLS or IMPLS[base].family != "ours" or not budget:
         raise KeyError(name)
-    from pacs_kernels.sliced import parse_bytes
+    from pacs_kernels.dispatch import parse_bytes
 
     parse_bytes(budget)  # ValueError for a budget the library would refuse
     impl = IMPLS[base]

@@ -159,7 +159,7 @@ def _order(rows: list[dict]) -> list[dict]:
 
 def _budget_of(name: str) -> int:
     """Bytes of an `ours_torch@64M` variant's budget (0 for the plain implementation), to sort variants by it."""
-    from pacs_kernels.sliced import parse_bytes
+    from pacs_kernels.dispatch import parse_bytes
 
     budget = name.partition("@")[2]
     try:
