@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import impls, learning, measure, report, suite
+from benchmarks import impls, measure, report, suite
+from studies.learning import __main__ as learning_cli
+from studies.learning import runs as learning_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -262,10 +264,10 @@ def test_quick_cpu_preset_has_a_contended_row():
 
 
 def test_the_learning_study_defaults_to_a_fresh_folder(tmp_path, monkeypatch):
-    out = learning.default_out()
-    assert out.parts[0] == "runs" and out.name.startswith("learning-") and out != learning.COMMITTED_OUT
+    out = learning_runs.default_out()
+    assert out.parts[0] == "runs" and out.name.startswith("learning-") and out != learning_runs.COMMITTED_OUT
     with pytest.raises(SystemExit):
-        learning.main(["--summarize"])  # which study? --out is required
+        learning_cli.main(["--summarize"])  # which study? --out is required
 
 
 def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
