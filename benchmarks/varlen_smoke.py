@@ -138,7 +138,8 @@ def model_check(device, dtype, tokens, reps, seed=0) -> list[dict]:
                 times[name].append(time.perf_counter() - t0)
             if device.type == "cuda":
                 peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-            outputs[name] = (hidden.detach().float(), torch.stack([p.grad.float().norm() for p in model.model.parameters()]))
+            norms = torch.stack([p.grad.float().norm() for p in model.model.parameters()])
+            outputs[name] = (hidden.detach().float(), norms)
     diff_h = ((outputs["varlen"][0] - outputs["sdpa"][0]).abs().max() / outputs["sdpa"][0].abs().max()).item()
     diff_g = ((outputs["varlen"][1] - outputs["sdpa"][1]).abs() / outputs["sdpa"][1].clamp_min(1e-30)).max().item()
     rows = []

@@ -114,6 +114,7 @@ def packed_attention_kwargs(cu_seqlens: torch.Tensor) -> dict:
     function; its flash_attention_2 path reads the same names). cu_seqlens [S+1] on the model's device."""
     segments = segments_from_cu_seqlens(cu_seqlens)
     cu = segments.cu_seqlens
+    _memoized(cu, segments.n_tokens, lambda: segments)  # the layers find these: no second host sync
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": segments.max_len,
             "max_length_k": segments.max_len}
 
@@ -336,9 +337,8 @@ def _per_sequence(query, key, value, segments, scale, window, softcap, dropout):
             probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
             out = torch.matmul(F.dropout(probs, p=dropout, training=dropout > 0), v)
         outs.append(out.transpose(1, 2).reshape(n * width, hq, -1).index_select(0, real))
-    if not outs:
-        return query.new_zeros(0, hq, value.shape[-1])
-    return torch.cat(outs).index_select(0, segments.chunk_plan().inverse)
+    empty = query.new_zeros(0, hq, value.shape[-1])
+    return torch.cat(outs).index_select(0, segments.chunk_plan().inverse) if outs else empty
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -464,11 +464,8 @@ def varlen_unsupported_reason(config) -> str | None:
         return "attention sinks"
     if getattr(text, "attention_chunk_size", None):
         return f"chunked attention (attention_chunk_size={text.attention_chunk_size})"
-    layer_types = getattr(text, "layer_types", None) or ()
-    other = sorted(set(layer_types) - set(_SERVED_LAYER_TYPES))
-    if other:
-        return f"layer types {other}"
-    return None
+    other = sorted(set(getattr(text, "layer_types", None) or ()) - set(_SERVED_LAYER_TYPES))
+    return f"layer types {other}" if other else None
 
 
 def choose_attention(requested: str, device: torch.device, dtype: torch.dtype, model_config=None) -> str:

@@ -242,11 +242,11 @@ def test_no_n_by_n_tensor(arch):
 
 def test_segments_derived_once_per_forward(monkeypatch):
     """position_ids -> segments runs once per forward for all 3 layers (and once more after an in-place change of
-    position_ids, which changes the result); explicit packed_attention_kwargs skip it."""
+    position_ids, which changes the result); with packed_attention_kwargs the boundaries are read once, by it."""
     model, _ = build("qwen2")
     model.set_attn_implementation("varlen")
     calls = []
-    original = A.segments_from_position_ids
+    original, original_cu = A.segments_from_position_ids, A.segments_from_cu_seqlens
     monkeypatch.setattr(A, "segments_from_position_ids", lambda *a, **k: calls.append(1) or original(*a, **k))
     ids, pos = packed_rows([LENGTHS])
     forward = lambda **kw: model.model(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False,
@@ -258,8 +258,9 @@ def test_segments_derived_once_per_forward(monkeypatch):
         merged = forward()
         assert len(calls) == 2 and not torch.allclose(first[0, 20:], merged[0, 20:])
         pos[0, 20:] = packed_rows([LENGTHS])[1][0, 20:]
+        monkeypatch.setattr(A, "segments_from_cu_seqlens", lambda *a, **k: calls.append(1) or original_cu(*a, **k))
         explicit = forward(**A.packed_attention_kwargs(cu_of(LENGTHS)))
-        assert len(calls) == 2
+        assert len(calls) == 3  # once, in packed_attention_kwargs
         torch.testing.assert_close(explicit, first, atol=0, rtol=0)
 
 
