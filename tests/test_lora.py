@@ -108,11 +108,11 @@ def test_missing_peft_names_the_extra(monkeypatch):
         lora.apply_lora(tiny(), r=4)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_training_changes_only_adapters(tied):
+@pytest.mark.parametrize("tied,attn", [(True, "sdpa"), (False, "sdpa"), (True, "varlen")])
+def test_training_changes_only_adapters(tied, attn):
     """Three AdamW steps (weight decay on, over all parameters as the trainer builds it) through pacs_kernels'
     fused PACS loss: the base weights and the lm_head are bitwise unchanged, every adapter tensor moved."""
-    model = lora.apply_lora(tiny(tied=tied), r=4, alpha=8)
+    model = lora.apply_lora(tiny(tied=tied, attn=attn), r=4, alpha=8)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     for step in range(3):
