@@ -27,10 +27,12 @@ Kernels (`packed_attention`, backend="auto"):
     `window_size=(left, right)`, causal spelled (-1, 0), no `enable_gqa` (fewer key/value heads go to FA2 as they
     are); 2.12/2.13 add `enable_gqa`, required when key/value have fewer heads. `_torch_varlen_kwargs` maps a call
     onto the installed one;
-  * elsewhere (CPU, fp32, older GPUs, softcap or dropout without flash-attn): sequences sorted by length are
-    right-padded into chunks of at most CHUNK_TOKENS slots and run through sdpa with is_causal (right padding is
-    free under a causal mask: padded keys follow every real query). Memory: the chunk's q/k/v copies and, in
-    sdpa's math fallback, [n, H, L, L] scores with n * L <= CHUNK_TOKENS: it grows with the longest sequence L.
+  * elsewhere (CPU, fp32, older GPUs, softcap or dropout without flash-attn): the per-sequence path
+    (pacs/packed_sdpa.py): sdpa on chunks of right-padded sequences of at most CHUNK_TOKENS slots, whose memory
+    grows with the longest sequence, not with N^2.
+
+Which implementation a model loads with: `choose_attention` (--attn auto picks "varlen" on CUDA where torch's
+kernel or flash-attn serves it, and sdpa on the CPU).
 
 Sliding window W (transformers' convention): query i sees keys i-W+1..i, window_size=(W-1, 0) for the kernels.
 Models it cannot serve (cross-attention, non-causal layers, ALiBi or other position biases, attention sinks,
@@ -44,12 +46,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
-import itertools
 import logging
 import weakref
 
 import torch
 import torch.nn.functional as F
+
+from .packed_sdpa import ChunkPlan, per_sequence_attention
 
 logger = logging.getLogger("pacs")
 
@@ -73,9 +76,9 @@ class PackedSegments:
         self.max_len = max(lengths, default=0)
         self._plans: dict = {}
 
-    def chunk_plan(self, budget: int = CHUNK_TOKENS) -> _ChunkPlan:
+    def chunk_plan(self, budget: int = CHUNK_TOKENS) -> ChunkPlan:
         if budget not in self._plans:
-            self._plans[budget] = _ChunkPlan(self.lengths, budget, self.cu_seqlens.device)
+            self._plans[budget] = ChunkPlan(self.lengths, budget, self.cu_seqlens.device)
         return self._plans[budget]
 
 
@@ -178,7 +181,7 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if backend == "torch":
         return _torch_varlen(query, key, value, segments, scale, window, softcap, dropout)
     if backend == "per_sequence":
-        return _per_sequence(query, key, value, segments, scale, window, softcap, dropout)
+        return per_sequence_attention(query, key, value, segments, scale, window, softcap, dropout)
     raise ValueError(f"backend must be auto, flash_attn, torch or per_sequence, got {backend!r}")
 
 
@@ -234,13 +237,9 @@ def _torch_varlen_kwargs(params: frozenset, *, window: int | None, scale: float,
 
 
 def _torch_varlen_unavailable(query, value, scale, window, softcap, dropout) -> str | None:
-    params = _torch_varlen_params()
-    if params is None:
-        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
-    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
-        return f"{query.dtype} tensors on {query.device} (it takes CUDA fp16/bf16)"
-    if torch.cuda.get_device_capability(query.device) < (8, 0):
-        return f"GPU capability {torch.cuda.get_device_capability(query.device)} < sm_80"
+    reason = torch_varlen_serves(query.device, query.dtype)
+    if reason is not None:
+        return reason
     head_dim = query.shape[-1]
     if head_dim != value.shape[-1] or head_dim % 8 or head_dim > 256:
         return f"head dims {head_dim}/{value.shape[-1]} (needs equal, a multiple of 8, <= 256)"
@@ -248,7 +247,7 @@ def _torch_varlen_unavailable(query, value, scale, window, softcap, dropout) -> 
         return f"softcap {softcap}"
     if dropout:
         return f"attention dropout {dropout}"
-    plan = _torch_varlen_kwargs(params, window=window, scale=scale, head_dim=head_dim, gqa=False)
+    plan = _torch_varlen_kwargs(_torch_varlen_params(), window=window, scale=scale, head_dim=head_dim, gqa=False)
     return plan if isinstance(plan, str) else None
 
 
@@ -274,71 +273,6 @@ def _flash_attn(query, key, value, segments, scale, window, softcap, dropout):
     return flash_attn_varlen_func(query, key, value, cu, cu, m, m, dropout_p=dropout, softmax_scale=scale,
                                   causal=True, window_size=(-1, -1) if window is None else (window - 1, 0),
                                   softcap=0.0 if softcap is None else softcap)
-
-
-# --- per sequence (any device, any dtype) ---------------------------------------------------------------------
-
-
-class _ChunkPlan:
-    """Sequences sorted by length, grouped into chunks of n sequences right-padded to the chunk's longest L with
-    n * L <= budget (one sequence longer than the budget gets a chunk of its own). For each chunk: the token
-    index of every padded slot (a padded slot repeats its sequence's last token, which causality hides from every
-    real query), and which slots are real; `inverse` puts the chunks' real rows back in token order."""
-
-    def __init__(self, lengths: list[int], budget: int, device: torch.device):
-        starts = [0, *itertools.accumulate(lengths[:-1])]
-        order = sorted((s for s in range(len(lengths)) if lengths[s] > 0), key=lambda s: -lengths[s])
-        groups, current = [], []
-        for s in order:
-            if current and (len(current) + 1) * lengths[current[0]] > max(budget, lengths[current[0]]):
-                groups.append(current)
-                current = []
-            current.append(s)
-        if current:
-            groups.append(current)
-        self.chunks, gathered = [], []
-        for group in groups:
-            width = lengths[group[0]]
-            start = torch.tensor([starts[s] for s in group])[:, None]
-            size = torch.tensor([lengths[s] for s in group])[:, None]
-            slot = torch.arange(width)[None, :]
-            index = (start + torch.minimum(slot, size - 1)).reshape(-1)
-            real = (slot < size).reshape(-1).nonzero().reshape(-1)
-            gathered.append(index[real])
-            self.chunks.append((len(group), width, index.to(device), real.to(device)))
-        order_tokens = torch.cat(gathered) if gathered else torch.zeros(0, dtype=torch.long)
-        inverse = torch.empty_like(order_tokens)
-        inverse[order_tokens] = torch.arange(order_tokens.numel())
-        self.inverse = inverse.to(device)
-
-
-def _per_sequence(query, key, value, segments, scale, window, softcap, dropout):
-    hq, hkv = query.shape[1], key.shape[1]
-    outs = []
-    for n, width, index, real in segments.chunk_plan().chunks:
-        q, k, v = (x.index_select(0, index).view(n, width, x.shape[1], x.shape[2]).transpose(1, 2)
-                   for x in (query, key, value))
-        if hkv != hq:  # grouped-query attention: each key/value head serves hq / hkv query heads
-            k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
-        mask = None
-        if window is not None and window < width:  # causal band of `window` keys, shared by the chunk [L, L]
-            i = torch.arange(width, device=query.device)
-            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-        if softcap is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                                 scale=scale)
-        else:  # tanh soft-capped scores (Gemma-2): materialized per chunk, [n, H, L, L]
-            scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-            scores = torch.tanh(scores / softcap) * softcap
-            if mask is None:
-                i = torch.arange(width, device=query.device)
-                mask = i[None, :] <= i[:, None]
-            scores = scores.masked_fill(~mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-            out = torch.matmul(F.dropout(probs, p=dropout, training=dropout > 0), v)
-        outs.append(out.transpose(1, 2).reshape(n * width, hq, -1).index_select(0, real))
-    empty = query.new_zeros(0, hq, value.shape[-1])
-    return torch.cat(outs).index_select(0, segments.chunk_plan().inverse) if outs else empty
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -468,13 +402,31 @@ def varlen_unsupported_reason(config) -> str | None:
     return f"layer types {other}" if other else None
 
 
+def torch_varlen_serves(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why torch's own varlen kernel (torch.nn.attention.varlen) cannot run packed attention on `device` in
+    `dtype`; None where it can (CUDA sm_80+, fp16/bf16, a torch release that ships it)."""
+    device = torch.device(device)
+    if _torch_varlen_params() is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"device {device} (the kernel is CUDA's)"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{dtype} (the kernel takes fp16/bf16)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 0):
+        return f"GPU capability sm_{capability[0]}{capability[1]} < sm_80"
+    return None
+
+
 def choose_attention(requested: str, device: torch.device, dtype: torch.dtype, model_config=None) -> str:
     """The attn_implementation to load the model with.
 
-    auto: flash_attention_2 where flash_attn imports and the device is CUDA (transformers' own varlen path);
-    else "varlen" where it serves the model (torch's varlen kernel on sm_80+ in fp16/bf16, the per-sequence path
-    elsewhere), else sdpa. "varlen" asked for a model it cannot serve raises ValueError naming the model type and
-    the reason. Other names pass through. `model_config` None: the caller's own Qwen2-style model."""
+    auto: on CUDA, flash_attention_2 where flash_attn imports (transformers' own varlen path), else "varlen" where
+    torch's varlen kernel serves the device and dtype (`torch_varlen_serves`: sm_80+, fp16/bf16) and the model
+    (`varlen_unsupported_reason`); sdpa everywhere else, the CPU included (the per-sequence path there saves
+    memory, not time: ask for it with "varlen"). "varlen" asked for a model it cannot serve raises ValueError
+    naming the model type and the reason. Other names pass through. `model_config` None: the caller's own
+    Qwen2-style model."""
     device = torch.device(device)
     if requested == VARLEN:
         reason = None if model_config is None else varlen_unsupported_reason(model_config)
@@ -485,14 +437,19 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype, m
         return VARLEN
     if requested != "auto":
         return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    if device.type != "cuda":
+        return "sdpa"
+    if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     reason = None if model_config is None else varlen_unsupported_reason(model_config)
-    if reason is None and register():
-        return VARLEN  # in fp32 or on the CPU: the per-sequence path
     if reason is not None:
         logger.info("attention: sdpa (varlen cannot serve %s: %s)", getattr(model_config, "model_type", "?"), reason)
-    return "sdpa"
+        return "sdpa"
+    kernel = torch_varlen_serves(device, dtype)
+    if kernel is not None:
+        logger.info("attention: sdpa (torch's varlen kernel cannot run here: %s)", kernel)
+        return "sdpa"
+    return VARLEN if register() else "sdpa"
 
 
 register()

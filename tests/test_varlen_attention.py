@@ -318,18 +318,37 @@ def test_non_causal_and_biased_attention_raise_at_run_time():
 
 
 def test_choose_attention(monkeypatch):
+    """auto: sdpa on the CPU (varlen there only when asked for); on CUDA flash_attention_2 with flash-attn, else
+    varlen where torch's kernel serves the GPU and dtype (sm_80+, fp16/bf16), else sdpa."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     qwen = transformers.Qwen2Config()
-    assert A.choose_attention("auto", cpu, torch.float32, qwen) == "varlen"
-    assert A.choose_attention("auto", cpu, torch.float32) == "varlen"
+    assert A.choose_attention("auto", cpu, torch.float32, qwen) == "sdpa"
+    assert A.choose_attention("auto", cpu, torch.bfloat16) == "sdpa"
+    assert A.choose_attention("varlen", cpu, torch.float32, qwen) == "varlen"
     assert A.choose_attention("sdpa", cpu, torch.float32, qwen) == "sdpa"
-    assert A.choose_attention("auto", cuda, torch.bfloat16, qwen) == ("flash_attention_2" if A.importlib.util.find_spec(
-        "flash_attn") else "varlen")
+    # a GPU as torch's varlen kernel sees it: (capability, whether the release ships the kernel)
+    gpu = {"capability": (9, 0), "kernel": True}
+    monkeypatch.setattr(A.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(A.torch.cuda, "get_device_capability", lambda *a: gpu["capability"])
+    monkeypatch.setattr(A, "_torch_varlen_params", lambda: frozenset({"window_size", "scale"}) if gpu["kernel"]
+                        else None)
     real = A.importlib.util.find_spec
+    monkeypatch.setattr(A.importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else
+                        real(name, *a))
+    assert A.choose_attention("auto", cuda, torch.bfloat16, qwen) == "varlen"
+    assert A.choose_attention("auto", cuda, torch.float16) == "varlen"
+    assert A.choose_attention("auto", cuda, torch.float32, qwen) == "sdpa"  # the kernel takes fp16/bf16
+    assert A.choose_attention("auto", cuda, torch.bfloat16, transformers.GptOssConfig()) == "sdpa"
+    gpu["capability"] = (7, 5)
+    assert A.choose_attention("auto", cuda, torch.bfloat16, qwen) == "sdpa"
+    assert A.torch_varlen_serves(cuda, torch.bfloat16) == "GPU capability sm_75 < sm_80"
+    gpu["capability"], gpu["kernel"] = (8, 0), False
+    assert A.choose_attention("auto", cuda, torch.bfloat16, qwen) == "sdpa"
+    gpu["kernel"] = True
     monkeypatch.setattr(A.importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else
                         real(name, *a))
     assert A.choose_attention("auto", cuda, torch.bfloat16, qwen) == "flash_attention_2"
-    assert A.choose_attention("auto", cpu, torch.float32, qwen) == "varlen"
+    assert A.choose_attention("auto", cpu, torch.float32, qwen) == "sdpa"
 
 
 # ------------------------------------------------------------------------------------------------------------
