@@ -32,6 +32,7 @@ all 196 linear layers the adapters are 40.4M parameters: 161 MB in float32, vs 1
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -130,7 +131,9 @@ def apply_lora(model, *, r: int = 16, alpha: float | None = None, dropout: float
     names = lora_targets(model, targets)
     config = peft.LoraConfig(r=r, lora_alpha=float(2 * r if alpha is None else alpha), lora_dropout=float(dropout),
                              target_modules=names, bias="none", task_type="CAUSAL_LM")
-    wrapped = peft.get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT asks transformers 5.x's deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped = peft.get_peft_model(model, config)
     for module in _frozen_modules(wrapped):
         module.requires_grad_(False)
     head = wrapped.get_output_embeddings()
@@ -154,6 +157,34 @@ def trainable_parameters(model) -> tuple[int, int]:
 def trainable_parameter_list(model) -> list[torch.nn.Parameter]:
     """The parameters the optimizer should hold (the adapters under LoRA): AdamW's state then covers those only."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_settings(model, adapter: str = ADAPTER) -> dict:
+    """Rank, alpha, dropout and the adapted layers (sorted names) of a PeftModel's adapter: what a LoRA checkpoint
+    records beside its adapters, and what decides whether they load into another run's adapters as they are."""
+    config = model.peft_config[adapter]
+    return {"r": int(config.r), "alpha": float(config.lora_alpha), "dropout": float(config.lora_dropout),
+            "targets": sorted(config.target_modules)}
+
+
+@torch.no_grad()
+def merge_adapters(model, state: dict[str, torch.Tensor], *, r: int, alpha: float) -> None:
+    """Fold adapters (`adapter_state_dict` of a PeftModel over this architecture) into a plain model's weights:
+    W += (alpha / r) B A, computed in float32 and rounded once to W's dtype. ValueError naming a layer the model
+    lacks (adapters of another model)."""
+    scaling = alpha / r
+    for key, a in state.items():
+        if ".lora_B." in key:
+            continue
+        if ".lora_A." not in key:
+            raise ValueError(f"merge_adapters: {key} is not a LoRA A/B matrix (DoRA or embedding adapters)")
+        name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            raise ValueError(f"the adapters adapt {name}, which this model does not have (another model?)") from None
+        b = state[key.replace(".lora_A.", ".lora_B.")]
+        weight.copy_((weight.float() + scaling * (b.float() @ a.float())).to(weight.dtype))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def train(cfg: TrainConfig) -> Path:
             rewards = math_reward(session.texts(rollouts), session.answers(idx, cfg.group_size))
             t1 = time.perf_counter()
             stats = update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, session.device,
-                                       reference=reference.model, reference_fresh=fresh, dist=dist, share=share)
+                                       reference=reference.snapshot, reference_fresh=fresh, dist=dist, share=share)
             t_update = time.perf_counter() - t1
             state.advance(cfg.prompts_per_step, stats.skipped)
             row = stats.row(state, dist.concat(rollouts), dist.concat(rewards), t_generate=t_generate,
