@@ -134,8 +134,12 @@ def build_policy(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, com
     if cfg.init_checkpoint:
         adapters = load_init_checkpoint(model, Path(cfg.init_checkpoint), base=base_spec(cfg.to_dict()),
                                         lora=wanted)
-    if cfg.gradient_checkpointing:  # non-reentrant: frozen embeddings give the layers inputs without grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False} if wanted else None)
+    if cfg.gradient_checkpointing:  # non-reentrant under LoRA: frozen embeddings give the layers inputs without grad
+        kwargs = {"use_reentrant": False} if wanted else None
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if wanted is not None:
         model = apply_lora(model, r=wanted["r"], alpha=wanted["alpha"], dropout=cfg.lora_dropout,
                            targets=wanted["targets"])
