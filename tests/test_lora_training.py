@@ -269,3 +269,147 @@ def test_gradient_checkpointing_with_lora_gives_the_same_gradients(tmp_path, mon
     assert outs[True][1] == pytest.approx(outs[False][1], rel=1e-4) and min(outs[True][1]) > 0
     for key, value in outs[False][2].items():
         torch.testing.assert_close(outs[True][2][key], value, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints: resume, the snapshot reference, evaluation, --init-checkpoint
+
+
+@pytest.mark.parametrize("algo,reference", [("pacs", "old"), ("pacs", "snapshot:2"), ("grpo", "old")])
+def test_lora_resume_continues_bit_exactly(tmp_path, monkeypatch, algo, reference):
+    """A LoRA run stopped after 2 steps and resumed to 4 ends with the uninterrupted run's adapters, snapshot
+    (reference.pt: adapters only) and losses, bit for bit."""
+    mixed_rewards(monkeypatch)
+    common = dict(algo=algo, reference=reference, lora_r=4, lora_alpha=4.0)
+    straight = train(small_run_config(tmp_path / "a", steps=4, **common))
+    train(small_run_config(tmp_path / "b", steps=2, **common))
+    resumed = train(small_run_config(tmp_path / "b", steps=4, resume=True, **common))
+    a, b = latest_checkpoint(straight), latest_checkpoint(resumed)
+    assert b.name == "step_000004" and not (a / "model.pt").exists()
+    names = ["adapters.pt"] + (["reference.pt"] if reference != "old" else [])
+    for name in names:
+        x, y = torch.load(a / name), torch.load(b / name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+        assert all(".lora_A." in k or ".lora_B." in k for k in x), name  # adapters only, no base weight
+    assert [r["loss"] for r in rows(straight)] == [r["loss"] for r in rows(resumed)]
+    assert len(rows(straight)) == 4 and len({r["loss"] for r in rows(straight)}) > 1
+
+
+def test_snapshot_reference_under_lora_copies_the_adapters(tmp_path, monkeypatch):
+    """--reference snapshot:2 with LoRA: the reference saved after step s holds the adapters of the model after
+    step 2 * floor((s - 1) / 2), and the snapshot is an AdapterSnapshot (no copy of the base)."""
+    from pacs.lora import AdapterSnapshot
+    from pacs.update import SnapshotReference
+
+    mixed_rewards(monkeypatch)
+    sessions = captured_sessions(monkeypatch)
+    run = train(small_run_config(tmp_path, steps=4, reference="snapshot:2", save_every=1, keep_checkpoints=0,
+                                 lora_r=4))
+    ckpts = {int(p.name.split("_")[1]): p for p in (run / "checkpoints").glob("step_*")}
+    adapters = {s: torch.load(p / "adapters.pt") for s, p in ckpts.items()}
+    initial = sessions[0][1]  # the parameters as set up, named as the model's (adapter name included)
+    adapters[0] = {k: initial[k.replace(".weight", ".default.weight")] for k in adapters[1]}
+    refs = {s: torch.load(p / "reference.pt") for s, p in ckpts.items()}
+    assert sorted(refs) == [1, 2, 3, 4]
+    for step, ref in refs.items():
+        source = adapters[2 * ((step - 1) // 2)]
+        assert all(torch.equal(ref[k], source[k]) for k in source), step
+    assert not all(torch.equal(adapters[4][k], adapters[2][k]) for k in adapters[2])
+    model, _ = lora_tiny()
+    reference = SnapshotReference(model, TrainConfig(reference="snapshot:3", lora_r=4))
+    assert isinstance(reference.snapshot, AdapterSnapshot)
+    assert reference.snapshot.nbytes == sum(p.numel() * 4 for p in lora.adapter_parameters(model).values())
+
+
+def test_pacs_eval_on_a_lora_run_scores_the_trained_policy(tmp_path, monkeypatch):
+    """`pacs eval --run` on a LoRA run (whose base is itself an --init-checkpoint) rebuilds base + adapters: the
+    session it evaluates gives the trained model's log-probs bit for bit."""
+    import pacs.session
+
+    mixed_rewards(monkeypatch)
+    warm = train(small_run_config(tmp_path / "warm", steps=1))  # a full fine-tuning run: the LoRA run's base
+    sessions = captured_sessions(monkeypatch)
+    run = train(small_run_config(tmp_path / "run", steps=2, lora_r=4,
+                                 init_checkpoint=str(latest_checkpoint(warm))))
+    trained = sessions[0][0].model
+    evaluated = []
+    real_setup = pacs.session.setup
+    monkeypatch.setattr(pacs.session, "setup", lambda cfg: evaluated.append(real_setup(cfg)) or evaluated[-1])
+    assert main(["eval", "--run", str(run), "--eval-n", "2", "--tag", "lora"]) == 0
+    assert json.loads((run / "eval" / "lora.json").read_text())["checkpoint"] == str(latest_checkpoint(run))
+    (rollouts, _), = fixed_rollouts(1, 6, seed=800, reward_seed=6)
+    batch = pack_sequences([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts])
+    with torch.no_grad():
+        expected = packed_logprobs(trained.eval(), batch, temperature=1.0, backend="torch").logprob
+        got = packed_logprobs(evaluated[0].model.eval(), batch, temperature=1.0, backend="torch").logprob
+        with trained.disable_adapter():  # PEFT: the base alone
+            plain = packed_logprobs(trained, batch, temperature=1.0, backend="torch").logprob
+    assert lora.is_peft_model(evaluated[0].model) and torch.equal(got, expected)
+    assert (plain - expected).abs().max() > 1e-4  # the adapters matter: the check above can fail
+
+
+def test_init_checkpoint_from_a_lora_checkpoint(tmp_path, monkeypatch):
+    """--init-checkpoint of a LoRA checkpoint: with the same LoRA settings the adapters load as they are (bit for
+    bit); a full fine-tuning run or other LoRA settings start from the merged weights (W + alpha / r B A: equal
+    log-probs to float32 rounding); another tiny base is refused."""
+    mixed_rewards(monkeypatch)
+    run = train(small_run_config(tmp_path / "lora", steps=2, lora_r=4))
+    ckpt = str(latest_checkpoint(run))
+    (rollouts, _), = fixed_rollouts(1, 6, seed=900, reward_seed=7)
+    batch = pack_sequences([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts])
+
+    def logprobs(**overrides):
+        session = setup(small_run_config(tmp_path / "x", init_checkpoint=ckpt, **overrides))
+        with torch.no_grad():
+            return session.model, packed_logprobs(session.model.eval(), batch, temperature=1.0,
+                                                  backend="torch").logprob
+
+    same_model, same = logprobs(lora_r=4)
+    assert lora.is_peft_model(same_model)
+    saved = torch.load(latest_checkpoint(run) / "adapters.pt")
+    assert all(torch.equal(lora.adapter_state_dict(same_model)[k], v) for k, v in saved.items())
+    full_model, full = logprobs()
+    assert not lora.is_peft_model(full_model)
+    torch.testing.assert_close(full, same, atol=1e-5, rtol=1e-5)
+    other_model, other = logprobs(lora_r=2)
+    assert not all(torch.equal(p, torch.zeros_like(p)) for p in lora.adapter_state_dict(other_model).values())
+    torch.testing.assert_close(other, same, atol=1e-5, rtol=1e-5)  # fresh adapters (B = 0) on merged weights
+    base = setup(small_run_config(tmp_path / "y")).model
+    with torch.no_grad():
+        untouched = packed_logprobs(base.eval(), batch, temperature=1.0, backend="torch").logprob
+    assert (untouched - same).abs().max() > 1e-4  # the adapters matter: the checks above can fail
+    with pytest.raises(ValueError, match="holds LoRA adapters of the base .*--seed.*own base only"):
+        setup(small_run_config(tmp_path / "z", init_checkpoint=ckpt, seed=1))
+    with pytest.raises(ValueError, match="holds no model.pt: it was written by a LoRA run"):
+        train(small_run_config(run, steps=3, resume=True))  # resume without --lora-r
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --attn varlen through the trainer
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_varlen_attention_trains_as_sdpa_does(tmp_path, monkeypatch, lora_r):
+    """`pacs train --attn varlen` on the CPU (the per-sequence path, no packed mask): the first step's rewards,
+    loss (both mini-batches: the second scores psi against the rollout policy), gradient norm and entropy equal
+    sdpa's to float32 tolerance, with and without LoRA; the packed forward passes the boundaries to the layers."""
+    from pacs import attention
+
+    mixed_rewards(monkeypatch)
+    calls = []
+    real = attention.packed_attention
+    monkeypatch.setattr(attention, "packed_attention", lambda *a, **k: calls.append(a[3].n_tokens) or real(*a, **k))
+    first = {}
+    for attn in ("sdpa", "varlen"):
+        calls.clear()
+        run = train(small_run_config(tmp_path / attn, steps=1, attn=attn, lora_r=lora_r, save_every=0,
+                                     one_pass=False))
+        first[attn] = rows(run)[0]
+        assert json.loads((run / "config.json").read_text())["attention"] == attn
+        assert bool(calls) == (attn == "varlen")
+    assert 0 < first["varlen"]["reward"] < 1 and first["varlen"]["reward"] == first["sdpa"]["reward"]
+    for key in ("loss", "grad_norm", "entropy", "psi_mean"):
+        assert first["varlen"][key] == pytest.approx(first["sdpa"][key], rel=1e-5, abs=1e-6), key
+    assert first["varlen"]["grad_norm"] > 0
+    assert json.loads((tmp_path / "varlen" / "config.json").read_text())["trainable_parameters"] < \
+        json.loads((tmp_path / "varlen" / "config.json").read_text())["parameters"] or not lora_r
