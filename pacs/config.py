@@ -410,7 +410,9 @@ def _lora_problems(cfg: TrainConfig) -> list[str]:
     set_without = [flag(n) for n in ("lora_alpha", "lora_targets") if getattr(cfg, n) is not None]
     set_without += ["--lora-dropout"] if cfg.lora_dropout else []
     if not cfg.lora_r:
-        return [f"{', '.join(set_without)} configure LoRA adapters: they need --lora-r >= 1"] if set_without else []
+        verb = "apply" if len(set_without) > 1 else "applies"
+        return [f"{', '.join(set_without)} {verb} to LoRA adapters only: set --lora-r >= 1 (0 is full "
+                "fine-tuning)"] if set_without else []
     out = []
     if importlib.util.find_spec("peft") is None:
         out.append('--lora-r needs the peft package: pip install -e ".[lora]" (or pip install \'peft>=0.13\')')

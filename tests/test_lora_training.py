@@ -78,8 +78,8 @@ def test_lora_and_varlen_options_in_help_and_config_files(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(lora_alpha=16.0), "--lora-alpha configure LoRA adapters: they need --lora-r >= 1"),
-    (dict(lora_targets="q_proj", lora_dropout=0.1), "--lora-targets, --lora-dropout configure .* --lora-r >= 1"),
+    (dict(lora_alpha=16.0), r"--lora-alpha applies to LoRA adapters only: set --lora-r >= 1 \(0 is full"),
+    (dict(lora_targets="q_proj", lora_dropout=0.1), "--lora-targets, --lora-dropout apply to LoRA .* --lora-r >= 1"),
     (dict(lora_r=-1), "--lora-r must be >= 0"),
     (dict(lora_r=4, lora_alpha=0.0), "--lora-alpha must be a finite number > 0"),
     (dict(lora_r=4, lora_dropout=1.0), r"--lora-dropout must be in \[0, 1\)"),
