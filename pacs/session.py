@@ -1,5 +1,7 @@
 """The set-up of a run: threads, seeds, data, model, tokenizer and generator, in the `Session` that the training
-loop, the warm-up and the evaluation share."""
+loop, the warm-up and the evaluation share. The model as the run starts it (`build_policy`): the tiny or a
+pretrained model with --attn resolved, --init-checkpoint's weights (a full or a LoRA checkpoint), gradient
+checkpointing, and with --lora-r PEFT adapters on the decoder's linear layers (only they train)."""
 
 from __future__ import annotations
 

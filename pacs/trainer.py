@@ -18,7 +18,8 @@ answers are balanced per group. `--algo grpo|rloo` runs those baselines through 
 `train` reads straight down; each stage lives in a module of its own:
 
     set-up       pacs/session.py     threads, data, model, tokenizer, generator (`Session`); pacs/distributed.py
-                                     decides one process or torchrun (`Distribution`)
+                                     decides one process or torchrun (`Distribution`); --lora-r: PEFT adapters
+                                     (pacs/lora.py); --attn varlen: packed attention (pacs/attention.py)
     warm-up      pacs/warmup.py      optional supervised steps on the gold answers before RL
     rollouts     pacs/rollout.py     G sampled answers per prompt (HF generate)
     rewards      pacs/verify/        the sympy verifier: 1 correct, 0 not
@@ -79,7 +80,7 @@ def train(cfg: TrainConfig) -> Path:
 
     A bad configuration raises ValueError (`TrainConfig.validate`) before anything is built, and so does an
     `out_dir` that already holds a run without --resume or --overwrite (pacs/rundir.py). Under torchrun it runs on
-    every rank with an FSDP2-sharded model (pacs/distributed.py); rank 0 writes the metrics, config.json, eval
+    every rank with an FSDP2-sharded model (pacs/distributed.py; not with LoRA); rank 0 writes the metrics, config.json, eval
     results and plots, and checkpoints go through torch.distributed.checkpoint. SIGINT/SIGTERM stop it after the
     current step with a checkpoint (during the warm-up too) that --resume continues.
     """
