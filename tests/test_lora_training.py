@@ -413,3 +413,33 @@ def test_varlen_attention_trains_as_sdpa_does(tmp_path, monkeypatch, lora_r):
     assert first["varlen"]["grad_norm"] > 0
     assert json.loads((tmp_path / "varlen" / "config.json").read_text())["trainable_parameters"] < \
         json.loads((tmp_path / "varlen" / "config.json").read_text())["parameters"] or not lora_r
+
+
+@pytest.mark.gpu
+def test_lora_with_varlen_attention_on_cuda_in_bf16(tmp_path):
+    """On a GPU (sm_80+: torch's varlen kernel under --attn varlen): 2 LoRA steps of the tiny model in bf16 on the
+    Triton kernels; finite losses and gradients, float32 adapters in the checkpoint, the bf16 base untouched."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("torch's varlen kernel needs sm_80+")
+    from pacs import attention
+
+    chosen = []
+    real = attention.packed_attention
+    attention_spy = lambda *a, **k: chosen.append(attention._auto_backend(a[0], a[1], a[2], a[0].shape[-1] ** -0.5, None, None, 0.0)) \
+        or real(*a, **k)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "packed_attention", attention_spy)
+        sessions = []
+        import pacs.trainer
+
+        real_setup = pacs.trainer.setup
+        patch.setattr(pacs.trainer, "setup", lambda *a, **k: sessions.append(real_setup(*a, **k)) or sessions[-1])
+        run = train(small_run_config(tmp_path, steps=2, device="cuda", dtype="bfloat16", kernel_backend="triton",
+                                     attn="varlen", lora_r=8, tiny_hidden=64, tiny_heads=4))
+    assert set(chosen) == {"torch"} or set(chosen) == {"flash_attn"}
+    steps = rows(run)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() and r["grad_norm"] > 0 for r in steps)
+    adapters = torch.load(latest_checkpoint(run) / "adapters.pt")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in adapters.values())
+    model = sessions[0].model
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if not p.requires_grad)
