@@ -80,9 +80,10 @@ def train(cfg: TrainConfig) -> Path:
 
     A bad configuration raises ValueError (`TrainConfig.validate`) before anything is built, and so does an
     `out_dir` that already holds a run without --resume or --overwrite (pacs/rundir.py). Under torchrun it runs on
-    every rank with an FSDP2-sharded model (pacs/distributed.py; not with LoRA); rank 0 writes the metrics, config.json, eval
-    results and plots, and checkpoints go through torch.distributed.checkpoint. SIGINT/SIGTERM stop it after the
-    current step with a checkpoint (during the warm-up too) that --resume continues.
+    every rank with an FSDP2-sharded model (pacs/distributed.py; LoRA is refused there); rank 0 writes the
+    metrics, config.json, eval results and plots, and checkpoints go through torch.distributed.checkpoint.
+    SIGINT/SIGTERM stop it after the current step with a checkpoint (during the warm-up too) that --resume
+    continues.
     """
     cfg.validate()
     check_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # every rank, before the rendezvous

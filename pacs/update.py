@@ -201,8 +201,9 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
     `rollouts` (and `rewards`) are this rank's groups of every mini-batch, in order; `share` says which:
     `dist.share` of the whole rollout batch (default: computed here from the global number of groups).
     `reference`: PACS's snapshot policy (`--reference snapshot:K`: a frozen copy of the model, or under LoRA an
-    `AdapterSnapshot` of its adapters); its log-probs take the old-log-prob slot of every mini-batch, so psi = beta * sum(log pi - log pi_ref). `reference_fresh`: it was refreshed from the
-    model at this rollout step, so it still equals the model at the first mini-batch."""
+    `AdapterSnapshot` of its adapters); its log-probs take the old-log-prob slot of every mini-batch, so
+    psi = beta * sum(log pi - log pi_ref). `reference_fresh`: it was refreshed from the model at this rollout
+    step, so it still equals the model at the first mini-batch."""
     settings = LossSettings.from_config(cfg)
     G = cfg.group_size
     n_groups = len(rollouts) // G

@@ -425,8 +425,10 @@ def test_lora_with_varlen_attention_on_cuda_in_bf16(tmp_path):
 
     chosen = []
     real = attention.packed_attention
-    attention_spy = lambda *a, **k: chosen.append(attention._auto_backend(a[0], a[1], a[2], a[0].shape[-1] ** -0.5, None, None, 0.0)) \
-        or real(*a, **k)
+    def attention_spy(query, key, value, *rest, **kwargs):
+        chosen.append(attention._auto_backend(query, key, value, query.shape[-1] ** -0.5, None, None, 0.0))
+        return real(query, key, value, *rest, **kwargs)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(attention, "packed_attention", attention_spy)
         sessions = []
