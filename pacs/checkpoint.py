@@ -153,10 +153,13 @@ def checkpoint_weights(path: str | Path) -> Path | None:
 
 
 def base_spec(config: dict) -> dict:
-    """What builds the base model a LoRA run adapts (recorded in its checkpoints' lora.json): --model, the tiny
-    model's sizes, seed and vocabulary (its random initialization), and --init-checkpoint (an absolute path)."""
-    init = config.get("init_checkpoint")
-    spec = {"model": config["model"], "init_checkpoint": str(Path(init).resolve()) if init else None}
+    """What builds the base model a LoRA run adapts (recorded in its checkpoints' lora.json): --model (a local
+    directory as an absolute path), the tiny model's sizes, seed and vocabulary (its random initialization), and
+    --init-checkpoint (an absolute path)."""
+    init, model = config.get("init_checkpoint"), config["model"]
+    local = model != "tiny" and Path(model).expanduser().is_dir()
+    spec = {"model": str(Path(model).expanduser().resolve()) if local else model,
+            "init_checkpoint": str(Path(init).resolve()) if init else None}
     if config["model"] == "tiny":
         spec["tiny"] = {k: config[k] for k in ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate",
                                                "seed")}
