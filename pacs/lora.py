@@ -159,12 +159,20 @@ def trainable_parameter_list(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def adapted_layers(model, adapter: str = ADAPTER) -> list[str]:
+    """The names (in the plain model, as `lora_targets` gives them) of the layers carrying the adapter, sorted.
+    Read from the modules: PEFT shortens a long target list in its config to name suffixes."""
+    prefix = "base_model.model."
+    return sorted(name.removeprefix(prefix) for name, m in model.named_modules()
+                  if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and adapter in m.lora_A)
+
+
 def lora_settings(model, adapter: str = ADAPTER) -> dict:
     """Rank, alpha, dropout and the adapted layers (sorted names) of a PeftModel's adapter: what a LoRA checkpoint
     records beside its adapters, and what decides whether they load into another run's adapters as they are."""
     config = model.peft_config[adapter]
     return {"r": int(config.r), "alpha": float(config.lora_alpha), "dropout": float(config.lora_dropout),
-            "targets": sorted(config.target_modules)}
+            "targets": adapted_layers(model, adapter)}
 
 
 @torch.no_grad()

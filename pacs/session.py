@@ -16,7 +16,7 @@ from .checkpoint import Checkpoints, base_spec, load_init_checkpoint, seed_every
 from .config import TrainConfig
 from .data import format_prompt, load_data
 from .distributed import SINGLE, Distribution
-from .lora import apply_lora, load_adapter_state_dict, lora_targets, trainable_parameters
+from .lora import adapted_layers, apply_lora, load_adapter_state_dict, lora_targets, trainable_parameters
 from .modeling import build_tiny_model, load_model_config, load_pretrained, model_source, pick_dtype
 from .rollout import Generator, HFGenerator, Rollout, SamplingParams
 from .runinfo import environment_info
@@ -95,8 +95,8 @@ def setup(cfg: TrainConfig, dist: Distribution = SINGLE) -> Session:
             "parameters": n_params, "trainable_parameters": n_trainable, "train_problems": len(train),
             "test_problems": len(test), **environment_info(device), "world_size": dist.world}
     info["hardware"]["torch_threads_reason"] = why
-    what = (f"LoRA r={cfg.lora_r} adapters on {len(model.peft_config['default'].target_modules)} linear layers"
-            if cfg.lora_r else "full fine-tuning")
+    what = f"LoRA r={cfg.lora_r} adapters on {len(adapted_layers(model))} linear layers" if cfg.lora_r else \
+        "full fine-tuning"
     logger.info("model %s: %s parameters, %s trainable (%.2f%%: %s), %s, %s, attention=%s", cfg.model,
                 _count(n_params), _count(n_trainable), 100 * n_trainable / max(n_params, 1), what, device,
                 info["dtype"], attn)

@@ -327,9 +327,10 @@ def test_pacs_eval_on_a_lora_run_scores_the_trained_policy(tmp_path, monkeypatch
     import pacs.session
 
     mixed_rewards(monkeypatch)
-    warm = train(small_run_config(tmp_path / "warm", steps=1))  # a full fine-tuning run: the LoRA run's base
+    warm = train(small_run_config(tmp_path / "warm", steps=1, tiny_layers=3))  # full fine-tuning: the base
+    # 3 layers: 21 adapted layers, a list PEFT's config shortens to 7 name suffixes (lora.json keeps all 21)
     sessions = captured_sessions(monkeypatch)
-    run = train(small_run_config(tmp_path / "run", steps=2, lora_r=4,
+    run = train(small_run_config(tmp_path / "run", steps=2, lora_r=4, tiny_layers=3,
                                  init_checkpoint=str(latest_checkpoint(warm))))
     trained = sessions[0][0].model
     evaluated = []
@@ -345,6 +346,8 @@ def test_pacs_eval_on_a_lora_run_scores_the_trained_policy(tmp_path, monkeypatch
         with trained.disable_adapter():  # PEFT: the base alone
             plain = packed_logprobs(trained, batch, temperature=1.0, backend="torch").logprob
     assert lora.is_peft_model(evaluated[0].model) and torch.equal(got, expected)
+    assert len(json.loads((latest_checkpoint(run) / "lora.json").read_text())["targets"]) == 21
+    assert len(lora.adapted_layers(evaluated[0].model)) == 21
     assert (plain - expected).abs().max() > 1e-4  # the adapters matter: the check above can fail
 
 
