@@ -31,6 +31,8 @@ BENCH_REQUIRES = ["pytest-benchmark", "matplotlib", "psutil", "liger-kernel", "c
 TRL_REQUIRES = ["trl>=1.16,<2"] + HF_REQUIRES
 DEV_REQUIRES = ["pytest", "pytest-benchmark", "hypothesis", "psutil", "math-verify", "peft"] + TRL_REQUIRES
 FLASH_REQUIRES = ["flash-attn>=2.6"]
+# pacs.lora (LoRA adapters in `pacs train`): PEFT, optional.
+LORA_REQUIRES = ["peft>=0.13"]
 
 setup(
     name="pacs",
@@ -47,6 +49,7 @@ setup(
         "trl": TRL_REQUIRES,
         "bench": BENCH_REQUIRES,
         "flash": FLASH_REQUIRES,
+        "lora": LORA_REQUIRES,
     },
     entry_points={"console_scripts": ["pacs = pacs.cli:main"]},
     license="Apache-2.0",

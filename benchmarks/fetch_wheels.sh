@@ -5,6 +5,8 @@
 # transformers) are on the machine. TRL's chunked log-prob imports trl.kernels only (transformers, packaging); its
 # backward's ZeRO-3 helper lives in trl.trainer.utils (accelerate, datasets, pandas), which benchmarks/impls.py stubs
 # where it does not import. Liger's sm90 CuTe-DSL kernel would need nvidia-cutlass-dsl (native, too large to carry).
+# PEFT, for the LoRA smoke (`pacs train --lora-r`), is pure Python (~0.8 MB) and imports accelerate (pure Python,
+# ~0.4 MB) and psutil (one abi3 wheel, ~0.2 MB) at import time: the three are carried, in the versions tested here.
 #   bash benchmarks/fetch_wheels.sh          # then: device run with carry [".whl"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,10 +14,14 @@ DEST=${1:-.whl}
 LIGER=${LIGER_VERSION:-0.8.5}
 CCE=${CCE_VERSION:-25.1.1}
 TRL=${TRL_VERSION:-1.16.0}
+PEFT=${PEFT_VERSION:-0.21.2}
+ACCELERATE=${ACCELERATE_VERSION:-1.16.0}
+PSUTIL=${PSUTIL_VERSION:-7.2.2}
 mkdir -p "$DEST"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$DEST" \
-  "liger-kernel==$LIGER" "cut-cross-entropy==$CCE" "trl==$TRL"
+  "liger-kernel==$LIGER" "cut-cross-entropy==$CCE" "trl==$TRL" "peft==$PEFT" "accelerate==$ACCELERATE" \
+  "psutil==$PSUTIL"
 if [[ -n "$(git ls-files --others --exclude-standard -- "$DEST" 2> /dev/null)" ]]; then
   echo "note: $DEST is not git-ignored here; .gitignore ignores .whl/ and wheels/" >&2
 fi

@@ -10,6 +10,11 @@ A signal during the supervised warm-up writes `RUN/checkpoints/warmup_000340/` t
 optimizer, RNG states and step); the first RL checkpoint (`step_000000`, written when the warm-up ends) replaces
 the warm-up checkpoints.
 
+Under LoRA (--lora-r) the weights are the adapters alone: `adapters.pt` and `lora.json` (rank, alpha, the adapted
+layers and the base they adapt) in place of `model.pt`, the optimizer state is the adapters', and the snapshot
+reference's `reference.pt` holds its adapters; the frozen base is rebuilt from the run's --model and
+--init-checkpoint on resume. `--init-checkpoint` and `pacs eval --run` read either kind (`load_init_checkpoint`).
+
 Two formats, one layout: one process writes torch.save files (`save_checkpoint`); under torchrun every rank writes
 its shards through torch.distributed.checkpoint into `dcp/`, beside the consolidated `model.pt`
 (`save_dcp_checkpoint`, see pacs/distributed.py). The trainer and the warm-up use `Checkpoints`, whose distribution
@@ -30,6 +35,9 @@ import torch
 logger = logging.getLogger("pacs")
 
 LATEST = "latest"
+MODEL_FILE = "model.pt"  # the whole model's state_dict
+ADAPTER_FILE = "adapters.pt"  # a LoRA run's weights: the adapters alone (pacs.lora.adapter_state_dict)
+LORA_FILE = "lora.json"  # beside them: rank, alpha, dropout, the adapted layers and the base they adapt
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,7 +96,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, schedul
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    torch.save(model.state_dict(), tmp / "model.pt")
+    save_model_state(model, tmp, config)
     for name, module in (extra_models or {}).items():
         torch.save(module.state_dict(), tmp / f"{name}.pt")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
@@ -136,15 +144,97 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_init_checkpoint(model, checkpoint: Path) -> None:
-    """--init-checkpoint: the model weights of a checkpoint directory; a missing file or weights of another
-    shape are a ValueError naming the checkpoint."""
-    path = Path(checkpoint) / "model.pt"
-    if not path.exists():
-        raise ValueError(f"--init-checkpoint: {path} does not exist")
+def checkpoint_weights(path: str | Path) -> Path | None:
+    """The weights of a checkpoint directory: its model.pt, or a LoRA run's adapters.pt; None if neither."""
+    for name in (MODEL_FILE, ADAPTER_FILE):
+        if (Path(path) / name).is_file():
+            return Path(path) / name
+    return None
+
+
+def base_spec(config: dict) -> dict:
+    """What builds the base model a LoRA run adapts (recorded in its checkpoints' lora.json): --model (a local
+    directory as an absolute path), the tiny model's sizes, seed and vocabulary (its random initialization), and
+    --init-checkpoint (an absolute path)."""
+    init, model = config.get("init_checkpoint"), config["model"]
+    local = model != "tiny" and Path(model).expanduser().is_dir()
+    spec = {"model": str(Path(model).expanduser().resolve()) if local else model,
+            "init_checkpoint": str(Path(init).resolve()) if init else None}
+    if config["model"] == "tiny":
+        spec["tiny"] = {k: config[k] for k in ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate",
+                                               "seed")}
+        spec["tiny"]["synthetic"] = str(config["data"]).startswith("synthetic:")
+    return spec
+
+
+def save_model_state(model, directory: Path, config: dict) -> None:
+    """The model's weights into a checkpoint directory: model.pt; for a PeftModel its adapters (adapters.pt) and
+    lora.json (`pacs.lora.lora_settings` and the base they adapt, `base_spec`), never the frozen base."""
+    from .lora import adapter_state_dict, is_peft_model, lora_settings
+
+    if not is_peft_model(model):
+        torch.save(model.state_dict(), directory / MODEL_FILE)
+        return
+    torch.save(adapter_state_dict(model), directory / ADAPTER_FILE)
+    meta = {**lora_settings(model), "base": base_spec(config)}
+    (directory / LORA_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_model_state(model, path: Path) -> None:
+    """A checkpoint's weights into the model of the run that wrote it: model.pt into a plain model, adapters.pt
+    into a PeftModel's adapters (bit for bit). ValueError when the checkpoint is of the other kind."""
+    from .lora import is_peft_model, load_adapter_state_dict
+
+    lora = is_peft_model(model)
+    weights = Path(path) / (ADAPTER_FILE if lora else MODEL_FILE)
+    if not weights.is_file():
+        raise ValueError(f"checkpoint {path} holds no {weights.name}: it was written " +
+                         ("without LoRA: continue it without --lora-r, or start a LoRA run from its weights with "
+                          "--init-checkpoint" if lora else "by a LoRA run (adapters.pt): continue it with the run's "
+                          "--lora-r, --lora-alpha and --lora-targets"))
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if lora:
+        load_adapter_state_dict(model, state)
+    else:
+        model.load_state_dict(state)
+
+
+def load_init_checkpoint(model, checkpoint: Path, *, base: dict | None = None,
+                         lora: dict | None = None) -> dict | None:
+    """--init-checkpoint: the weights of a checkpoint directory into `model`, the plain base this run built.
+
+    model.pt loads as it is. A LoRA run's checkpoint (adapters.pt, lora.json) gives its base with its adapters:
+    its own --init-checkpoint is loaded first (recursively), then its adapters are returned when `lora` (this run's
+    {"r", "alpha", "targets"}) equals theirs, for the caller to load into its fresh adapters, else merged into the
+    weights (W += alpha / r B A; None returned). `base` (`base_spec` of this run) must build the checkpoint's base:
+    adapters apply to their own base only. A missing file, weights of another shape or another base are a
+    ValueError naming the checkpoint."""
+    from .lora import merge_adapters
+
+    checkpoint = Path(checkpoint)
+    weights = checkpoint_weights(checkpoint)
+    if weights is None:
+        raise ValueError(f"--init-checkpoint: {checkpoint} holds neither {MODEL_FILE} nor {ADAPTER_FILE}")
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except RuntimeError as err:
+        if weights.name == MODEL_FILE:
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            return None
+        meta = json.loads((checkpoint / LORA_FILE).read_text())
+        if base is not None:
+            mine = {k: base.get(k) for k in ("model", "tiny")}
+            theirs = {k: meta["base"].get(k) for k in ("model", "tiny")}
+            if mine != theirs:
+                raise ValueError(f"--init-checkpoint {checkpoint} holds LoRA adapters of the base {theirs}; this run "
+                                 f"builds {mine} (--model, and for the tiny model its --tiny-* sizes and --seed): "
+                                 "adapters apply to their own base only")
+        if meta["base"]["init_checkpoint"]:
+            load_init_checkpoint(model, Path(meta["base"]["init_checkpoint"]), base=base)
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if lora is not None and all(lora[k] == meta[k] for k in ("r", "alpha", "targets")):
+            return state
+        merge_adapters(model, state, r=meta["r"], alpha=meta["alpha"])
+        return None
+    except (RuntimeError, FileNotFoundError, KeyError) as err:
         first = " ".join(str(err).split())[:300]
         raise ValueError(f"--init-checkpoint {checkpoint}: its weights do not fit this model (another --model, "
                          f"tiny size or tokenizer?): {first}") from None
@@ -158,7 +248,7 @@ def read_trainer_state(path: Path) -> dict:
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, extra_models: dict | None = None) -> dict:
     """Restore model, optimizer, scheduler and RNG states (and each of `extra_models` from NAME.pt, which must
     exist); returns the trainer state (step, data position, ...)."""
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    load_model_state(model, path)
     for name, module in (extra_models or {}).items():
         if not (path / f"{name}.pt").exists():
             raise ValueError(f"checkpoint {path} has no {name}.pt: it was written by a run without it (resume "

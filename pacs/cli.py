@@ -129,7 +129,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                     if getattr(args, f.name, None) is not None}
         ckpt = _eval_checkpoint(run, args.checkpoint)
-        # The run's config, its weights from the checkpoint, flags on top; results go into the run directory.
+        # The run's config, its weights from the checkpoint, flags on top; results go into the run directory. A
+        # LoRA run's checkpoint holds adapters: its base (the run's own --init-checkpoint) is named in lora.json.
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in fields}, **explicit,
                              "init_checkpoint": str(ckpt), "out_dir": str(run)})
     elif args.checkpoint:
@@ -152,7 +153,7 @@ def _eval_checkpoint(run, checkpoint: str | None):
     RUN/checkpoints), else RUN's latest."""
     from pathlib import Path
 
-    from pacs.checkpoint import latest_checkpoint
+    from pacs.checkpoint import checkpoint_weights, latest_checkpoint
 
     if checkpoint is None:
         latest = latest_checkpoint(run)
@@ -160,11 +161,11 @@ def _eval_checkpoint(run, checkpoint: str | None):
             raise ValueError(f"--run {run} holds no checkpoint")
         return latest
     for candidate in (Path(checkpoint), run / "checkpoints" / checkpoint):
-        if (candidate / "model.pt").is_file():
+        if checkpoint_weights(candidate) is not None:
             return candidate
-    names = sorted(p.name for p in (run / "checkpoints").glob("*_*") if (p / "model.pt").is_file())
-    raise ValueError(f"--checkpoint {checkpoint}: no such checkpoint (no model.pt there or in {run / 'checkpoints'}); "
-                     f"{run} has {', '.join(names) if names else 'none'}")
+    names = sorted(p.name for p in (run / "checkpoints").glob("*_*") if checkpoint_weights(p) is not None)
+    raise ValueError(f"--checkpoint {checkpoint}: no such checkpoint (no model.pt or adapters.pt there or in "
+                     f"{run / 'checkpoints'}); {run} has {', '.join(names) if names else 'none'}")
 
 
 def _run_plot(args: argparse.Namespace) -> int:

@@ -34,12 +34,32 @@ class TrainConfig:
     tiny_intermediate: int = opt(512, "tiny model: MLP size", "model", eval=True)
     dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16", "model",
                      choices=("auto", "float32", "bfloat16", "float16"), eval=True)
-    attn: str = opt("auto", "attention: auto (flash_attention_2 if installed and CUDA, else sdpa) | sdpa | eager | "
-                    "flash_attention_2", "model", choices=("auto", "sdpa", "eager", "flash_attention_2"), eval=True)
+    attn: str = opt("auto", "attention: auto (on CUDA: flash_attention_2 if installed, else varlen where torch's "
+                    "varlen kernel serves the GPU and dtype (sm_80+, bf16/fp16), else sdpa; sdpa on the CPU) | "
+                    "varlen (packed sequences without an N x N mask: torch's or flash-attn's varlen kernel on CUDA, "
+                    "a per-sequence path elsewhere, whose memory grows with the longest sequence) | sdpa | eager | "
+                    "flash_attention_2", "model", choices=("auto", "varlen", "sdpa", "eager", "flash_attention_2"),
+                    eval=True)
     init_checkpoint: str | None = opt(None, "start from the model weights of this checkpoint directory (e.g. a "
-                                      "previous run's RUN/checkpoints/step_000100)", "model", eval=True)
+                                      "previous run's RUN/checkpoints/step_000100); a LoRA run's checkpoint gives "
+                                      "its base with its adapters (kept as adapters when this run's --lora-r, "
+                                      "--lora-alpha and --lora-targets match, merged into the weights otherwise)",
+                                      "model", eval=True)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward", "model")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", "model", eval=True)
+    # LoRA (pacs/lora.py)
+    lora_r: int = opt(0, "LoRA rank: train low-rank adapters on the decoder's linear layers instead of the whole "
+                      "model (0 = full fine-tuning). Needs PEFT (pip install -e \".[lora]\"). The lm_head and the "
+                      "embeddings stay frozen (the fused head then skips its weight gradient), only the adapters "
+                      "reach AdamW, rollouts use the adapted model, checkpoints hold the adapters", "lora")
+    lora_alpha: float | None = opt(None, "LoRA: the adapters' update is scaled by alpha / r (default: 2 r)", "lora")
+    lora_dropout: float = opt(0.0, "LoRA: dropout on the adapters' input in the gradient passes; the rollout, "
+                              "old-policy and reference passes run without it (the policy itself), and the first "
+                              "mini-batch's one pass keeps theta = theta_old by definition", "lora")
+    lora_targets: str | None = opt(None, "LoRA: comma-separated names of the decoder's linear layers to adapt, or "
+                                   "all-linear (default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, "
+                                   "those the model has: every linear layer of a Llama/Qwen/Gemma/Mistral "
+                                   "decoder); never the lm_head or the embeddings", "lora")
     # data
     data: str = opt("synthetic:arithmetic", "synthetic:arithmetic|linear|mixed, or a .jsonl (one JSON object per "
                     "line), .json (an array of objects) or .parquet file of problems", "data", eval=True)
@@ -73,7 +93,8 @@ class TrainConfig:
     reference: str = opt("old", "PACS: the policy psi is scored against. old: the rollout policy (psi = beta * sum "
                          "(log pi - log pi_old)); snapshot:K: a frozen copy of the policy, replaced by the current "
                          "policy every K rollout steps (PACS v2). snapshot:K keeps one more copy of the weights in "
-                         "the model's dtype (bf16 on GPU by default) and scores every mini-batch against it",
+                         "the model's dtype (bf16 on GPU by default; under LoRA a copy of the adapters only) and "
+                         "scores every mini-batch against it",
                          "algorithm")
     reset_optimizer: bool = opt(False, "PACS with --reference snapshot:K: clear AdamW's moments at every "
                                 "snapshot refresh (the learning-rate schedule continues)", "algorithm")
@@ -270,6 +291,10 @@ def _problems(cfg: TrainConfig) -> list[str]:
     check("sft_target_pass1", lambda x: 0 <= x <= 1, "in [0, 1] (0 = off)")
     for name in ("sft_probe_every", "sft_probe_problems"):
         check(name, lambda x: x >= 1, ">= 1")
+    check("lora_r", lambda x: x >= 0, ">= 0 (0 = no LoRA)")
+    check("lora_alpha", lambda x: x is None or finite(x) and x > 0, "a finite number > 0")
+    check("lora_dropout", lambda x: 0 <= x < 1, "in [0, 1)")
+    check("lora_targets", lambda x: x is None or x.strip(" ,") != "", "non-empty")
     check("seed", lambda x: 0 <= x < 2**32, "in [0, 2**32)")
     check("split_seed", lambda x: 0 <= x < 2**32, "in [0, 2**32)")
     for name in ("model", "problem_key", "answer_key", "out_dir"):
@@ -286,9 +311,12 @@ def _problems(cfg: TrainConfig) -> list[str]:
     if good("model"):
         out += model_problems(cfg.model)
     if good("init_checkpoint") and cfg.init_checkpoint is not None:
-        weights = Path(cfg.init_checkpoint) / "model.pt"
-        if not weights.is_file():
-            out.append(f"--init-checkpoint: {weights} does not exist")
+        from .checkpoint import ADAPTER_FILE, MODEL_FILE, checkpoint_weights
+
+        if checkpoint_weights(cfg.init_checkpoint) is None:
+            out.append(f"--init-checkpoint: {cfg.init_checkpoint} holds neither {MODEL_FILE} nor {ADAPTER_FILE}")
+    if good("lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
+        out += _lora_problems(cfg)
     if good("device", "attn", "kernel_backend"):
         out += _hardware_problems(cfg)
     if good("data", "test_data"):
@@ -374,6 +402,29 @@ def _reference_problems(cfg: TrainConfig) -> list[str]:
                    "reference log-probs)")
     if cfg.reset_optimizer and interval is None:
         out.append("--reset-optimizer needs --reference snapshot:K (it acts at each snapshot refresh)")
+    return out
+
+
+def _lora_problems(cfg: TrainConfig) -> list[str]:
+    """LoRA options without --lora-r, a missing PEFT, targets that name the frozen head, torchrun."""
+    set_without = [flag(n) for n in ("lora_alpha", "lora_targets") if getattr(cfg, n) is not None]
+    set_without += ["--lora-dropout"] if cfg.lora_dropout else []
+    if not cfg.lora_r:
+        verb = "apply" if len(set_without) > 1 else "applies"
+        return [f"{', '.join(set_without)} {verb} to LoRA adapters only: set --lora-r >= 1 (0 is full "
+                "fine-tuning)"] if set_without else []
+    out = []
+    if importlib.util.find_spec("peft") is None:
+        out.append('--lora-r needs the peft package: pip install -e ".[lora]" (or pip install \'peft>=0.13\')')
+    names = [t.strip() for t in (cfg.lora_targets or "").split(",") if t.strip()]
+    frozen = [t for t in names if t.rsplit(".", 1)[-1] in ("lm_head", "embed_tokens", "wte", "embed_out")]
+    if frozen:
+        out.append(f"--lora-targets {','.join(frozen)}: the lm_head and the embeddings stay frozen under LoRA (the "
+                   "fused head reads the plain weight, an adapter there would be ignored)")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        out.append("--lora-r is not supported under torchrun: LoRA with FSDP2 is untested, and the snapshot "
+                   "reference swaps adapter tensors that FSDP2 shards; train LoRA in one process (it is what "
+                   "makes a large policy fit on one GPU)")
     return out
 
 

@@ -45,7 +45,9 @@ rank then reseeds its sampler: seed + rank + step): a 2-rank checkpoint loads in
 (checked by hand); other combinations are untested.
 
 Not supported at world size > 1 (refused by `config_problems`): `--reference snapshot:K` and GRPO's
-`--scale-rewards batch` (a standard deviation over the whole mini-batch, which no rank holds).
+`--scale-rewards batch` (a standard deviation over the whole mini-batch, which no rank holds). LoRA (--lora-r) is
+refused under torchrun at any world size (`TrainConfig.validate`): LoRA with FSDP2 is untested, and the snapshot
+reference's adapter swap (`pacs.lora.AdapterSnapshot`) replaces tensors that FSDP2 shards.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import torch
 from pacs_kernels.vocab_parallel import comm_device
 
 from . import checkpoint
+from .lora import decoder_of, is_peft_model
 from .modeling import pick_device
 
 
@@ -225,6 +228,9 @@ class SingleProcess:
         """torch.save files; a checkpoint written under torchrun (with dcp/) loads through DCP, which reshards it to
         this one process (unless extra models are asked for: no torchrun checkpoint has them, and
         `checkpoint.load_checkpoint` names the missing file)."""
+        if (Path(path) / "dcp").is_dir() and is_peft_model(model):
+            raise ValueError(f"checkpoint {path} was written under torchrun, without LoRA: continue it without "
+                             "--lora-r, or start a LoRA run from its weights with --init-checkpoint")
         if (Path(path) / "dcp").is_dir() and extra_models is None:
             return checkpoint.load_dcp_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
                                                   dist=self)
@@ -349,15 +355,15 @@ def config_problems(cfg, world: int) -> list[str]:
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
-    base = getattr(model, "base_model", model)
-    layers = getattr(base, "layers", None)
+    layers = getattr(decoder_of(model), "layers", None)
     return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
-def _packed_forward(self, input_ids, position_ids):
-    """modeling.packed_hidden_states's base-model forward, as a method FSDP treats as a forward (its root's
-    parameters, the embedding / tied lm_head and the final norm, are gathered before it)."""
-    out = self.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
+def _packed_forward(self, input_ids, **packing):
+    """modeling.packed_hidden_states's decoder forward (`packing`: modeling.packing_kwargs), as a method FSDP
+    treats as a forward (its root's parameters, the embedding / tied lm_head and the final norm, are gathered
+    before it)."""
+    out = decoder_of(self)(input_ids=input_ids, **packing)
     return out.last_hidden_state  # [1, N, D]; not a view, which would lose FSDP's pre-backward hook
 
 

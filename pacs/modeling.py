@@ -7,12 +7,12 @@ lm_head) runs on the packed sequences, and its last hidden states go with `get_o
 Packing: S sequences are concatenated into one row of N tokens with position_ids restarting at 0 for each, and
 `attention_mask=None, use_cache=False`. transformers (4.5x and 5.x) then derives a block-diagonal causal mask
 from the position_ids for sdpa and flash-attention alike; with an attention_mask or a cache the sequences would
-silently attend to each other (tests/test_trainer.py::test_packed_equals_padded guards this).
+silently attend to each other (tests/test_trainer.py::test_packed_equals_padded guards this). With "varlen"
+attention (pacs/attention.py) no mask is built: the sequence boundaries go to every layer (`packing_kwargs`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 import pacs_kernels
+
+from .attention import VARLEN, packed_attention_kwargs
+from .lora import decoder_of
 
 logger = logging.getLogger("pacs")
 
@@ -39,15 +42,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(dtypes)}, got {name!r}")
     return dtypes[name]
-
-
-def attention_implementation(requested: str, device: torch.device) -> str:
-    """flash_attention_2 when flash_attn imports and CUDA is present, else sdpa (or what was asked for)."""
-    if requested != "auto":
-        return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
 
 
 def _transformers():
@@ -123,6 +117,11 @@ def model_source(name: str, *, timeout: float = 5.0) -> tuple[str, bool]:
     return name, False
 
 
+def load_model_config(name_or_path: str, *, local_files_only: bool = False):
+    """A pretrained model's config alone (no weights): what `attention.choose_attention` reads."""
+    return _transformers().AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only)
+
+
 def load_pretrained(name_or_path: str, *, dtype: torch.dtype, attn_implementation: str,
                     local_files_only: bool = False):
     transformers = _transformers()
@@ -175,13 +174,22 @@ def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
+def packing_kwargs(model, batch: PackedBatch) -> dict:
+    """The decoder forward's packing arguments: position_ids restarting per sequence, no mask, no cache, and with
+    "varlen" attention the sequence boundaries for all layers at once (`attention.packed_attention_kwargs`)."""
+    kwargs = dict(position_ids=batch.position_ids, attention_mask=None, use_cache=False)
+    if getattr(decoder_of(model).config, "_attn_implementation", None) == VARLEN:
+        kwargs.update(packed_attention_kwargs(batch.cu_seqlens))
+    return kwargs
+
+
 def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
-    """Last hidden states [N, D] of the packed sequences, each attending only to itself."""
+    """Last hidden states [N, D] of the packed sequences, each attending only to itself. The decoder body
+    (`lora.decoder_of`: looked through a PEFT model) runs without the lm_head."""
     packed_forward = getattr(model, "packed_forward", None)  # an FSDP-sharded model (pacs/distributed.py)
     if packed_forward is not None:
-        return packed_forward(batch.input_ids, batch.position_ids)[0]
-    out = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
-                           use_cache=False)
+        return packed_forward(batch.input_ids, **packing_kwargs(model, batch))[0]
+    out = decoder_of(model)(input_ids=batch.input_ids, **packing_kwargs(model, batch))
     return out.last_hidden_state[0]
 
 

@@ -18,7 +18,8 @@ answers are balanced per group. `--algo grpo|rloo` runs those baselines through 
 `train` reads straight down; each stage lives in a module of its own:
 
     set-up       pacs/session.py     threads, data, model, tokenizer, generator (`Session`); pacs/distributed.py
-                                     decides one process or torchrun (`Distribution`)
+                                     decides one process or torchrun (`Distribution`); --lora-r: PEFT adapters
+                                     (pacs/lora.py); --attn varlen: packed attention (pacs/attention.py)
     warm-up      pacs/warmup.py      optional supervised steps on the gold answers before RL
     rollouts     pacs/rollout.py     G sampled answers per prompt (HF generate)
     rewards      pacs/verify/        the sympy verifier: 1 correct, 0 not
@@ -79,9 +80,10 @@ def train(cfg: TrainConfig) -> Path:
 
     A bad configuration raises ValueError (`TrainConfig.validate`) before anything is built, and so does an
     `out_dir` that already holds a run without --resume or --overwrite (pacs/rundir.py). Under torchrun it runs on
-    every rank with an FSDP2-sharded model (pacs/distributed.py); rank 0 writes the metrics, config.json, eval
-    results and plots, and checkpoints go through torch.distributed.checkpoint. SIGINT/SIGTERM stop it after the
-    current step with a checkpoint (during the warm-up too) that --resume continues.
+    every rank with an FSDP2-sharded model (pacs/distributed.py; LoRA is refused there); rank 0 writes the
+    metrics, config.json, eval results and plots, and checkpoints go through torch.distributed.checkpoint.
+    SIGINT/SIGTERM stop it after the current step with a checkpoint (during the warm-up too) that --resume
+    continues.
     """
     cfg.validate()
     check_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # every rank, before the rendezvous
@@ -117,7 +119,7 @@ def train(cfg: TrainConfig) -> Path:
             rewards = math_reward(session.texts(rollouts), session.answers(idx, cfg.group_size))
             t1 = time.perf_counter()
             stats = update_on_rollouts(model, optimizer, scheduler, rollouts, rewards, cfg, session.device,
-                                       reference=reference.model, reference_fresh=fresh, dist=dist, share=share)
+                                       reference=reference.snapshot, reference_fresh=fresh, dist=dist, share=share)
             t_update = time.perf_counter() - t1
             state.advance(cfg.prompts_per_step, stats.skipped)
             row = stats.row(state, dist.concat(rollouts), dist.concat(rewards), t_generate=t_generate,

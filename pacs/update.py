@@ -9,6 +9,11 @@ The one pass: the first mini-batch is on-policy (theta = theta_old), so with `on
 old-log-prob forward and the loss's one-pass path (`old_logprob=None`: log-probs and gradients in one vocabulary
 pass); with one mini-batch per rollout there is no old pass at all.
 
+Modes: the old-log-prob and reference passes score the policy itself, in eval mode (`policy_mode`), as the
+rollouts sampled it; the gradient passes run in train mode. The two differ only with --lora-dropout > 0: the
+gradient pass is then a dropout sample of the policy, and the one pass keeps theta = theta_old by definition
+(psi = 0, ratio 1 on the first mini-batch) where the two-pass loss would compare the sample with the policy.
+
 `--reference snapshot:K` (PACS v2) scores psi against a frozen copy of the policy instead of the rollout policy
 (`SnapshotReference`): the copy is replaced by the current policy at every K-th rollout step (AdamW's moments
 cleared too with `--reset-optimizer`), its log-probs take the old-log-prob slot of every mini-batch, and
@@ -21,9 +26,11 @@ statistics come back merged across ranks (`StepStats.merge`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +39,7 @@ import pacs_kernels
 
 from .config import TrainConfig, snapshot_interval
 from .distributed import SINGLE, Distribution, loss_scales
+from .lora import AdapterSnapshot, is_peft_model, trainable_parameter_list
 from .metrics import StepStats
 from .modeling import PackedBatch, lm_head_params, pack_sequences, packed_hidden_states, packed_logprobs
 from .rollout import Rollout
@@ -101,15 +109,31 @@ def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor | None, rew
     return out.loss, out
 
 
+@contextmanager
+def policy_mode(model):
+    """The policy itself for a no-grad scoring pass: eval mode (no LoRA dropout), the previous mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
-def old_logprobs(model, batch: PackedBatch, settings: LossSettings) -> torch.Tensor:
-    """Per-token log-probs of the batch's targets under `model` (the rollout policy or the reference), no grad."""
-    return packed_logprobs(model, batch, temperature=settings.temperature, backend=settings.backend).logprob
+def old_logprobs(model, batch: PackedBatch, settings: LossSettings, reference=None) -> torch.Tensor:
+    """Per-token log-probs of the batch's targets under the rollout policy `model` or, given, the `reference`: a
+    frozen copy of the model, or under LoRA an `AdapterSnapshot` applied to `model`; no grad, eval mode."""
+    scorer = reference.applied(model) if isinstance(reference, AdapterSnapshot) else \
+        contextlib.nullcontext(model if reference is None else reference)
+    with scorer as module, policy_mode(module):
+        return packed_logprobs(module, batch, temperature=settings.temperature, backend=settings.backend).logprob
 
 
 def make_optimizer(model, cfg: TrainConfig):
-    """AdamW and its linear learning-rate warm-up over --warmup-steps optimizer steps."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    """AdamW over the trainable parameters (the adapters under LoRA) and its linear learning-rate warm-up over
+    --warmup-steps optimizer steps."""
+    optimizer = torch.optim.AdamW(trainable_parameter_list(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2))
     warmup = max(cfg.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -117,32 +141,39 @@ def make_optimizer(model, cfg: TrainConfig):
 
 
 class SnapshotReference:
-    """--reference snapshot:K (PACS v2): one more copy of the weights, frozen, that psi is scored against, replaced
-    by the policy at every K-th rollout step. With --reference old there is none (`model` None) and every method
-    does nothing."""
+    """--reference snapshot:K (PACS v2): a frozen copy of the policy that psi is scored against, replaced by the
+    policy at every K-th rollout step: a copy of the whole model, or under LoRA of the adapters only
+    (`pacs.lora.AdapterSnapshot`, applied to the live model for the reference pass; the base is shared). With
+    --reference old there is none (`snapshot` None) and every method does nothing."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
         self.interval = snapshot_interval(cfg.reference)
         self.reset_optimizer = cfg.reset_optimizer
-        self.model = copy.deepcopy(model).requires_grad_(False).eval() if self.interval else None
+        self.snapshot = None
+        if self.interval:
+            self.snapshot = (AdapterSnapshot(model) if is_peft_model(model) else
+                             copy.deepcopy(model).requires_grad_(False).eval())
 
     def refresh(self, step: int, policy: torch.nn.Module, optimizer) -> bool:
         """At every K-th rollout step the reference becomes the policy (and AdamW starts afresh with
         --reset-optimizer); returns whether it did at `step`."""
-        if self.model is None or step % self.interval:
+        if self.snapshot is None or step % self.interval:
             return False
-        self.model.load_state_dict(policy.state_dict())
+        if isinstance(self.snapshot, AdapterSnapshot):
+            self.snapshot.refresh(policy)
+        else:
+            self.snapshot.load_state_dict(policy.state_dict())
         if self.reset_optimizer:
             optimizer.state.clear()
         return True
 
     def extra_models(self) -> dict | None:
-        """What checkpoints carry beside the model."""
-        return None if self.model is None else {"reference": self.model}
+        """What checkpoints carry beside the model (reference.pt: the copy's state, or the snapshot adapters)."""
+        return None if self.snapshot is None else {"reference": self.snapshot}
 
     def row_fields(self, step: int) -> dict:
         """The metrics of RL step `step` about the reference: rollout steps since its refresh."""
-        return {} if self.model is None else {"reference_age": (step - 1) % self.interval}
+        return {} if self.snapshot is None else {"reference_age": (step - 1) % self.interval}
 
 
 def optimizer_step(model, optimizer, scheduler, loss: torch.Tensor, grad_clip: float) -> float:
@@ -150,7 +181,7 @@ def optimizer_step(model, optimizer, scheduler, loss: torch.Tensor, grad_clip: f
     not finite is skipped (and logged). Returns the gradient norm."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(trainable_parameter_list(model), grad_clip if grad_clip > 0 else float("inf"))
     # FSDP2: a Replicate DTensor holding the global norm, the same on every rank
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if math.isfinite(norm):
@@ -169,9 +200,10 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
 
     `rollouts` (and `rewards`) are this rank's groups of every mini-batch, in order; `share` says which:
     `dist.share` of the whole rollout batch (default: computed here from the global number of groups).
-    `reference`: PACS's snapshot policy (`--reference snapshot:K`); its log-probs take the old-log-prob slot of
-    every mini-batch, so psi = beta * sum(log pi - log pi_ref). `reference_fresh`: it was refreshed from the
-    model at this rollout step, so it still equals the model at the first mini-batch."""
+    `reference`: PACS's snapshot policy (`--reference snapshot:K`: a frozen copy of the model, or under LoRA an
+    `AdapterSnapshot` of its adapters); its log-probs take the old-log-prob slot of every mini-batch, so
+    psi = beta * sum(log pi - log pi_ref). `reference_fresh`: it was refreshed from the model at this rollout
+    step, so it still equals the model at the first mini-batch."""
     settings = LossSettings.from_config(cfg)
     G = cfg.group_size
     n_groups = len(rollouts) // G
@@ -195,8 +227,7 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
     # never reads them.
     trivial = [i == 0 and (reference is None or reference_fresh) for i in range(len(minibatches))]
     skip = [cfg.one_pass and (t or (settings.algo == "pacs" and settings.score == "logprob_mean")) for t in trivial]
-    scorer = model if reference is None else reference
-    olds = [None if s else old_logprobs(scorer, batch, settings) for s, (batch, _) in zip(skip, minibatches)]
+    olds = [None if s else old_logprobs(model, batch, settings, reference) for s, (batch, _) in zip(skip, minibatches)]
     counts = torch.tensor([[float(batch.cu_seqlens.numel() - 1), float((batch.targets != -100).sum())]
                            for batch, _ in minibatches], dtype=torch.float64)  # [k, 2]: sequences, tokens
     totals = dist.all_reduce_sum(counts)  # one all-reduce for the whole rollout under torchrun

@@ -21,6 +21,7 @@ from .checkpoint import read_trainer_state
 from .config import TrainConfig
 from .evaluate import run_eval, sampled_pass_at_k
 from .interrupt import StopFlag
+from .lora import trainable_parameter_list
 from .metrics import RunLog
 from .modeling import PackedBatch, lm_head_params, pack_sequences, packed_hidden_states, packed_logprobs
 from .session import Session
@@ -86,7 +87,7 @@ def sft_warmup(session: Session, log: RunLog, stop: StopFlag, resume: Path | Non
     checkpoint (`warmup_STEP`: model, optimizer, RNG states, step, last probe) then holds where it stopped, and
     `resume` (that checkpoint) continues from there as if it had never stopped."""
     cfg, model, tok, dist = session.cfg, session.model, session.tokenizer, session.dist
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable_parameter_list(model), lr=cfg.sft_lr, weight_decay=0.0)
     checkpoints = session.checkpoints(optimizer, prefix="warmup")
     rng = random.Random(cfg.seed + 17)
     start, probed = 0, None
@@ -113,7 +114,7 @@ def sft_warmup(session: Session, log: RunLog, stop: StopFlag, resume: Path | Non
         loss = sft_loss(model, batch, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable_parameter_list(model), 1.0)
         optimizer.step()
         bar.step(step + 1, loss)
         if step % 10 == 0 or step == cfg.sft_steps - 1:
