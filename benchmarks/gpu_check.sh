@@ -18,7 +18,10 @@
 #   5. the kernel tests on CUDA (bf16 cases included), in parallel with pytest-xdist when it imports, under a cap
 #      that covers ~100 cold Triton compiles; interrupted at the cap (SIGINT), pytest still prints its summary;
 #   6. the trainer on CUDA: `torchrun --nproc_per_node 1 -m pacs train --preset smoke` (FSDP2, NCCL, bf16) and the
-#      one-process `pacs train --preset smoke`, a few steps each, each in a fresh run directory under OUT;
+#      one-process `pacs train --preset smoke`, a few steps each, each in a fresh run directory under OUT; then the
+#      packed varlen attention against sdpa with its packed mask (benchmarks/varlen_smoke.py: the CUDA kernel's
+#      results for MHA/GQA/window/MQA, then a 4-layer model's step time and memory, interleaved) and a few LoRA
+#      steps with varlen attention (`--lora-r 8 --attn varlen`; PEFT from the carried wheels);
 #   7. S2 anchors: Liger, CCE, TRL's chunked log-prob, F.linear_cross_entropy against ours, the same shape, modes
 #      in order of importance;
 #   8. S3 more problems: peaked logits, the Llama-3-8B, Qwen2.5-7B and Gemma-2-2B heads, 2k and 8k tokens;
@@ -27,8 +30,8 @@
 #      verdicts; on the GPU, when rows were measured, its section goes into benchmarks/RESULTS.md of this tree and
 #      that file is copied to OUT (never an empty section).
 # OUT gets: gpu_check.log (all output, with each step's duration), ceilings.json, results.jsonl (rows as they are
-# measured), results.json/csv/md, plot.png, pytest.log, smoke_torchrun/ and smoke_single/ (run directories),
-# RESULTS.md.
+# measured), results.json/csv/md, plot.png, pytest.log, smoke_torchrun/, smoke_single/ and smoke_lora/ (run
+# directories), varlen_smoke.jsonl, RESULTS.md.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR            # on the GPU machine (device call: timeout_s 600)
 #   bash benchmarks/gpu_check.sh OUT_DIR --dry-run  # on a CPU: the same steps at tiny sizes, Triton interpreted,
@@ -76,9 +79,10 @@ say "gpu_check $( ((DRY)) && echo 'DRY RUN ')$(date -u '+%Y-%m-%d %H:%M UTC'), c
 # Each step's cap in seconds, in the order they run. A step may run until the budget minus the caps of the steps
 # after it (and the report's reserve): it gets at least its cap when the steps before it kept to theirs, and the
 # time they left unused.
-declare -A CAP=([ceilings]=30 [S1_ours]=110 [tests]=130 [smoke_torchrun]=45 [smoke_single]=35 [S2_anchors]=60
-  [S3_peaked]=20 [S3_shapes]=20 [S3_tokens]=15 [S4_compiled]=40)
-ORDER=(ceilings S1_ours tests smoke_torchrun smoke_single S2_anchors S3_peaked S3_shapes S3_tokens S4_compiled)
+declare -A CAP=([ceilings]=30 [S1_ours]=110 [tests]=120 [smoke_torchrun]=40 [smoke_single]=30 [varlen]=25
+  [smoke_lora]=25 [S2_anchors]=55 [S3_peaked]=15 [S3_shapes]=15 [S3_tokens]=15 [S4_compiled]=30)
+ORDER=(ceilings S1_ours tests smoke_torchrun smoke_single varlen smoke_lora S2_anchors S3_peaked S3_shapes S3_tokens
+  S4_compiled)
 limit_of() {  # limit_of STEP: seconds this step may take now
   local after=0 seen=0 s
   for s in "${ORDER[@]}"; do
@@ -164,6 +168,7 @@ if [[ $DRY == 1 ]]; then
   OURS=gemm,ours_sliced,ours_fused,ours_triton,ours_torch,ours_triton_2pass,ours_torch_2pass,naive
   TEST_K=(-k "unaligned or leading_dims or matches_float64_reference or deterministic or forward_impl")
   TRAIN=(--device cpu --dtype float32)
+  VARLEN=(--device cpu --tokens 256 --dtype float32 --reps 1)
   # the section goes into a copy of RESULTS.md in OUT; the tree's file is not touched
   cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
   export PACS_RESULTS_MD="$OUT/RESULTS.md"
@@ -174,6 +179,7 @@ else
   OURS=gemm,ours_sliced,ours_fused,ours_triton,ours_torch,ours_triton_2pass,naive
   TEST_K=()
   TRAIN=(--device cuda --dtype bfloat16)
+  VARLEN=(--device cuda --dtype bfloat16 --tokens 8192 --reps 5)
 fi
 ANCHORS=liger_flce,liger_scaled,cce,cce_exact,trl_chunked,torch_lce,liger_selective
 COMPILED=compiled_chunked,cce_compile
@@ -206,6 +212,14 @@ run_step smoke_torchrun python3 -m torch.distributed.run --standalone --nproc_pe
 tail -n 2 "$OUT/smoke_torchrun_$STAMP/metrics.jsonl" 2> /dev/null
 run_step smoke_single python3 -m pacs train "${SMOKE[@]}" --out-dir "$OUT/smoke_single_$STAMP"
 tail -n 2 "$OUT/smoke_single_$STAMP/metrics.jsonl" 2> /dev/null
+run_step varlen python3 -m benchmarks.varlen_smoke "${VARLEN[@]}" --out "$OUT/varlen_smoke.jsonl"
+if python3 -c 'import peft' 2> /dev/null; then
+  run_step smoke_lora python3 -m pacs train "${SMOKE[@]}" --lora-r 8 --attn varlen --out-dir "$OUT/smoke_lora_$STAMP"
+  tail -n 2 "$OUT/smoke_lora_$STAMP/metrics.jsonl" 2> /dev/null
+else
+  say "smoke_lora: skipped, peft is not installed (carry it: bash benchmarks/fetch_wheels.sh)"
+  STEPS+=("smoke_lora: skipped (no peft)")
+fi
 
 # ---------------------------------------------------------------------------------------- 7.-9. the others
 # anchors interleaved with ours, the bare GEMM and the naive path (the ratios are per-round medians)
