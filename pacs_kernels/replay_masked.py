@@ -1,0 +1,156 @@
+"""The masked path of the kept-set log-prob: the vocabulary-sliced pipeline with the columns outside K set to -1e30.
+
+For large kept sets (mean k above the crossover, up to V) computing every logit with library GEMMs and discarding
+the dropped ones costs less than gathering k weight rows per token. Per slice [v0, v1) of the vocabulary and chunk
+[n0, n1) of the tokens, between the logits GEMM and the statistics / gradient passes of `sliced.py`:
+
+    Z = h @ W_v.T (+ b) * invT_r           as in sliced.py (per-row 1/T: one extra elementwise pass over Z)
+    mask_logits_(Z, entries of the slice)  every cell outside K -> -1e30: a write of the slice (4 n v bytes) plus
+                                           a gather and a scatter of the slice's kept cells (O(entries))
+
+The existing statistics and gradient passes then work unchanged: exp(-1e30 - m) = 0 exactly for any real m, so a
+dropped column adds 0 to s and (guarded, e * (z - m) with e = 0 and a finite z - m) 0 to t, and gets dz = 0 (p = 0;
+the entropy term p * (log p + H) * g_H is 0 * finite, or clamped / where-guarded where it would overflow). A row's
+target is in its set, so every row has a kept column whose statistics dominate. FLOPs are the plain op's (8NDV),
+the workspace stays within the memory budget, and nothing is accumulated with atomics: deterministic.
+
+Finding each slice's entries: `kept.kept_transpose` sorts the entries by id once per call (O(nnz log nnz)); the
+entries of [v0, v1) are then one contiguous range, whose bounds for every slice come from one binary search and
+one host synchronisation.
+
+Per-row temperature: the torch passes scale Z's rows after the GEMM; the Triton passes get Z with bias and 1/T
+applied by torch and run with bias None and 1/T = 1, and in backward the upstream gradients are pre-scaled by invT_r
+(dz is linear in them), so the dz the kernel writes in h's dtype is already a = dz * invT_r, rounded once. With one
+temperature for all rows the scalar runs through the passes as in `sliced.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _gemm
+from ._kept_validation import is_uniform
+from ._stats import finalize_stats, merge_stats
+from .kept import KeptTranspose, kept_slice_entries
+from .sliced import SlicePlan, TorchPasses, _slices, _view
+
+MASK_FLOOR = -1.0e30
+
+
+def mask_logits_(z: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Set every cell of z [n, v] except (rows[i], cols[i]) to -1e30, in place; returns z.
+
+    z: a slice of float32 logits (any row stride). rows, cols: the kept cells, e.g. from `kept.kept_slice_entries`.
+    A finite floor, not -inf: the statistics subtract the running max, and -inf - (-inf) = nan for an all-dropped
+    slice of a row, where -1e30 - (-1e30) = 0 (that slice then has s = v at m = -1e30, and its weight in the merge
+    exp(-1e30 - m_row) is 0). Cost: the kept values gathered (O(entries)), a fill of the slice, the values put back.
+
+    >>> z = torch.arange(6.0).view(2, 3)
+    >>> mask_logits_(z, torch.tensor([0, 1]), torch.tensor([2, 0]))
+    tensor([[-1.0000e+30, -1.0000e+30,  2.0000e+00],
+            [ 3.0000e+00, -1.0000e+30, -1.0000e+30]])
+    """
+    kept = z[rows, cols]
+    z.fill_(MASK_FLOOR)
+    z[rows, cols] = kept
+    return z
+
+
+def _logits(passes, h, w_v, b_v, uniform, inv_rows, out):
+    """(finished or raw Z, bias the pass must still add, 1/T the pass must still apply) for one slice."""
+    if uniform is not None:  # one temperature: as sliced.py
+        z = passes.logits(h, w_v, b_v, uniform, out)
+        return z, b_v, uniform
+    z = passes.logits(h, w_v, b_v, 1.0, out)
+    if not isinstance(passes, TorchPasses) and b_v is not None:  # the Triton GEMM returns raw h @ W_v.T
+        z.add_(b_v)
+    return z.mul_(inv_rows[:, None]).clamp_min_(MASK_FLOOR), None, 1.0
+
+
+def _mask(z, transpose, n0, n1, v0, v1, bounds, k):
+    if transpose is not None:
+        mask_logits_(z, *kept_slice_entries(transpose, n0, n1, v0, v1, (bounds[k], bounds[k + 1])))
+
+
+def _bounds(transpose: KeptTranspose | None, slices) -> list[int] | None:
+    return None if transpose is None else transpose.entry_bounds([v0 for v0, _ in slices] + [slices[-1][1]])
+
+
+def masked_forward(hidden, weight, bias, targets, inv_temperature, transpose: KeptTranspose | None,
+                   with_entropy: bool, passes, plan: SlicePlan):
+    """(logprob [n], entropy [n] | None, lse [n]) of validated 2-d inputs (targets in their kept sets), with the
+    kept sets of `transpose` (None: the full vocabulary, i.e. per-row temperature only). inv_temperature [n]."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    acc = _gemm._acc_dtype(hidden.dtype)
+    slices = _slices(vocab, plan.v_slice)
+    bounds = _bounds(transpose, slices)
+    uniform = is_uniform(inv_temperature)
+    stats = torch.zeros((4, len(slices), n_tokens), dtype=acc, device=hidden.device)  # m, s, t, z_y per slice
+    z_buf = torch.empty(plan.workspace_elems, dtype=acc, device=hidden.device)
+    for n0 in range(0, n_tokens, plan.chunk_n):
+        n1 = min(n0 + plan.chunk_n, n_tokens)
+        h = passes.prepare(hidden[n0:n1])
+        for k, (v0, v1) in enumerate(slices):
+            b_v = None if bias is None else bias[v0:v1]
+            z, b_pass, inv_pass = _logits(passes, h, weight[v0:v1], b_v, uniform, inv_temperature[n0:n1],
+                                          _view(z_buf, n1 - n0, v1 - v0))
+            _mask(z, transpose, n0, n1, v0, v1, bounds, k)
+            passes.stats(z, b_pass, targets[n0:n1], v0, inv_pass, with_entropy, stats[:, k, n0:n1])
+    m, s, t, zy = stats.unbind(0)
+    lse, entropy = finalize_stats(*merge_stats(m, s, t if with_entropy else None))
+    return (zy.sum(0) - lse).clamp_max(0.0), entropy, lse
+
+
+def masked_backward(hidden, weight, bias, targets, inv_temperature, transpose: KeptTranspose | None, lse, entropy,
+                    grad_logprob, grad_entropy, needs, passes, plan: SlicePlan, weight_grad_dtype=torch.float32):
+    """(d_hidden [n, D] float32, d_weight [V, D], d_bias [V] float32), None where `needs` says so: `sliced_backward`
+    with the mask, for the forward's lse and entropy."""
+    need_h, need_w, need_b = needs
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    acc = _gemm._acc_dtype(hidden.dtype)
+    one_chunk = plan.chunk_n >= n_tokens
+    slices = _slices(vocab, plan.v_slice)
+    bounds = _bounds(transpose, slices)
+    uniform = is_uniform(inv_temperature)
+    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if need_h else None
+    d_weight = None
+    if need_w:
+        w_acc = torch.float64 if acc == torch.float64 else weight_grad_dtype
+        d_weight = torch.empty_like(weight) if one_chunk else torch.zeros(weight.shape, dtype=w_acc, device=device)
+    d_bias = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
+    g_lp = None if grad_logprob is None else grad_logprob.to(acc)
+    g_ent = None if grad_entropy is None else grad_entropy.to(acc)
+    if uniform is None:  # dz is linear in the upstream gradients: pre-scaling them by invT_r gives a = dz * invT_r
+        scale = inv_temperature.to(acc)
+        g_lp = None if g_lp is None else g_lp * scale
+        g_ent = None if g_ent is None else g_ent * scale
+    g_lp = None if g_lp is None else g_lp.contiguous()
+    g_ent = None if g_ent is None else g_ent.contiguous()
+    ent = None if grad_entropy is None else entropy
+    z_buf = torch.empty(plan.workspace_elems, dtype=acc, device=device)
+    dz_buf = None if passes.dz_dtype is None else torch.empty(plan.workspace_elems, dtype=passes.dz_dtype,
+                                                              device=device)
+    for n0 in range(0, n_tokens, plan.chunk_n):
+        n1 = min(n0 + plan.chunk_n, n_tokens)
+        rows = n1 - n0
+        h = passes.prepare(hidden[n0:n1])
+        chunk = lambda x: None if x is None else x[n0:n1]
+        for k, (v0, v1) in enumerate(slices):
+            b_v = None if bias is None else bias[v0:v1]
+            w_v = weight[v0:v1]
+            z, b_pass, inv_pass = _logits(passes, h, w_v, b_v, uniform, inv_temperature[n0:n1],
+                                          _view(z_buf, rows, v1 - v0))
+            _mask(z, transpose, n0, n1, v0, v1, bounds, k)
+            dz, db = passes.grad(z, b_pass, targets[n0:n1], v0, lse[n0:n1], chunk(ent), chunk(g_lp), chunk(g_ent),
+                                 inv_pass, None if dz_buf is None else _view(dz_buf, rows, v1 - v0), need_b)
+            if need_h:
+                _gemm.accumulate_(d_hidden[n0:n1], dz, w_v)
+            if need_w:
+                if one_chunk:
+                    _gemm.weight_grad(dz, h, d_weight[v0:v1])
+                else:
+                    _gemm.accumulate_(d_weight[v0:v1], dz.T, h)
+            if need_b:
+                d_bias[v0:v1] += db
+    return d_hidden, d_weight, d_bias
