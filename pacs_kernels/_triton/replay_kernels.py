@@ -31,9 +31,11 @@ import triton.language as tl
 
 from .config import interpreting
 
-# (BLOCK_K entries, BLOCK_D columns, num_warps) on CUDA: a [32, 128] tile of gathered weight rows is 8 KiB in bf16,
-# 32 float32 values per thread at 4 warps; each gathered row segment is 256 contiguous bytes (a full sector run).
-CUDA_GATHER = (32, 128, 4)
+# (BLOCK_K entries, BLOCK_D columns, num_warps) on CUDA. 16 entries per block: kept sets are small (prime-rl
+# measured mean ~8, median 2, p99 ~80), and a wider block would leave most lanes masked. 256 columns: each gathered
+# weight row segment is 512 contiguous bytes in bf16; the [16, 256] tile is 8 KiB, 32 values per thread at 4 warps.
+# (32, 128, 4) spilled 16 bytes in the row-gradient kernel on sm_80 (benchmarks/kernel_report.py); this spills none.
+CUDA_GATHER = (16, 256, 4)
 
 
 @triton.jit
