@@ -27,7 +27,7 @@ from .kept import kept_select_rows, kept_transpose
 from .kept_reference import linear_logprob_kept_reference
 from .linear_logprob import LogprobOutput, _zeros_with_graph, resolve_backend, scatter_rows, valid_rows
 from .replay_gather import gather_backward, gather_forward, kept_layout
-from .replay_masked import masked_backward, masked_forward
+from .replay_masked import masked_backward, masked_forward, workspace_bytes
 from .sliced import passes_for, plan_slices, resolve_budget
 
 ALGORITHMS = ("auto", "gather", "masked")
@@ -50,9 +50,9 @@ class KeptParams:
     v_slice: int | None = None
 
 
-def _masked_plan(hidden, weight, p: KeptParams, passes, backward: bool):
-    return plan_slices(hidden.shape[0], weight.shape[0], passes.backward_bytes if backward else passes.forward_bytes,
-                       p.budget, hidden.device, p.chunk_n, p.v_slice)
+def _masked_plan(hidden, weight, p: KeptParams, passes, backward: bool, has_kept: bool):
+    return plan_slices(hidden.shape[0], weight.shape[0], workspace_bytes(passes, backward, has_kept), p.budget,
+                       hidden.device, p.chunk_n, p.v_slice)
 
 
 class KeptLinearLogprob(torch.autograd.Function):
@@ -77,7 +77,7 @@ class KeptLinearLogprob(torch.autograd.Function):
         transpose = None if ids is None else kept_transpose(ids, offsets, weight.shape[0])
         logprob, entropy, lse = masked_forward(hidden, weight, bias, targets, inv_temperature, transpose,
                                                params.with_entropy, passes,
-                                               _masked_plan(hidden, weight, params, passes, False))
+                                               _masked_plan(hidden, weight, params, passes, False, ids is not None))
         ctx.transpose = transpose  # tensors built here, not inputs: kept on ctx
         ctx.save_for_backward(hidden, weight, bias, targets, inv_temperature, lse, entropy)
         return logprob, entropy
@@ -102,7 +102,8 @@ class KeptLinearLogprob(torch.autograd.Function):
             passes = passes_for(p.backend, hidden)
             d_h, d_w, d_b = masked_backward(hidden, weight, bias, targets, inv_temperature, ctx.transpose, lse,
                                             entropy, grad_logprob, grad_entropy, needs, passes,
-                                            _masked_plan(hidden, weight, p, passes, True), p.weight_grad_dtype)
+                                            _masked_plan(hidden, weight, p, passes, True, ctx.transpose is not None),
+                                            p.weight_grad_dtype)
             d_h = None if d_h is None else d_h.to(hidden.dtype)
             d_w = None if d_w is None else d_w.to(weight.dtype)
             d_b = None if d_b is None else d_b.to(bias.dtype)

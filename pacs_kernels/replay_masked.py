@@ -1,18 +1,24 @@
-"""The masked path of the kept-set log-prob: the vocabulary-sliced pipeline with the columns outside K set to -1e30.
+"""The masked path of the kept-set log-prob: the vocabulary-sliced pipeline restricted to the kept columns.
 
 For large kept sets (mean k above the crossover, up to V) computing every logit with library GEMMs and discarding
 the dropped ones costs less than gathering k weight rows per token. Per slice [v0, v1) of the vocabulary and chunk
 [n0, n1) of the tokens, between the logits GEMM and the statistics / gradient passes of `sliced.py`:
 
-    Z = h @ W_v.T (+ b) * invT_r           as in sliced.py (per-row 1/T: one extra elementwise pass over Z)
-    mask_logits_(Z, entries of the slice)  every cell outside K -> -1e30: a write of the slice (4 n v bytes) plus
-                                           a gather and a scatter of the slice's kept cells (O(entries))
+    Z = h @ W_v.T (+ b) * invT_r     as in sliced.py (per-row 1/T: one extra elementwise pass over Z)
+    triton backend: mask_logits_(Z, the slice's kept cells) sets every other cell to -1e30 (a write of the slice,
+        4 n v bytes, plus a gather and a scatter of the kept cells, O(entries)); the existing kernels then work
+        unchanged: exp(-1e30 - m) = 0 exactly for any real m, so a dropped column adds 0 to s and (e * (z - m) with
+        e = 0 and a finite z - m) 0 to t, and gets dz = 0 (p == 0 is where-guarded in the gradient kernel).
+    torch backend: a bool keep-mask of the slice (`kept.kept_slice_mask`: a memset of n v bytes and one write per
+        kept cell) and the statistics / gradient of `_stats.py` with the exponentials of dropped cells replaced by
+        exact zeros. Why not the floor here: PyTorch's CPU exp takes a slow path for arguments below ~-87.3 (an
+        underflowing result): measured 19-66 ms per 2^20 floats at -88 ... -1e30, against 0.36 ms at -87 and above
+        (torch 2.13, AVX512, one thread), which made the floored masked path ~1.8x the plain op at small k.
 
-The existing statistics and gradient passes then work unchanged: exp(-1e30 - m) = 0 exactly for any real m, so a
-dropped column adds 0 to s and (guarded, e * (z - m) with e = 0 and a finite z - m) 0 to t, and gets dz = 0 (p = 0;
-the entropy term p * (log p + H) * g_H is 0 * finite, or clamped / where-guarded where it would overflow). A row's
-target is in its set, so every row has a kept column whose statistics dominate. FLOPs are the plain op's (8NDV),
-the workspace stays within the memory budget, and nothing is accumulated with atomics: deterministic.
+A row's target is in its set, so every row has a kept column whose statistics dominate; a slice where a row keeps
+nothing has s = 0 there and weighs 0 in `_stats.merge_stats`. FLOPs are the plain op's (8NDV), the workspace stays
+within the memory budget (plus 1 byte per cell of keep-mask on the torch backend), and nothing is accumulated with
+atomics: deterministic.
 
 Finding each slice's entries: `kept.kept_transpose` sorts the entries by id once per call (O(nnz log nnz)); the
 entries of [v0, v1) are then one contiguous range, whose bounds for every slice come from one binary search and
@@ -31,8 +37,8 @@ import torch
 from . import _gemm
 from ._kept_validation import is_uniform
 from ._stats import finalize_stats, merge_stats
-from .kept import KeptTranspose, kept_slice_entries
-from .sliced import SlicePlan, TorchPasses, _slices, _view
+from .kept import KeptTranspose, kept_slice_entries, kept_slice_mask
+from .sliced import SlicePlan, TorchPasses, _slices, _target_columns, _view
 
 MASK_FLOOR = -1.0e30
 
@@ -67,13 +73,66 @@ def _logits(passes, h, w_v, b_v, uniform, inv_rows, out):
     return z.mul_(inv_rows[:, None]).clamp_min_(MASK_FLOOR), None, 1.0
 
 
-def _mask(z, transpose, n0, n1, v0, v1, bounds, k):
-    if transpose is not None:
-        mask_logits_(z, *kept_slice_entries(transpose, n0, n1, v0, v1, (bounds[k], bounds[k + 1])))
+def masked_stats_torch(z, keep, targets, v0, with_entropy, out):
+    """out = (m, s, t, z_y) [4, n] of the kept cells of the slice z [n, v] (finished logits; overwritten), as
+    `_stats.slice_stats` with the dropped cells' exponentials exactly 0 and never evaluated at -1e30."""
+    hit, column = _target_columns(targets, v0, z.shape[1])
+    out[3] = torch.where(hit, z.gather(1, column).squeeze(1), 0.0)  # a target in the slice is kept
+    m = z.masked_fill_(~keep, MASK_FLOOR).amax(-1)  # -1e30 where the row keeps nothing here
+    shifted = z.sub_(m[:, None])
+    e = torch.where(keep, shifted, 0.0).exp_().mul_(keep)  # exp(0) = 1 at dropped cells, then exactly 0
+    out[0], out[1] = m, e.sum(-1)
+    if with_entropy:
+        out[2] = e.mul_(shifted).sum(-1)  # 0 * finite at dropped cells
 
 
-def _bounds(transpose: KeptTranspose | None, slices) -> list[int] | None:
-    return None if transpose is None else transpose.entry_bounds([v0 for v0, _ in slices] + [slices[-1][1]])
+def masked_grad_torch(z, keep, targets, v0, lse, entropy, grad_logprob, grad_entropy, inv_temperature, need_bias):
+    """(dz [n, v], db [v] | None) of the slice: `_stats.logit_grad` plus the target term, times 1/T, with dz exactly
+    0 at dropped cells (log p is taken as 0 there, so no coefficient can overflow)."""
+    logp = torch.where(keep, z.sub_(lse[:, None]), 0.0)
+    p = logp.exp().mul_(keep)
+    if grad_entropy is None:
+        dz = p.mul_(-grad_logprob[:, None])
+    else:
+        coef = logp.add_(entropy[:, None]).mul_(grad_entropy[:, None])
+        if grad_logprob is not None:
+            coef.add_(grad_logprob[:, None])
+        dz = p.mul_(coef).neg_()
+    if grad_logprob is not None:
+        hit, column = _target_columns(targets, v0, z.shape[1])
+        dz.scatter_add_(1, column, torch.where(hit, grad_logprob, 0.0).unsqueeze(1))
+    if not isinstance(inv_temperature, float) or inv_temperature != 1.0:
+        dz.mul_(inv_temperature)
+    return dz, dz.sum(0) if need_bias else None
+
+
+def workspace_bytes(passes, backward: bool, has_kept: bool) -> int:
+    """Bytes per token x column of a slice's workspace: the sliced passes' plus, on the torch passes with kept sets,
+    the keep-mask (1) and in backward the p temporary (4) of `masked_grad_torch`."""
+    base = passes.backward_bytes if backward else passes.forward_bytes
+    if has_kept and isinstance(passes, TorchPasses):
+        base += 5 if backward else 1
+    return base
+
+
+class _SliceMasks:
+    """The kept cells of each slice: a keep-mask (torch passes) or the -1e30 floor applied to Z (Triton passes)."""
+
+    def __init__(self, transpose: KeptTranspose | None, slices, passes):
+        self.transpose = transpose
+        edges = [v0 for v0, _ in slices] + [slices[-1][1]]
+        self.bounds = None if transpose is None else transpose.entry_bounds(edges)
+        self.torch = isinstance(passes, TorchPasses)
+
+    def apply(self, z, n0, n1, v0, v1, k):
+        """None without kept sets; the keep-mask [n, v] on the torch passes; else floors z in place (None)."""
+        if self.transpose is None:
+            return None
+        bounds = (self.bounds[k], self.bounds[k + 1])
+        if self.torch:
+            return kept_slice_mask(self.transpose, n0, n1, v0, v1, bounds)
+        mask_logits_(z, *kept_slice_entries(self.transpose, n0, n1, v0, v1, bounds))
+        return None
 
 
 def masked_forward(hidden, weight, bias, targets, inv_temperature, transpose: KeptTranspose | None,
@@ -83,7 +142,7 @@ def masked_forward(hidden, weight, bias, targets, inv_temperature, transpose: Ke
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = _gemm._acc_dtype(hidden.dtype)
     slices = _slices(vocab, plan.v_slice)
-    bounds = _bounds(transpose, slices)
+    masks = _SliceMasks(transpose, slices, passes)
     uniform = is_uniform(inv_temperature)
     stats = torch.zeros((4, len(slices), n_tokens), dtype=acc, device=hidden.device)  # m, s, t, z_y per slice
     z_buf = torch.empty(plan.workspace_elems, dtype=acc, device=hidden.device)
@@ -94,8 +153,11 @@ def masked_forward(hidden, weight, bias, targets, inv_temperature, transpose: Ke
             b_v = None if bias is None else bias[v0:v1]
             z, b_pass, inv_pass = _logits(passes, h, weight[v0:v1], b_v, uniform, inv_temperature[n0:n1],
                                           _view(z_buf, n1 - n0, v1 - v0))
-            _mask(z, transpose, n0, n1, v0, v1, bounds, k)
-            passes.stats(z, b_pass, targets[n0:n1], v0, inv_pass, with_entropy, stats[:, k, n0:n1])
+            keep = masks.apply(z, n0, n1, v0, v1, k)
+            if keep is not None:
+                masked_stats_torch(z, keep, targets[n0:n1], v0, with_entropy, stats[:, k, n0:n1])
+            else:
+                passes.stats(z, b_pass, targets[n0:n1], v0, inv_pass, with_entropy, stats[:, k, n0:n1])
     m, s, t, zy = stats.unbind(0)
     lse, entropy = finalize_stats(*merge_stats(m, s, t if with_entropy else None))
     return (zy.sum(0) - lse).clamp_max(0.0), entropy, lse
@@ -111,7 +173,7 @@ def masked_backward(hidden, weight, bias, targets, inv_temperature, transpose: K
     acc = _gemm._acc_dtype(hidden.dtype)
     one_chunk = plan.chunk_n >= n_tokens
     slices = _slices(vocab, plan.v_slice)
-    bounds = _bounds(transpose, slices)
+    masks = _SliceMasks(transpose, slices, passes)
     uniform = is_uniform(inv_temperature)
     d_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if need_h else None
     d_weight = None
@@ -141,9 +203,15 @@ def masked_backward(hidden, weight, bias, targets, inv_temperature, transpose: K
             w_v = weight[v0:v1]
             z, b_pass, inv_pass = _logits(passes, h, w_v, b_v, uniform, inv_temperature[n0:n1],
                                           _view(z_buf, rows, v1 - v0))
-            _mask(z, transpose, n0, n1, v0, v1, bounds, k)
-            dz, db = passes.grad(z, b_pass, targets[n0:n1], v0, lse[n0:n1], chunk(ent), chunk(g_lp), chunk(g_ent),
-                                 inv_pass, None if dz_buf is None else _view(dz_buf, rows, v1 - v0), need_b)
+            keep = masks.apply(z, n0, n1, v0, v1, k)
+            dz_out = None if dz_buf is None else _view(dz_buf, rows, v1 - v0)
+            if keep is not None:
+                dz, db = masked_grad_torch(z, keep, targets[n0:n1], v0, lse[n0:n1], chunk(ent), chunk(g_lp),
+                                           chunk(g_ent), inv_pass, need_b)
+                dz = dz if dz_out is None else dz_out.copy_(dz)  # CUDA: the GEMM operand in h's dtype
+            else:
+                dz, db = passes.grad(z, b_pass, targets[n0:n1], v0, lse[n0:n1], chunk(ent), chunk(g_lp),
+                                     chunk(g_ent), inv_pass, dz_out, need_b)
             if need_h:
                 _gemm.accumulate_(d_hidden[n0:n1], dz, w_v)
             if need_w:
