@@ -289,11 +289,11 @@ def replay_variants() -> list[Variant]:
                 out.append(Variant(
                     "gather_forward", f"{config} [{_flags(bias=has_bias, entropy=entropy)}]", dtype,
                     {"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": "*i64", "it_ptr": "*fp32", "ids_ptr": "*i64",
-                     "off_ptr": "*i64", "z_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "lp_ptr": "*fp32",
-                     "D": "i32", "stride_h": "i32", "stride_w": "i32"},
+                     "off_ptr": "*i64", "z_ptr": "*fp32", "m_ptr": "*fp32", "s_ptr": "*fp32", "t_ptr": "*fp32",
+                     "zy_ptr": "*fp32", "D": "i32", "stride_h": "i32", "stride_w": "i32"},
                     dict(HAS_BIAS=has_bias, WITH_ENTROPY=entropy, **blocks), warps, 1,
-                    divisible=("h_ptr", "w_ptr", "b_ptr", "y_ptr", "it_ptr", "ids_ptr", "off_ptr", "z_ptr", "lse_ptr",
-                               "ent_ptr", "lp_ptr", "D", "stride_h", "stride_w"),
+                    divisible=("h_ptr", "w_ptr", "b_ptr", "y_ptr", "it_ptr", "ids_ptr", "off_ptr", "z_ptr", "m_ptr",
+                               "s_ptr", "t_ptr", "zy_ptr", "D", "stride_h", "stride_w"),
                 ))
         for glp, gent in ((True, False), (False, True), (True, True)):
             for dh in (False, True):

@@ -7,7 +7,8 @@ back with ONE host synchronisation. Finding examples for an error message costs 
 error path only.
 
 Cost on the device, nnz kept entries over N rows: the row of each entry (a binary search, nnz log N), one sort of
-nnz int64 keys row * V + id (duplicates are then adjacent), and O(N + nnz) elementwise work.
+nnz keys row * V + id (duplicates are then adjacent; for dense sets a bool [N, V] instead, see
+`_count_duplicates`), and O(N + nnz) elementwise work.
 """
 
 from __future__ import annotations
@@ -43,6 +44,28 @@ def _check_index_tensor(name: str, x, device: torch.device) -> None:
         raise ValueError(f"{name} must be 1-d, got shape {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device}, targets on {device}: kept sets must be on the targets' device")
+
+
+def _count_duplicates(rows: torch.Tensor, ids: torch.Tensor, entry_valid: torch.Tensor, n_rows: int,
+                      vocab: int) -> torch.Tensor:
+    """Number of entries that repeat an earlier (row, id) pair among the `entry_valid` ones (a 0-d tensor).
+
+    Sparse sets: sort the keys row * V + id (int32 when they fit: ~1.7x faster than int64, measured on the CPU at
+    8.4M keys); equal neighbours are repeats. Dense sets (N V <= 8 nnz, the bytes of the int64 keys): mark each
+    pair in a bool [N, V] (no sort) and subtract the pairs marked from the entries: at N = 1024, V = 32768 with
+    full sets the sort took 3.5 s of a 9.2 s validation (one CPU thread).
+    """
+    nnz = ids.numel()
+    if n_rows * vocab <= 8 * nnz:
+        spare = n_rows * vocab  # other entries mark a spare cell (a boolean index would synchronise)
+        seen = torch.zeros(spare + 1, dtype=torch.bool, device=ids.device)
+        seen[torch.where(entry_valid, rows * vocab + ids, spare)] = True
+        return entry_valid.sum() - seen[:spare].sum()
+    keys = torch.where(entry_valid, rows * vocab + ids, -1 - torch.arange(nnz, device=ids.device))
+    if n_rows * vocab < INT32_MAX and nnz < INT32_MAX:
+        keys = keys.to(torch.int32)
+    keys = keys.sort().values  # ignored rows' entries keyed out of the way with distinct negative keys
+    return ((keys[1:] == keys[:-1]) & (keys[1:] >= 0)).sum()
 
 
 def check_temperature_input(temperature, targets: torch.Tensor) -> float | torch.Tensor:
@@ -104,12 +127,8 @@ def check_kept_inputs(targets: torch.Tensor, vocab: int, ignore_index: int, *, t
         checks["decreasing"] = (off[1:] < off[:-1]).sum()
         out_of_range = (ids < 0) | (ids >= vocab)
         checks["bad_id"] = out_of_range.sum()
-        # Duplicates: sort the keys row * V + id; equal neighbours are a repeated id in one row. Entries of ignored
-        # rows (and out-of-range ids, reported first) are keyed out of the way with distinct negative keys.
         entry_valid = valid[rows] & ~out_of_range if n_rows else torch.zeros_like(out_of_range)
-        keys = torch.where(entry_valid, rows * vocab + ids, -1 - torch.arange(nnz, device=ids.device))
-        sorted_keys = keys.sort().values
-        checks["duplicate"] = ((sorted_keys[1:] == sorted_keys[:-1]) & (sorted_keys[1:] >= 0)).sum()
+        checks["duplicate"] = _count_duplicates(rows, ids, entry_valid, n_rows, vocab)
         # Target in its set: count the entries equal to their row's target, per row (integer sums: exact).
         hit = entry_valid & (ids == flat[rows].long()) if n_rows else entry_valid
         per_row = torch.zeros(n_rows, dtype=torch.int64, device=ids.device).index_add_(0, rows, hit.long())
@@ -139,7 +158,8 @@ def check_kept_inputs(targets: torch.Tensor, vocab: int, ignore_index: int, *, t
             raise ValueError(f"{values['bad_id']} kept id(s) outside [0, V={vocab}), e.g. ids "
                              f"{_examples(ids[where])} in rows {_examples(rows[where])}")
         if values["duplicate"]:
-            dup = sorted_keys[1:][(sorted_keys[1:] == sorted_keys[:-1]) & (sorted_keys[1:] >= 0)]
+            keys = torch.where(entry_valid, rows * vocab + ids, -1 - torch.arange(nnz, device=ids.device)).sort()[0]
+            dup = keys[1:][(keys[1:] == keys[:-1]) & (keys[1:] >= 0)]
             pairs = [(k // vocab, k % vocab) for k in _examples(dup)]
             raise ValueError(f"{values['duplicate']} duplicate kept id(s) within a row (ids must be unique per row), "
                              f"e.g. (row, id) {pairs}")

@@ -279,9 +279,9 @@ def kept_transpose(ids: torch.Tensor, offsets: torch.Tensor, vocab: int,
                    rows: torch.Tensor | None = None) -> KeptTranspose:
     """Sort the entries of a validated CSR (unique ids within a row) by (id, row): the CSC transpose.
 
-    One sort of nnz int64 keys id * N + row (unique, so any sort algorithm gives the same order: deterministic),
-    O(nnz log nnz); kept: 16 bytes per entry (int32 cols and rows, int64 order), 24 more while sorting. No host
-    synchronisation. V and N must be below 2^31 (true of every vocabulary and batch).
+    One sort of nnz keys id * N + row (int32 when V * N < 2^31, else int64; unique, so any sort algorithm gives the
+    same order: deterministic), O(nnz log nnz); kept: 16 bytes per entry (int32 cols and rows, int64 order), up to
+    24 more while sorting. No host synchronisation. V and N must be below 2^31 (true of every vocabulary and batch).
 
     >>> t = kept_transpose(torch.tensor([5, 3, 5]), torch.tensor([0, 2, 3]), vocab=8)
     >>> t.cols.tolist(), t.rows.tolist(), t.order.tolist()
@@ -294,9 +294,14 @@ def kept_transpose(ids: torch.Tensor, offsets: torch.Tensor, vocab: int,
     device = ids.device
     if rows is None:
         rows = kept_entry_rows(offsets, nnz)
-    keys, order = torch.sort(ids.long() * max(n_rows, 1) + rows)
-    cols = keys // max(n_rows, 1)
-    rows_sorted = (keys - cols * max(n_rows, 1)).to(torch.int32)
+    stride = max(n_rows, 1)
+    keys = ids.long() * stride + rows
+    if vocab * stride < INT32_MAX:
+        keys = keys.to(torch.int32)  # sorts ~1.7x faster than int64 (measured on the CPU, 8.4M keys)
+    keys, order = torch.sort(keys)
+    cols = keys // stride
+    rows_sorted = (keys - cols * stride).to(torch.int32)
+    cols = cols.long()
     cap = min(nnz, vocab)
     first = torch.ones(nnz, dtype=torch.bool, device=device)
     first[1:] = cols[1:] != cols[:-1]

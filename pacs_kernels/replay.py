@@ -10,8 +10,9 @@
 - "masked" (`replay_masked.py`): the vocabulary-sliced pipeline (8VD FLOP per token) with the dropped columns
   floored at -1e30; the workspace within the memory budget.
 
-"auto" takes the gather path while the mean kept-set size of the valid rows is at most `GATHER_MAX_MEAN_KEPT` for
-the device, and the masked path above (and without kept sets: per-token temperature over the full vocabulary).
+"auto" takes the gather path while the mean kept-set size of the valid rows is at most the crossover k*(V, D) of
+the device (`gather_max_mean_kept`), and the masked path above (and without kept sets: per-token temperature over
+the full vocabulary).
 """
 
 from __future__ import annotations
@@ -23,18 +24,28 @@ import torch
 from . import _gemm
 from ._kept_validation import check_kept_inputs, inverse_temperature
 from ._validation import LinearProblem, check_linear_inputs, check_weight_grad_dtype
-from .kept import kept_select_rows, kept_transpose
+from .kept import kept_select_rows, kept_to_mask, kept_transpose
 from .kept_reference import linear_logprob_kept_reference
 from .linear_logprob import LogprobOutput, _zeros_with_graph, resolve_backend, scatter_rows, valid_rows
 from .replay_gather import gather_backward, gather_forward, kept_layout
-from .replay_masked import masked_backward, masked_forward, workspace_bytes
+from .replay_masked import masked_backward, masked_forward, prefer_dense_mask, workspace_bytes
 from .sliced import passes_for, plan_slices, resolve_budget
 
 ALGORITHMS = ("auto", "gather", "masked")
-# Mean kept ids per valid row up to which "auto" gathers. CPU: measured (benchmarks/replay_crossover.py, N = 2048,
-# D = 256, V = 151936, float32, one thread): see the module docstring there. CUDA: the design estimate
-# V * HBM bandwidth / GEMM FLOP/s = 131072 * 3.35e12 / 7e14 ~ 600 for H100 bf16, until measured on a GPU.
-GATHER_MAX_MEAN_KEPT = {"cpu": 1024, "cuda": 600}
+# The crossover k*: "auto" gathers while the mean kept-set size of the valid rows is at most k*(V, D).
+# CPU: fitted to the two shapes measured by benchmarks/replay_crossover.py (float32, one thread, fwd + bwd, the
+# median gather / masked time ratio crossing 1): N=2048, D=256, V=151936: k* ~ 4300 (ratio 0.97 at 4096, 1.61 at
+# 8192) = V / 35; N=2048, D=512, V=32768: k* ~ 490 (ratio 0.16 at 64, 1.04 at 512) = V / 67. The gather's cost per
+# entry grows with D (k row reads of D floats) while the masked path's per-cell cost is dominated by its elementwise
+# passes at these D, so k* / V ~ 7.3 / D fits both.
+# CUDA: the design estimate k* ~ V * HBM bandwidth / GEMM FLOP/s = V * 3.35e12 / 7e14 (~600 at V = 131072, H100
+# bf16), not yet measured on a GPU.
+CROSSOVER = {"cpu": lambda vocab, dim: vocab * 7.3 / dim, "cuda": lambda vocab, dim: vocab * 3.35e12 / 7e14}
+
+
+def gather_max_mean_kept(vocab: int, dim: int, device: torch.device) -> float:
+    """k*: the mean kept-set size up to which the gather path is expected to beat the masked path."""
+    return CROSSOVER["cuda" if device.type == "cuda" else "cpu"](vocab, dim)
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ class KeptLinearLogprob(torch.autograd.Function):
     offsets [n + 1] (int64, the n valid rows, none empty; ids None: the full vocabulary) -> (logprob, entropy|None).
 
     Saves the inputs, lse and H per row, and on the gather path the kept logits z (4 bytes per entry); on the masked
-    path the transpose of the kept sets (16 bytes per entry)."""
+    path the transpose of the kept sets (16 bytes per entry) or, for mean sets from V / 16, a bool [n, V] mask."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_temperature, ids, offsets, params: KeptParams):
@@ -74,11 +85,14 @@ class KeptLinearLogprob(torch.autograd.Function):
                                   layout.rows, out.z, out.lse, out.entropy)
             return out.logprob, out.entropy
         passes = passes_for(params.backend, hidden)
-        transpose = None if ids is None else kept_transpose(ids, offsets, weight.shape[0])
-        logprob, entropy, lse = masked_forward(hidden, weight, bias, targets, inv_temperature, transpose,
+        kept = None
+        if ids is not None:
+            dense = prefer_dense_mask(hidden.shape[0], weight.shape[0], ids.numel())
+            kept = (kept_to_mask if dense else kept_transpose)(ids, offsets, weight.shape[0])
+        logprob, entropy, lse = masked_forward(hidden, weight, bias, targets, inv_temperature, kept,
                                                params.with_entropy, passes,
                                                _masked_plan(hidden, weight, params, passes, False, ids is not None))
-        ctx.transpose = transpose  # tensors built here, not inputs: kept on ctx
+        ctx.kept = kept  # tensors built here, not inputs: kept on ctx
         ctx.save_for_backward(hidden, weight, bias, targets, inv_temperature, lse, entropy)
         return logprob, entropy
 
@@ -100,9 +114,9 @@ class KeptLinearLogprob(torch.autograd.Function):
         else:
             lse, entropy = saved[5:]
             passes = passes_for(p.backend, hidden)
-            d_h, d_w, d_b = masked_backward(hidden, weight, bias, targets, inv_temperature, ctx.transpose, lse,
+            d_h, d_w, d_b = masked_backward(hidden, weight, bias, targets, inv_temperature, ctx.kept, lse,
                                             entropy, grad_logprob, grad_entropy, needs, passes,
-                                            _masked_plan(hidden, weight, p, passes, True, ctx.transpose is not None),
+                                            _masked_plan(hidden, weight, p, passes, True, ctx.kept is not None),
                                             p.weight_grad_dtype)
             d_h = None if d_h is None else d_h.to(hidden.dtype)
             d_w = None if d_w is None else d_w.to(weight.dtype)
@@ -110,15 +124,16 @@ class KeptLinearLogprob(torch.autograd.Function):
         return d_h, d_w, d_b, None, None, None, None, None
 
 
-def choose_algorithm(algorithm: str, n_valid: int, nnz_valid: int, has_kept: bool, device: torch.device) -> str:
+def choose_algorithm(algorithm: str, n_valid: int, nnz_valid: int, has_kept: bool, vocab: int, dim: int,
+                     device: torch.device) -> str:
     """"auto" -> "gather" when kept sets are given and their mean size over the valid rows is at most
-    GATHER_MAX_MEAN_KEPT for the device, else "masked"; "gather" without kept sets is an error."""
+    `gather_max_mean_kept`, else "masked"; "gather" without kept sets is an error."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if algorithm == "gather" and not has_kept:
         raise ValueError("algorithm='gather' needs kept sets (kept_ids, kept_offsets)")
     if algorithm == "auto":
-        limit = GATHER_MAX_MEAN_KEPT["cuda" if device.type == "cuda" else "cpu"]
+        limit = gather_max_mean_kept(vocab, dim, device)
         algorithm = "gather" if has_kept and nnz_valid <= limit * max(n_valid, 1) else "masked"
     return algorithm
 
@@ -179,7 +194,8 @@ def kept_linear_logprob(
         return LogprobOutput(*linear_logprob_kept_reference(
             hidden, weight, targets, bias=bias, temperature=check.temperature, kept_ids=kept_ids,
             kept_offsets=kept_offsets, ignore_index=ignore_index, with_entropy=with_entropy, compute_dtype=out_dtype))
-    algorithm = choose_algorithm(algorithm, check.n_valid, check.nnz_valid, check.has_kept, hidden.device)
+    algorithm = choose_algorithm(algorithm, check.n_valid, check.nnz_valid, check.has_kept, problem.vocab,
+                                 problem.dim, hidden.device)
     if problem.n_valid == 0:
         zeros = _zeros_with_graph(hidden, weight, problem.lead_shape, out_dtype)
         return LogprobOutput(zeros, zeros.clone() if with_entropy else None)

@@ -62,11 +62,28 @@ def kept_layout(ids: torch.Tensor, offsets: torch.Tensor) -> KeptLayout:
     return KeptLayout(ids, offsets, kept_entry_rows(offsets, ids.numel()))
 
 
+class GatherStats(NamedTuple):
+    """Per-row statistics of the kept logits (see `_stats.py`), mergeable across vocabulary shards."""
+
+    m: torch.Tensor  # [n] max (-1e30 for an empty row)
+    s: torch.Tensor  # [n] sum exp(z - m) (0 for an empty row)
+    t: torch.Tensor | None  # [n] sum exp(z - m) (z - m), None without entropy
+    zy: torch.Tensor  # [n] the target's logit (0 where the row does not hold the target)
+    z: torch.Tensor  # [nnz] the kept logits (scaled, biased, floored), saved for backward
+
+
 class GatherForward(NamedTuple):
     logprob: torch.Tensor  # [n] float32 (float64 for float64 inputs)
     entropy: torch.Tensor | None  # [n], None unless asked for
     lse: torch.Tensor  # [n]
-    z: torch.Tensor  # [nnz] the kept logits (scaled, biased, floored), saved for backward
+    z: torch.Tensor  # [nnz]
+
+
+def finalize_gather(stats: GatherStats) -> GatherForward:
+    """(logprob, entropy, lse, z) from whole-set statistics: lse = m + log s, H = log s - t / s, logprob = z_y - lse
+    (clamped to <= 0, NaN kept). A singleton row has s = 1 and lse = m = z_y exactly: logprob = H = 0."""
+    lse, entropy = finalize_stats(stats.m, stats.s, stats.t)
+    return GatherForward((stats.zy - lse).clamp_max(0.0), entropy, lse, stats.z)
 
 
 def plan_entries(dim: int, dtype: torch.dtype, rows_per_entry: int, budget: int) -> int:
@@ -136,20 +153,20 @@ def kept_logits(hidden, weight, bias, inv_temperature, layout: KeptLayout, chunk
     return z.clamp_min_(LOGIT_FLOOR)
 
 
-def gather_forward_torch(hidden, weight, bias, targets, inv_temperature, layout: KeptLayout, with_entropy: bool,
-                         chunk: int) -> GatherForward:
-    """Forward of validated 2-d inputs: hidden [n, D], weight [V, D], bias [V] | None, targets [n] int64 in their
-    kept sets, inv_temperature [n], `layout` of the n rows (none empty). O(nnz) memory besides the chunk."""
+def gather_stats_torch(hidden, weight, bias, targets, inv_temperature, layout: KeptLayout, with_entropy: bool,
+                       chunk: int) -> GatherStats:
+    """Statistics of validated 2-d inputs: hidden [n, D], weight [V, D], bias [V] | None, targets [n] int64,
+    inv_temperature [n], `layout` of the n rows (a row may be empty, e.g. a vocabulary shard holding none of its
+    ids: m = -1e30, s = t = z_y = 0). O(nnz) memory besides the chunk."""
     z = kept_logits(hidden, weight, bias, inv_temperature, layout, chunk)
-    m = torch.segment_reduce(z, "max", offsets=layout.offsets)
+    m = torch.segment_reduce(z, "max", offsets=layout.offsets, initial=LOGIT_FLOOR)
     shifted = z - m.index_select(0, layout.rows)
     e = shifted.exp()
     s = _segment_sum(e, layout.offsets)
     t = _segment_sum(e.mul_(shifted), layout.offsets) if with_entropy else None  # e = 0 only where shifted is finite
     hit = layout.ids == targets.index_select(0, layout.rows)
     zy = _segment_sum(torch.where(hit, z, torch.zeros_like(z)), layout.offsets)  # the one target entry, exactly
-    lse, entropy = finalize_stats(m, s, t)
-    return GatherForward((zy - lse).clamp_max(0.0), entropy, lse, z)
+    return GatherStats(m, s, t, zy, z)
 
 
 def entry_grad(z, lse, entropy, grad_logprob, grad_entropy, targets, inv_temperature, layout: KeptLayout):
@@ -197,16 +214,23 @@ def gather_backward_torch(hidden, weight, bias, targets, inv_temperature, layout
 
 # ------------------------------------------------------------------------------------------ backend dispatch
 
+def gather_stats(hidden, weight, bias, targets, inv_temperature, layout: KeptLayout, with_entropy: bool, *,
+                 backend: str, budget: int) -> GatherStats:
+    """The gather statistics on "torch" (chunks of `plan_entries` entries) or "triton" (one program per row)."""
+    if backend == "triton":
+        from ._triton.replay_kernels import gather_stats as kernel
+
+        return GatherStats(*kernel(hidden, weight, bias, targets, inv_temperature, layout.ids, layout.offsets,
+                                   with_entropy))
+    chunk = plan_entries(hidden.shape[1], hidden.dtype, FORWARD_ROWS, budget)
+    return gather_stats_torch(hidden, weight, bias, targets, inv_temperature, layout, with_entropy, chunk)
+
+
 def gather_forward(hidden, weight, bias, targets, inv_temperature, layout: KeptLayout, with_entropy: bool, *,
                    backend: str, budget: int) -> GatherForward:
-    """The gather forward on "torch" (chunks of `plan_entries` entries) or "triton" (one program per row)."""
-    if backend == "triton":
-        from ._triton.replay_kernels import gather_forward as kernel
-
-        return GatherForward(*kernel(hidden, weight, bias, targets, inv_temperature, layout.ids, layout.offsets,
-                                     with_entropy))
-    chunk = plan_entries(hidden.shape[1], hidden.dtype, FORWARD_ROWS, budget)
-    return gather_forward_torch(hidden, weight, bias, targets, inv_temperature, layout, with_entropy, chunk)
+    """(logprob, entropy | None, lse, z) of the gather path: `gather_stats` then `finalize_gather`."""
+    return finalize_gather(gather_stats(hidden, weight, bias, targets, inv_temperature, layout, with_entropy,
+                                        backend=backend, budget=budget))
 
 
 def gather_backward(hidden, weight, bias, targets, inv_temperature, layout: KeptLayout, z, lse, entropy,

@@ -261,3 +261,20 @@ def test_validation_syncs_once(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or original(self))
     check(targets, ids, offsets, temperature)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_duplicates_found_in_sparse_and_dense_sets(dense):
+    # Dense sets (N V <= 8 nnz) are checked with a bool [N, V], sparse ones by sorting: both find each repeat.
+    vocab = 5 if dense else 500
+    lists = [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 0, 1, 4, 3]]
+    targets = torch.tensor([1, 4, 2])
+    ids, offsets = kept_from_lists(lists)
+    assert check_kept_inputs(targets, vocab, -100, kept_ids=ids, kept_offsets=offsets).nnz_valid == 15
+    repeated = ids.clone()
+    repeated[[6, 13]] = torch.tensor([4, 2], dtype=ids.dtype)  # row 1 repeats 4, row 2 repeats 2
+    with pytest.raises(ValueError, match=r"2 duplicate kept id\(s\) .* \[\(1, 4\), \(2, 2\)\]"):
+        check_kept_inputs(targets, vocab, -100, kept_ids=repeated, kept_offsets=offsets)
+    ignored = torch.tensor([1, -100, 2])  # repeats in an ignored row are never used
+    with pytest.raises(ValueError, match=r"1 duplicate kept id\(s\) .* \[\(2, 2\)\]"):
+        check_kept_inputs(ignored, vocab, -100, kept_ids=repeated, kept_offsets=offsets)

@@ -19,10 +19,16 @@ from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWa
 
 import pacs_kernels
 from pacs_kernels import _stats
-from pacs_kernels.kept import kept_from_mask, kept_to_mask, kept_transpose
+from pacs_kernels.kept import kept_from_lists, kept_from_mask, kept_to_mask, kept_transpose
 from pacs_kernels.kept_reference import linear_logprob_kept_reference
 from pacs_kernels.replay import kept_linear_logprob
-from pacs_kernels.replay_gather import gather_backward_torch, gather_forward_torch, kept_layout
+from pacs_kernels.replay_gather import (
+    finalize_gather,
+    gather_backward_torch,
+    gather_stats,
+    gather_stats_torch,
+    kept_layout,
+)
 from pacs_kernels.replay_masked import MASK_FLOOR, mask_logits_
 
 from .helpers import BACKENDS, DEVICE, max_err
@@ -218,7 +224,7 @@ def test_singletons_are_exactly_zero(algorithm, backend):
     targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(0))
     targets[[1, 5]] = -100
     lists = [[] if y < 0 else [int(y)] for y in targets]
-    ids, offsets = pacs_kernels.kept.kept_from_lists(lists)
+    ids, offsets = kept_from_lists(lists)
     g_lp, g_ent = grads_for(N, 10)
     got = run(ours(targets, torch.full((N,), 0.9), ids, offsets, backend=backend, algorithm=algorithm),
               hidden, weight, bias, g_lp, g_ent, torch.float32)
@@ -295,7 +301,7 @@ def test_chunked_entries_and_slices_are_exact(algorithm):
         inv_t = 1.0 / temps[valid]
         for chunk in (1, 3, 7, 1000):
             h, w, b = (x.clone() for x in (hidden[valid], weight, bias))
-            fwd = gather_forward_torch(h, w, b, targets[valid], inv_t, layout, True, chunk)
+            fwd = finalize_gather(gather_stats_torch(h, w, b, targets[valid], inv_t, layout, True, chunk))
             grads = gather_backward_torch(h, w, b, targets[valid], inv_t, layout, fwd.z, fwd.lse, fwd.entropy,
                                           g_lp, g_ent, (True, True, True), chunk)
             for name, x, r in zip(NAMES, (fwd.logprob, fwd.entropy, *grads), ref):
@@ -392,3 +398,98 @@ def test_transpose_of_the_gather_layout_is_deterministic():
     *_, ids, offsets = kept_case("chain", seed=27)
     a, b = kept_transpose(ids, offsets, V), kept_transpose(ids.long(), offsets.long(), V)
     assert all(torch.equal(x, y) for x, y in zip(a[:6], b[:6]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_statistics_merge_across_vocabulary_shards(backend):
+    # What the vocabulary-parallel op will do: each shard gathers its own ids (local numbering; rows holding none
+    # of them are empty: m = -1e30, s = t = z_y = 0) and the shards' statistics merge into the whole set's.
+    hidden, weight, bias, targets, temps, ids, offsets = kept_case("chain", seed=29)
+    valid = targets != -100
+    mask = kept_to_mask(ids, offsets, V)[valid]
+    split = 40
+    for v0, v1 in ((0, split), (split, V)):  # two rows of each shard keep none of the other shard's ids
+        rows = ((targets[valid] >= v0) & (targets[valid] < v1)).nonzero()[:2, 0]
+        mask[rows, :v0] = False
+        mask[rows, v1:] = False
+    y, inv_t = targets[valid].to(DEVICE), (1.0 / temps[valid]).to(DEVICE)
+    h, w, b = (x.to(DEVICE) for x in (hidden[valid], weight, bias))
+    parts = []
+    for v0, v1 in ((0, split), (split, V)):
+        layout = kept_layout(*(x.to(DEVICE) for x in kept_from_mask(mask[:, v0:v1])))
+        parts.append(gather_stats(h, w[v0:v1], b[v0:v1], y - v0, inv_t, layout, True, backend=backend,
+                                  budget=1 << 20))
+        empty = mask[:, v0:v1].sum(1) == 0
+        assert empty.any(), "some row keeps no id of this shard"
+        assert (parts[-1].m[empty.to(DEVICE)] == -1e30).all() and (parts[-1].s[empty.to(DEVICE)] == 0).all()
+    merged = _stats.merge_stats(*(torch.stack([p[i] for p in parts]) for i in range(3)))
+    lse, entropy = _stats.finalize_stats(*merged)
+    logprob = sum(p.zy for p in parts) - lse
+    whole = finalize_gather(gather_stats(h, w, b, y, inv_t, kept_layout(*(x.to(DEVICE) for x in kept_from_mask(mask))),
+                                         True, backend=backend, budget=1 << 20))
+    assert max_err(logprob, whole.logprob) < 1e-6 and max_err(entropy, whole.entropy) < 1e-6
+
+
+def test_auto_algorithm_follows_the_crossover():
+    from pacs_kernels.replay import choose_algorithm, gather_max_mean_kept
+
+    cpu = torch.device("cpu")
+    k_star = gather_max_mean_kept(151936, 256, cpu)  # ~4300: measured crossover at this shape (replay.CROSSOVER)
+    assert 4000 < k_star < 4700
+    assert choose_algorithm("auto", 100, 100 * 8, True, 151936, 256, cpu) == "gather"
+    assert choose_algorithm("auto", 100, 100 * 8192, True, 151936, 256, cpu) == "masked"
+    assert choose_algorithm("auto", 100, 0, False, 151936, 256, cpu) == "masked"  # per-token temperature only
+    with pytest.raises(ValueError, match="algorithm='gather' needs kept sets"):
+        choose_algorithm("gather", 100, 0, False, 151936, 256, cpu)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        choose_algorithm("dense", 100, 0, False, 151936, 256, cpu)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_token_temperature_without_kept_sets(backend):
+    # Rollouts sampled at different temperatures, untruncated: the full vocabulary with T per token.
+    hidden, weight, bias, logits, ignore, gen = make_problem(31)
+    temps = torch.rand(N, generator=gen) + 0.5
+    targets = sample(logits / temps[:, None], ignore, gen)
+    g_lp, g_ent = grads_for(N, 32)
+
+    def fn(h, w, b):
+        out = kept_linear_logprob(h, w, targets.to(DEVICE), bias=b, temperature=temps.to(DEVICE), with_entropy=True,
+                                  backend=backend)
+        return out.logprob, out.entropy
+
+    def truth(h, w, b):
+        return linear_logprob_kept_reference(h.double(), w.double(), targets.to(DEVICE), bias=b.double(),
+                                             temperature=temps.to(DEVICE), with_entropy=True)
+
+    got = run(fn, hidden, weight, bias, g_lp, g_ent, torch.float32)
+    ref = run(truth, hidden, weight, bias, g_lp, g_ent, torch.float32)
+    for name, x, r in zip(NAMES, got, ref):
+        assert max_err(x, r) < 1e-5, f"{name}: {max_err(x, r):.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_path_dense_mask_equals_transpose(backend):
+    # The masked path holds the kept sets as a transpose (small sets) or a bool [n, V] mask (from V / 16): the
+    # same cells, so bitwise the same results.
+    from pacs_kernels.kept import kept_select_rows
+    from pacs_kernels.replay_masked import masked_backward, masked_forward, prefer_dense_mask
+    from pacs_kernels.sliced import passes_for, plan_slices
+
+    hidden, weight, bias, targets, temps, ids, offsets = kept_case("chain", seed=33)
+    valid = (targets != -100).nonzero()[:, 0]
+    sel = kept_select_rows(ids, offsets, valid)
+    h, w, b, y = (x.to(DEVICE) for x in (hidden[valid], weight, bias, targets[valid]))
+    inv_t = (1.0 / temps[valid]).to(DEVICE)
+    g_lp, g_ent = grads_for(valid.numel(), 34)
+    passes = passes_for(backend, h)
+    plan = plan_slices(h.shape[0], V, 8, 1 << 20, h.device, 7, 13)  # token chunks and narrow slices
+    outs = []
+    sel = [x.to(DEVICE) for x in sel]
+    for kept in (kept_transpose(*sel, V), kept_to_mask(*sel, V)):
+        lp, ent, lse = masked_forward(h, w, b, y, inv_t, kept, True, passes, plan)
+        grads = masked_backward(h, w, b, y, inv_t, kept, lse, ent, g_lp, g_ent, (True, True, True), passes, plan)
+        outs.append((lp, ent, *grads))
+    for name, x, z in zip(NAMES, *outs):
+        assert torch.equal(x, z), name
+    assert prefer_dense_mask(10, 160, 100) and not prefer_dense_mask(10, 160, 99)  # from a mean of V / 16

@@ -6,7 +6,8 @@ cores would not help):
 
 - `_gather_forward_kernel`, one program per row r: loops over its entries in blocks of BLOCK_K, each a
   [BLOCK_K, BLOCK_D] gather of weight rows times h_r along D; folds the logits into online (m, s, t) (see
-  `_stats.py`), writes z_e (4 bytes per entry, saved for backward), lse_r, H_r and logprob_r.
+  `_stats.py`), writes z_e (4 bytes per entry, saved for backward) and the row's (m, s, t, z_y) (finished in
+  torch: `replay_gather.finalize_gather`; mergeable across vocabulary shards).
   Reads k_r * D weight elements + (k_r / BLOCK_K) * D of h_r (L1/L2 hits); 2 k_r D FLOP.
 - `_gather_row_grad_kernel`, one program per row: a_e = dL/d(h . w + b) of each entry from the saved z (written
   for the weight-gradient kernel), then dH_r = sum_e a_e w_j per BLOCK_D columns, written once in hidden's dtype.
@@ -41,7 +42,7 @@ CUDA_GATHER = (16, 256, 4)
 @triton.jit
 def _gather_forward_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, it_ptr, ids_ptr, off_ptr,
-    z_ptr, lse_ptr, ent_ptr, lp_ptr,
+    z_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
     D, stride_h, stride_w,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -83,16 +84,12 @@ def _gather_forward_kernel(
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
         zy += tl.sum(tl.where(ok & (j == y), z, 0.0), axis=0)
-    log_s = tl.log(s)
-    lse = m + log_s
     one = tl.arange(0, 1)
-    tl.store(lse_ptr + r + one, lse)
-    # log q <= 0 and H >= 0: clamp the rounding with where, which keeps NaN (tl.minimum/maximum may drop it).
-    lp = zy - lse
-    tl.store(lp_ptr + r + one, tl.where(lp > 0.0, 0.0, lp))
+    tl.store(m_ptr + r + one, m)
+    tl.store(s_ptr + r + one, s)
     if WITH_ENTROPY:
-        h = log_s - t / s
-        tl.store(ent_ptr + r + one, tl.where(h < 0.0, 0.0, h))
+        tl.store(t_ptr + r + one, t)
+    tl.store(zy_ptr + r + one, zy)
 
 
 @triton.jit
@@ -209,22 +206,22 @@ def _blocks(dim: int) -> tuple[int, int, int]:
     return CUDA_GATHER
 
 
-def gather_forward(hidden, weight, bias, targets, inv_temperature, ids, offsets, with_entropy):
-    """(logprob [n], entropy [n] | None, lse [n], z [nnz]) float32 for validated inputs: hidden [n, D], weight
-    [V, D] (rows contiguous), bias [V] | None, targets [n] int64 in their sets, inv_temperature [n] float32,
-    ids [nnz] / offsets [n + 1] int64 with no empty row."""
+def gather_stats(hidden, weight, bias, targets, inv_temperature, ids, offsets, with_entropy):
+    """(m, s, t | None, z_y, z) float32 (see `replay_gather.GatherStats`) for validated inputs: hidden [n, D],
+    weight [V, D], bias [V] | None, targets [n] int64, inv_temperature [n] float32, ids [nnz] / offsets [n + 1]
+    int64 (an empty row gives m = -1e30, s = t = z_y = 0)."""
     n, dim = hidden.shape
     hidden, weight = hidden.contiguous(), weight.contiguous()
     f32 = dict(dtype=torch.float32, device=hidden.device)
     z = torch.empty(ids.numel(), **f32)
-    lse, ent, lp = (torch.empty(n, **f32) for _ in range(3))
+    m, s, t, zy = torch.empty((4, n), **f32).unbind(0)
     block_k, block_d, warps = _blocks(dim)
     _gather_forward_kernel[(n,)](
         hidden, weight, bias if bias is not None else hidden, targets, inv_temperature.float().contiguous(), ids,
-        offsets, z, lse, ent, lp, dim, hidden.stride(0), weight.stride(0),
+        offsets, z, m, s, t, zy, dim, hidden.stride(0), weight.stride(0),
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps,
     )
-    return lp, ent if with_entropy else None, lse, z
+    return m, s, t if with_entropy else None, zy, z
 
 
 def gather_backward(hidden, weight, bias, targets, inv_temperature, ids, offsets, z, lse, entropy, grad_logprob,
