@@ -150,6 +150,7 @@ def variants(arch: str = "sm_90") -> list[Variant]:
                         dict(SCORE=score, ADVANTAGE=advantage, CLASS_BALANCE=balance, G_PAD=g_pad,
                              BLOCK_T=q.block_t), q.num_warps, q.num_stages,
                     ))
+    out += replay_variants()
     return out
 
 
@@ -162,6 +163,7 @@ def _kernel_fn(name: str):
         "logit_grad": slice_kernels._logit_grad_kernel,
         "gemm_f32": slice_kernels._gemm_f32_kernel,
         "pacs_sequence": sequence_loss._pacs_sequence_kernel,
+        **replay_kernels(),
     }[name]
 
 
@@ -286,6 +288,61 @@ def main(argv=None) -> int:
     if bad:
         print("\nproblems:\n" + "\n".join(f"- {b}" for b in bad))
     return 1 if (bad and args.check) else 0
+
+
+# ------------------------------------------------------------------ kept-set replay: the gather path's kernels
+
+def replay_kernels() -> dict:
+    """Name -> kernel of `pacs_kernels/_triton/replay_kernels.py`."""
+    from pacs_kernels._triton import replay_kernels as rk
+
+    return {"gather_forward": rk._gather_forward_kernel, "gather_row_grad": rk._gather_row_grad_kernel,
+            "gather_weight_grad": rk._gather_weight_grad_kernel}
+
+
+def replay_variants() -> list[Variant]:
+    """Every (kernel, flags, dtype) the gather path's CUDA launchers can launch, at the pinned CUDA_GATHER."""
+    from pacs_kernels._triton.replay_kernels import CUDA_GATHER
+
+    bk, bd, warps = CUDA_GATHER
+    blocks = dict(BLOCK_K=bk, BLOCK_D=bd)
+    config = f"{bk}x{bd} w{warps}"
+    out = []
+    for dtype, ptr in TRITON_DTYPES.items():
+        for has_bias in (False, True):
+            for entropy in (False, True):
+                out.append(Variant(
+                    "gather_forward", f"{config} [{_flags(bias=has_bias, entropy=entropy)}]", dtype,
+                    {"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": "*i64", "it_ptr": "*fp32", "ids_ptr": "*i64",
+                     "off_ptr": "*i64", "z_ptr": "*fp32", "m_ptr": "*fp32", "s_ptr": "*fp32", "t_ptr": "*fp32",
+                     "zy_ptr": "*fp32", "D": "i32", "stride_h": "i32", "stride_w": "i32"},
+                    dict(HAS_BIAS=has_bias, WITH_ENTROPY=entropy, **blocks), warps, 1,
+                    divisible=("h_ptr", "w_ptr", "b_ptr", "y_ptr", "it_ptr", "ids_ptr", "off_ptr", "z_ptr", "m_ptr",
+                               "s_ptr", "t_ptr", "zy_ptr", "D", "stride_h", "stride_w"),
+                ))
+        for glp, gent in ((True, False), (False, True), (True, True)):
+            for dh in (False, True):
+                out.append(Variant(
+                    "gather_row_grad", f"{config} [{_flags(glp=glp, gent=gent, dh=dh)}]", dtype,
+                    {"w_ptr": ptr, "z_ptr": "*fp32", "ids_ptr": "*i64", "off_ptr": "*i64", "y_ptr": "*i64",
+                     "it_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32",
+                     "gent_ptr": "*fp32", "a_ptr": "*fp32", "dh_ptr": ptr, "D": "i32", "stride_w": "i32",
+                     "stride_dh": "i32"},
+                    dict(HAS_GLP=glp, HAS_GENT=gent, COMPUTE_DH=dh, **blocks), warps, 1,
+                    divisible=("w_ptr", "z_ptr", "ids_ptr", "off_ptr", "y_ptr", "it_ptr", "lse_ptr", "ent_ptr",
+                               "glp_ptr", "gent_ptr", "a_ptr", "dh_ptr", "D", "stride_w", "stride_dh"),
+                ))
+        for dw, db in ((True, False), (False, True), (True, True)):
+            out.append(Variant(
+                "gather_weight_grad", f"{config} [{_flags(dw=dw, db=db)}]", dtype,
+                {"h_ptr": ptr, "a_ptr": "*fp32", "order_ptr": "*i64", "rows_ptr": "*i32", "uniq_ptr": "*i64",
+                 "starts_ptr": "*i64", "nuniq_ptr": "*i64", "dw_ptr": ptr, "db_ptr": ptr, "D": "i32",
+                 "stride_h": "i32", "stride_dw": "i32"},
+                dict(COMPUTE_DW=dw, COMPUTE_DB=db, **blocks), warps, 1,
+                divisible=("h_ptr", "a_ptr", "order_ptr", "rows_ptr", "uniq_ptr", "starts_ptr", "nuniq_ptr", "dw_ptr",
+                           "db_ptr", "D", "stride_h", "stride_dw"),
+            ))
+    return out
 
 
 if __name__ == "__main__":
