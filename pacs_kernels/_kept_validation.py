@@ -13,7 +13,6 @@ nnz keys row * V + id (duplicates are then adjacent; for dense sets a bool [N, V
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -27,8 +26,15 @@ class KeptCheck(NamedTuple):
 
     n_valid: int  # targets != ignore_index
     nnz_valid: int  # kept entries of those rows (0 without kept sets)
-    temperature: float | torch.Tensor  # the checked float, or the tensor of targets' shape
+    temperature: float | torch.Tensor  # the checked float (also for a tensor whose non-ignored values are all
+    #                                    equal: their value), or the tensor of targets' shape
     has_kept: bool
+    entry_rows: torch.Tensor | None = None  # the row of each kept entry [nnz] int64 (reused by KeptRows.select)
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the temperature differs between non-ignored tokens (a per-row 1/T in the passes)."""
+        return isinstance(self.temperature, torch.Tensor)
 
 
 def _examples(x: torch.Tensor, k: int = 5) -> list:
@@ -107,6 +113,10 @@ def check_kept_inputs(targets: torch.Tensor, vocab: int, ignore_index: int, *, t
     if per_token_t:
         t = temperature.reshape(-1)
         checks["bad_temperature"] = (valid & ~(torch.isfinite(t) & (t > 0))).sum()
+        # The range over non-ignored rows: one value everywhere runs as that number (the scalar's code path).
+        td = t.detach().double()
+        checks["t_min"] = torch.where(valid, td, float("inf")).amin() if n_rows else td.new_tensor(1.0)
+        checks["t_max"] = torch.where(valid, td, float("-inf")).amax() if n_rows else td.new_tensor(1.0)
 
     has_kept = kept_ids is not None
     if has_kept:
@@ -137,7 +147,9 @@ def check_kept_inputs(targets: torch.Tensor, vocab: int, ignore_index: int, *, t
         checks["nnz_valid"] = entry_valid.sum()
 
     names = list(checks)
-    values = dict(zip(names, torch.stack([checks[k] for k in names]).tolist()))  # the one synchronisation
+    stacked = torch.stack([checks[k].to(torch.float64 if per_token_t else torch.int64) for k in names])
+    values = dict(zip(names, stacked.tolist()))  # the one synchronisation (counts below 2^53 are exact in float64)
+    values = {k: v if k in ("t_min", "t_max") else int(v) for k, v in values.items()}
 
     if values["bad_target"]:
         bad = valid & ((flat < 0) | (flat >= vocab))
@@ -170,28 +182,17 @@ def check_kept_inputs(targets: torch.Tensor, vocab: int, ignore_index: int, *, t
                                for r, y, k in zip(where.tolist(), flat[where].tolist(), sizes))
             raise ValueError(f"{values['missing_target']} non-ignored target(s) outside their kept set (an empty set "
                              f"included), e.g. {detail}")
-    return KeptCheck(int(values["valid"]), int(values.get("nnz_valid", 0)), temperature, has_kept)
+    if per_token_t and (values["valid"] == 0 or values["t_min"] == values["t_max"]):
+        temperature = values["t_min"] if values["valid"] else 1.0
+    return KeptCheck(int(values["valid"]), int(values.get("nnz_valid", 0)), temperature, has_kept,
+                     rows if has_kept else None)
 
 
-def inverse_temperature(temperature: float | torch.Tensor, index: torch.Tensor | None, n_rows: int,
-                        dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """1 / T of the kept rows as a [n_rows] tensor of `dtype` (float32; float64 for float64 inputs).
-
-    A number T gives 1/T computed in double and rounded once; a tensor gives 1/T_r from its values converted to
-    double, so a tensor filled with a float32-representable T gives the number's exact bits. index: the flattened
-    positions of the kept rows (None = all rows).
-    """
-    if not isinstance(temperature, torch.Tensor):
-        return torch.full((n_rows,), 1.0 / temperature, dtype=dtype, device=device)
+def inverse_temperature(temperature: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """1 / T_r of the rows `index` (the non-ignored rows; None = all) as a [n] tensor of `dtype` (float32; float64
+    for float64 inputs), from the values in double and rounded once, so a row whose T equals a float32 number x
+    gets the bits of 1 / x that the scalar path uses."""
     t = temperature.detach().reshape(-1)
     if index is not None:
         t = t.index_select(0, index)
-    return (1.0 / t.double()).to(dtype)
-
-
-def is_uniform(inv_temperature: torch.Tensor) -> float | None:
-    """The common value of a per-row 1/T (a host float), or None if the rows differ (one synchronisation)."""
-    if inv_temperature.numel() == 0:
-        return 1.0
-    lo, hi = torch.stack((inv_temperature.min(), inv_temperature.max())).tolist()
-    return lo if lo == hi and math.isfinite(lo) else None
+    return (1.0 / t.double()).to(dtype).contiguous()

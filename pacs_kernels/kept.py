@@ -18,10 +18,8 @@ NeMo-RL: sizes), and the concatenation of several sequences' sets (packing).
 Memory is O(nnz): at prime-rl's measured distribution (mean 8 ids per token) 32 bytes per token of int32 ids plus
 4 of offsets, against V / 8 = 19 KB per token for a bitmask at V = 151936 (a bitmask wins only above k = V / 32).
 
-The rest of the module prepares a validated CSR for the two algorithms of the kept-set log-prob: `kept_entry_rows`
-and `kept_select_rows` (dropping ignored rows), and `kept_transpose`, the same entries sorted by vocabulary id
-(the CSC order) that gives the gather path a deterministic weight gradient and the masked path each vocabulary
-slice's entries as one contiguous range (`kept_slice_entries`, `kept_slice_mask`).
+`kept_size_summary` gives the numbers a trainer logs (mean, p50, p99, singleton fraction). `kept_layout.py` prepares a
+validated CSR for the kernels.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ._segments import segment_ids
+from .segments import segment_ids
 
 INT32_MAX = 2**31 - 1
 
@@ -55,7 +53,12 @@ def _index_dtype(nnz: int, dtype: torch.dtype | None) -> torch.dtype:
     return dtype
 
 
-def _offsets_from_sizes(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def offsets_from_sizes(sizes: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """CSR offsets [N + 1] of rows of `sizes` [...] entries: 0, then the running sum.
+
+    >>> offsets_from_sizes(torch.tensor([2, 0, 3]))
+    tensor([0, 2, 2, 5])
+    """
     offsets = torch.zeros(sizes.numel() + 1, dtype=torch.int64, device=sizes.device)
     torch.cumsum(sizes.reshape(-1), 0, out=offsets[1:])
     return offsets.to(dtype)
@@ -96,7 +99,7 @@ def kept_from_mask(mask: torch.Tensor, *, dtype: torch.dtype | None = None) -> K
     sizes = flat.sum(1)
     cols = flat.nonzero()[:, 1]  # row-major: rows in order, ids increasing within a row
     dtype = _index_dtype(cols.numel(), dtype)
-    return KeptSets(cols.to(dtype), _offsets_from_sizes(sizes, dtype))
+    return KeptSets(cols.to(dtype), offsets_from_sizes(sizes, dtype))
 
 
 def kept_from_lists(lists: Sequence, *, device=None, dtype: torch.dtype | None = None) -> KeptSets:
@@ -128,7 +131,7 @@ def kept_from_lists(lists: Sequence, *, device=None, dtype: torch.dtype | None =
     ids = torch.from_numpy(flat).to(dtype)
     if flat.size and (flat.min() < torch.iinfo(dtype).min or flat.max() > torch.iinfo(dtype).max):
         raise ValueError(f"kept ids {flat.min()}..{flat.max()} do not fit {dtype}")
-    return KeptSets(ids.to(device), _offsets_from_sizes(sizes, dtype).to(device))
+    return KeptSets(ids.to(device), offsets_from_sizes(sizes, dtype).to(device))
 
 
 def kept_from_padded(ids: torch.Tensor, sizes: torch.Tensor | None = None, *, pad: int = -1,
@@ -162,7 +165,7 @@ def kept_from_padded(ids: torch.Tensor, sizes: torch.Tensor | None = None, *, pa
         keep = torch.arange(width, device=ids.device) < n[:, None]
     kept = flat[keep]  # row-major: row order and in-row order preserved
     dtype = _index_dtype(kept.numel(), dtype)
-    return KeptSets(kept.to(dtype), _offsets_from_sizes(keep.sum(1), dtype))
+    return KeptSets(kept.to(dtype), offsets_from_sizes(keep.sum(1), dtype))
 
 
 def kept_empty(n_rows: int, *, device=None, dtype: torch.dtype = torch.int32) -> KeptSets:
@@ -227,120 +230,19 @@ def kept_entry_rows(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
     return segment_ids(offsets, nnz)
 
 
-def kept_select_rows(ids: torch.Tensor, offsets: torch.Tensor, index: torch.Tensor | None,
-                     nnz: int | None = None) -> KeptSets:
-    """The CSR of rows `index` (increasing int64 row numbers, e.g. the non-ignored rows), int64 ids and offsets.
+def kept_size_summary(offsets: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean, median, 99th percentile and singleton fraction of the kept-set sizes of the rows `valid` (bool [N],
+    default all rows), as host floats (one synchronisation): what a trainer logs. All NaN when no row is counted.
 
-    nnz: the number of entries in those rows when the caller already knows it (the validator counts it), which
-    saves a host synchronisation. index None: every row (converted to int64).
+    >>> kept_size_summary(torch.tensor([0, 1, 3, 3, 4]), torch.tensor([True, True, False, True]))
+    {'mean': 1.3333333333333333, 'p50': 1.0, 'p99': 1.98, 'singleton': 0.6666666666666666}
     """
-    if index is None:
-        return KeptSets(ids.long(), offsets.long())
-    sizes = kept_sizes(offsets).index_select(0, index)
-    new_offsets = _offsets_from_sizes(sizes, torch.int64)
-    if nnz is None:
-        nnz = int(new_offsets[-1])
-    starts = offsets.long().index_select(0, index)
-    # Entry i of the result is entry  starts[row] + (i - new_offsets[row])  of the input.
-    row_starts = torch.repeat_interleave(starts - new_offsets[:-1], sizes, output_size=nnz)
-    source = torch.arange(nnz, device=ids.device) + row_starts
-    return KeptSets(ids.long().index_select(0, source), new_offsets)
-
-
-class KeptTranspose(NamedTuple):
-    """The entries of a CSR in (id, row) order, for the weight gradient and per-slice masks.
-
-    cols:    [nnz] int32, the ids in increasing order
-    rows:    [nnz] int32, the row of each entry (increasing within an id)
-    order:   [nnz] int64, the CSR position of each entry (cols == ids[order])
-    uniq:    [cap] int64, the distinct ids present, increasing; cap = min(nnz, V); the first n_uniq are meaningful
-    starts:  [cap + 1] int64, uniq[i]'s entries are positions [starts[i], starts[i + 1]); starts[i] = nnz from
-             i = n_uniq on (so programs launched for the cap find empty ranges)
-    n_uniq:  0-d int64 tensor (on the device: no host synchronisation to build it)
-    n_rows:  N, the CSR's number of rows
-    """
-
-    cols: torch.Tensor
-    rows: torch.Tensor
-    order: torch.Tensor
-    uniq: torch.Tensor
-    starts: torch.Tensor
-    n_uniq: torch.Tensor
-    n_rows: int
-
-    def entry_bounds(self, columns: Sequence[int]) -> list[int]:
-        """Position of the first entry with id >= c for each c in `columns` (host ints, one synchronisation):
-        the entries of the vocabulary slice [v0, v1) are positions [bound(v0), bound(v1))."""
-        edges = torch.tensor(list(columns), dtype=torch.int32, device=self.cols.device)
-        return torch.searchsorted(self.cols, edges).tolist()
-
-
-def kept_transpose(ids: torch.Tensor, offsets: torch.Tensor, vocab: int,
-                   rows: torch.Tensor | None = None) -> KeptTranspose:
-    """Sort the entries of a validated CSR (unique ids within a row) by (id, row): the CSC transpose.
-
-    One sort of nnz keys id * N + row (int32 when V * N < 2^31, else int64; unique, so any sort algorithm gives the
-    same order: deterministic), O(nnz log nnz); kept: 16 bytes per entry (int32 cols and rows, int64 order), up to
-    24 more while sorting. No host synchronisation. V and N must be below 2^31 (true of every vocabulary and batch).
-
-    >>> t = kept_transpose(torch.tensor([5, 3, 5]), torch.tensor([0, 2, 3]), vocab=8)
-    >>> t.cols.tolist(), t.rows.tolist(), t.order.tolist()
-    ([3, 5, 5], [0, 0, 1], [1, 0, 2])
-    >>> t.uniq[: int(t.n_uniq)].tolist(), t.starts[: int(t.n_uniq) + 1].tolist()
-    ([3, 5], [0, 1, 3])
-    """
-    n_rows = offsets.numel() - 1
-    nnz = ids.numel()
-    device = ids.device
-    if rows is None:
-        rows = kept_entry_rows(offsets, nnz)
-    stride = max(n_rows, 1)
-    keys = ids.long() * stride + rows
-    if vocab * stride < INT32_MAX:
-        keys = keys.to(torch.int32)  # sorts ~1.7x faster than int64 (measured on the CPU, 8.4M keys)
-    keys, order = torch.sort(keys)
-    cols = keys // stride
-    rows_sorted = (keys - cols * stride).to(torch.int32)
-    cols = cols.long()
-    cap = min(nnz, vocab)
-    first = torch.ones(nnz, dtype=torch.bool, device=device)
-    first[1:] = cols[1:] != cols[:-1]
-    slot = torch.cumsum(first, 0) - 1  # index of each entry's id among the distinct ids
-    n_uniq = first.sum()
-    # Scatter each id's first position to its slot; the other entries write to a spare slot `cap` (discarded), so
-    # the kept values are written by exactly one entry each (deterministic).
-    target = torch.where(first, slot, torch.full_like(slot, cap))
-    starts = torch.full((cap + 2,), nnz, dtype=torch.int64, device=device)
-    starts.scatter_(0, target, torch.arange(nnz, device=device))
-    starts = starts[: cap + 1]
-    starts = torch.where(torch.arange(cap + 1, device=device) < n_uniq, starts, torch.full_like(starts, nnz))
-    uniq = torch.zeros(cap + 1, dtype=torch.int64, device=device).scatter_(0, target, cols)[:cap]
-    return KeptTranspose(cols.to(torch.int32), rows_sorted, order, uniq, starts, n_uniq, n_rows)
-
-
-def kept_slice_entries(transpose: KeptTranspose, n0: int, n1: int, v0: int, v1: int,
-                       bounds: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows - n0, ids - v0) of the entries in rows [n0, n1) and columns [v0, v1): the kept cells of one
-    [n1 - n0, v1 - v0] logit slice. O(entries of the columns): the columns' entries are one contiguous range of
-    the transpose, `bounds` = its (start, end) from `entry_bounds` (computed here, one synchronisation, if None).
-    Rows outside [n0, n1) are filtered out (only when the tokens are chunked)."""
-    e0, e1 = transpose.entry_bounds((v0, v1)) if bounds is None else bounds
-    rows = transpose.rows[e0:e1]
-    cols = transpose.cols[e0:e1]
-    if n0 > 0 or n1 < transpose.n_rows:
-        inside = (rows >= n0) & (rows < n1)
-        rows, cols = rows[inside], cols[inside]
-    return rows - n0, cols - v0
-
-
-def kept_slice_mask(transpose: KeptTranspose, n0: int, n1: int, v0: int, v1: int,
-                    bounds: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """bool [n1 - n0, v1 - v0]: True at the kept cells of the slice. A memset of the slice (n * v bytes) and one
-    write per entry of the columns (`kept_slice_entries`)."""
-    rows, cols = kept_slice_entries(transpose, n0, n1, v0, v1, bounds)
-    if out is None:
-        out = torch.zeros((n1 - n0, v1 - v0), dtype=torch.bool, device=transpose.cols.device)
-    else:
-        out.zero_()
-    out[rows, cols] = True
-    return out
+    sizes = kept_sizes(offsets).double()
+    if valid is not None:
+        sizes = sizes[valid.reshape(-1)]
+    if sizes.numel() == 0:
+        return dict.fromkeys(("mean", "p50", "p99", "singleton"), float("nan"))
+    q = torch.tensor([0.5, 0.99], dtype=torch.float64, device=sizes.device)
+    mean, p50, p99, single = torch.cat([sizes.mean()[None], sizes.quantile(q), (sizes == 1).double().mean()[None]]
+                                       ).tolist()
+    return {"mean": mean, "p50": p50, "p99": p99, "singleton": single}

@@ -22,6 +22,11 @@ carries its partial sum into the next chunk, so every output row is written once
 (float64 for float64 inputs). The Triton kernels (`_triton/replay_kernels.py`) run one program per row (forward,
 dH) and one per id present (dW, db).
 
+Public functions take the pass's `sliced.LogprobProblem` (its `kept` a `kept_layout.KeptRows`, its 1/T a number or
+a per-row tensor) and `sliced.Upstream` (its `kept_logits` the forward's z): `gather_stats` (mergeable across
+vocabulary shards: the vocabulary-parallel op sums them over ranks), `gather_forward`, `gather_backward`, and
+`gather_one_pass` (forward, the loss's upstream gradients, backward: the one pass's contract at 6kD per token).
+
 Singleton rows (greedy replay) give lse = z exactly, so logprob = 0, H = 0 and every gradient term 0, exactly.
 """
 
@@ -33,7 +38,8 @@ import torch
 
 from . import _gemm
 from ._stats import finalize_stats
-from .kept import KeptTranspose, kept_entry_rows, kept_transpose
+from .kept_layout import KeptRows, KeptTranspose, kept_transpose
+from .sliced import LogprobProblem, Upstream
 
 # Floor of a logit: a -inf bias becomes -1e30 (probability still 0, and no 0 * inf = nan downstream), as in the
 # sliced pipeline. clamp_min keeps NaN, so a NaN hidden row still gives NaN.
@@ -42,24 +48,6 @@ LOGIT_FLOOR = -1.0e30
 # gathered weight rows and hidden rows [c, D], and in backward their product [c, D] too.
 FORWARD_ROWS, BACKWARD_ROWS = 2, 3
 MIN_CHUNK = 256  # entries; narrower gathers are dominated by per-call overhead
-
-
-class KeptLayout(NamedTuple):
-    """A validated CSR of the valid rows, prepared once per call: int64 ids [nnz], offsets [n + 1], row of each
-    entry [nnz]."""
-
-    ids: torch.Tensor
-    offsets: torch.Tensor
-    rows: torch.Tensor
-
-    @property
-    def nnz(self) -> int:
-        return self.ids.numel()
-
-
-def kept_layout(ids: torch.Tensor, offsets: torch.Tensor) -> KeptLayout:
-    ids, offsets = ids.long().contiguous(), offsets.long().contiguous()
-    return KeptLayout(ids, offsets, kept_entry_rows(offsets, ids.numel()))
 
 
 class GatherStats(NamedTuple):
@@ -75,7 +63,7 @@ class GatherStats(NamedTuple):
 class GatherForward(NamedTuple):
     logprob: torch.Tensor  # [n] float32 (float64 for float64 inputs)
     entropy: torch.Tensor | None  # [n], None unless asked for
-    lse: torch.Tensor  # [n]
+    lse: torch.Tensor  # [n] float64
     z: torch.Tensor  # [nnz]
 
 
@@ -83,14 +71,22 @@ def finalize_gather(stats: GatherStats) -> GatherForward:
     """(logprob, entropy, lse, z) from whole-set statistics: lse = m + log s, H = log s - t / s, logprob = z_y - lse
     (clamped to <= 0, NaN kept). A singleton row has s = 1 and lse = m = z_y exactly: logprob = H = 0."""
     lse, entropy = finalize_stats(stats.m, stats.s, stats.t)
-    return GatherForward((stats.zy - lse).clamp_max(0.0), entropy, lse, stats.z)
+    return GatherForward((stats.zy - lse).clamp_max(0.0).to(stats.zy.dtype), entropy, lse, stats.z)
 
 
 def plan_entries(dim: int, dtype: torch.dtype, rows_per_entry: int, budget: int) -> int:
     """Entries per chunk: the most whose `rows_per_entry` [c, D] operands in the accumulation dtype fit the budget.
     E.g. 8 MiB (the CPU default) at D = 256 in float32: 8 MiB / (3 * 256 * 4) = 2730 entries in backward."""
-    size = torch.empty((), dtype=_gemm._acc_dtype(dtype)).element_size()
+    size = torch.empty((), dtype=_gemm.acc_dtype(dtype)).element_size()
     return max(MIN_CHUNK, budget // (rows_per_entry * dim * size))
+
+
+def row_inv_temperature(problem: LogprobProblem, dtype: torch.dtype) -> torch.Tensor:
+    """1 / T per row [n] (the number broadcast when the call has one temperature)."""
+    t = problem.inv_temperature
+    if isinstance(t, torch.Tensor):
+        return t.to(dtype)
+    return torch.full((problem.hidden.shape[0],), t, dtype=dtype, device=problem.hidden.device)
 
 
 def _segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -116,8 +112,11 @@ def _stream_segment_sums(out: torch.Tensor, keys: torch.Tensor, chunk: int, valu
     from `keys` are left as they are (zeros). One host synchronisation for the chunk boundaries."""
     nnz = keys.numel()
     cuts = list(range(chunk, nnz, chunk))
-    continues = ((keys[torch.tensor(cuts, device=keys.device) - 1] == keys[torch.tensor(cuts, device=keys.device)])
-                 .tolist() if cuts else [])
+    if cuts:
+        at = torch.tensor(cuts, device=keys.device)
+        continues = (keys[at - 1] == keys[at]).tolist()
+    else:
+        continues = []
     carry = None
     for i, e0 in enumerate(range(0, nnz, chunk)):
         e1 = min(e0 + chunk, nnz)
@@ -137,113 +136,142 @@ def _gathered(x: torch.Tensor, index: torch.Tensor, acc: torch.dtype) -> torch.T
     return x.index_select(0, index).to(acc)
 
 
-def kept_logits(hidden, weight, bias, inv_temperature, layout: KeptLayout, chunk: int) -> torch.Tensor:
+def kept_logits(problem: LogprobProblem, chunk: int) -> torch.Tensor:
     """z [nnz] in the accumulation dtype: (h_r . w_j + b_j) * invT_r per entry, floored at -1e30 (NaN kept).
     Per chunk: gathers of c weight rows and c hidden rows ([c, D] each) and c dot products (a batched GEMV)."""
-    acc = _gemm._acc_dtype(hidden.dtype)
-    z = torch.empty(layout.nnz, dtype=acc, device=hidden.device)
-    for e0 in range(0, layout.nnz, chunk):
-        e1 = min(e0 + chunk, layout.nnz)
-        w = _gathered(weight, layout.ids[e0:e1], acc)
-        h = _gathered(hidden, layout.rows[e0:e1], acc)
+    hidden, weight, kept = problem.hidden, problem.weight, problem.kept
+    acc = _gemm.acc_dtype(hidden.dtype)
+    z = torch.empty(kept.nnz, dtype=acc, device=hidden.device)
+    for e0 in range(0, kept.nnz, chunk):
+        e1 = min(e0 + chunk, kept.nnz)
+        w = _gathered(weight, kept.ids[e0:e1], acc)
+        h = _gathered(hidden, kept.rows[e0:e1], acc)
         torch.bmm(w.unsqueeze(1), h.unsqueeze(2), out=z[e0:e1].view(-1, 1, 1))
-    if bias is not None:
-        z += bias.to(acc).index_select(0, layout.ids)
-    z *= inv_temperature.to(acc).index_select(0, layout.rows)
+    if problem.bias is not None:
+        z += problem.bias.to(acc).index_select(0, kept.ids)
+    if isinstance(problem.inv_temperature, torch.Tensor):
+        z *= problem.inv_temperature.to(acc).index_select(0, kept.rows)
+    elif problem.inv_temperature != 1.0:
+        z *= problem.inv_temperature
     return z.clamp_min_(LOGIT_FLOOR)
 
 
-def gather_stats_torch(hidden, weight, bias, targets, inv_temperature, layout: KeptLayout, with_entropy: bool,
-                       chunk: int) -> GatherStats:
-    """Statistics of validated 2-d inputs: hidden [n, D], weight [V, D], bias [V] | None, targets [n] int64,
-    inv_temperature [n], `layout` of the n rows (a row may be empty, e.g. a vocabulary shard holding none of its
-    ids: m = -1e30, s = t = z_y = 0). O(nnz) memory besides the chunk."""
-    z = kept_logits(hidden, weight, bias, inv_temperature, layout, chunk)
-    m = torch.segment_reduce(z, "max", offsets=layout.offsets, initial=LOGIT_FLOOR)
-    shifted = z - m.index_select(0, layout.rows)
+def gather_stats_torch(problem: LogprobProblem, chunk: int) -> GatherStats:
+    """Statistics of a validated problem (hidden [n, D], targets [n] int64, `problem.kept` the rows' KeptRows; a row
+    may be empty, e.g. on a vocabulary shard holding none of its ids: m = -1e30, s = t = z_y = 0). O(nnz) memory
+    besides the chunk."""
+    kept = problem.kept
+    z = kept_logits(problem, chunk)
+    m = torch.segment_reduce(z, "max", offsets=kept.offsets, initial=LOGIT_FLOOR)
+    shifted = z - m.index_select(0, kept.rows)
     e = shifted.exp()
-    s = _segment_sum(e, layout.offsets)
-    t = _segment_sum(e.mul_(shifted), layout.offsets) if with_entropy else None  # e = 0 only where shifted is finite
-    hit = layout.ids == targets.index_select(0, layout.rows)
-    zy = _segment_sum(torch.where(hit, z, torch.zeros_like(z)), layout.offsets)  # the one target entry, exactly
+    s = _segment_sum(e, kept.offsets)
+    t = _segment_sum(e.mul_(shifted), kept.offsets) if problem.with_entropy else None  # e = 0 only where finite
+    hit = kept.ids == problem.targets.index_select(0, kept.rows)
+    zy = _segment_sum(torch.where(hit, z, torch.zeros_like(z)), kept.offsets)  # the one target entry, exactly
     return GatherStats(m, s, t, zy, z)
 
 
-def entry_grad(z, lse, entropy, grad_logprob, grad_entropy, targets, inv_temperature, layout: KeptLayout):
+def entry_grad(problem: LogprobProblem, up: Upstream) -> torch.Tensor:
     """a_e = dL/d(h_r . w_j + b_j) for every entry [nnz]: (g_r (1[j = y_r] - q_e) - e_r q_e (log q_e + H_r)) invT_r.
     Where q_e = 0 (an underflow, or a -1e30 floor) the entropy term is 0, even where log q_e * e_r overflowed."""
-    rows = layout.rows
-    logq = z - lse.index_select(0, rows)
+    z, kept = up.kept_logits, problem.kept
+    rows = kept.rows
+    logq = z - up.lse.index_select(0, rows)
     q = logq.exp()
     a = torch.zeros_like(z)
-    if grad_logprob is not None:
-        g = grad_logprob.to(z.dtype).index_select(0, rows)
-        hit = layout.ids == targets.index_select(0, rows)
+    if up.grad_logprob is not None:
+        g = up.grad_logprob.to(z.dtype).index_select(0, rows)
+        hit = kept.ids == problem.targets.index_select(0, rows)
         a += g * (hit.to(z.dtype) - q)
-    if grad_entropy is not None:
-        coef = (logq + entropy.index_select(0, rows)) * grad_entropy.to(z.dtype).index_select(0, rows)
+    if up.grad_entropy is not None:
+        coef = (logq + up.entropy.to(z.dtype).index_select(0, rows)) * up.grad_entropy.to(z.dtype).index_select(0,
+                                                                                                               rows)
         a -= torch.where(q == 0, torch.zeros_like(q), q * coef)
-    return a.mul_(inv_temperature.to(z.dtype).index_select(0, rows))
+    return a.mul_(row_inv_temperature(problem, z.dtype).index_select(0, rows))
 
 
-def gather_backward_torch(hidden, weight, bias, targets, inv_temperature, layout: KeptLayout, z, lse, entropy,
-                          grad_logprob, grad_entropy, needs, chunk: int, transpose: KeptTranspose | None = None):
-    """(d_hidden [n, D] in hidden's dtype, d_weight [V, D] in weight's dtype, d_bias [V] in bias's dtype), None
-    where `needs` says so. Rows of dW / db whose id is in no kept set are 0."""
+def gather_backward_torch(problem: LogprobProblem, up: Upstream, needs, chunk: int,
+                          transpose: KeptTranspose | None = None, hidden_grad_dtype: torch.dtype | None = None):
+    """(d_hidden [n, D] in hidden_grad_dtype (default hidden's), d_weight [V, D] in weight's dtype, d_bias [V] in
+    bias's dtype), None where `needs` says so. Rows of dW / db whose id is in no kept set are 0."""
     need_h, need_w, need_b = needs
-    acc = z.dtype
-    a = entry_grad(z, lse, entropy, grad_logprob, grad_entropy, targets, inv_temperature, layout)
+    hidden, weight, kept = problem.hidden, problem.weight, problem.kept
+    acc = up.kept_logits.dtype
+    a = entry_grad(problem, up)
     d_hidden = d_weight = d_bias = None
     if need_h:  # rows are the CSR's runs; each row's sum is complete when its last entry is seen
-        d_hidden = torch.zeros_like(hidden)
-        _stream_segment_sums(d_hidden, layout.rows, chunk,
-                             lambda e0, e1: _gathered(weight, layout.ids[e0:e1], acc).mul_(a[e0:e1, None]))
+        d_hidden = torch.zeros_like(hidden, dtype=hidden_grad_dtype or hidden.dtype)
+        _stream_segment_sums(d_hidden, kept.rows, chunk,
+                             lambda e0, e1: _gathered(weight, kept.ids[e0:e1], acc).mul_(a[e0:e1, None]))
     if need_w or need_b:
-        t = transpose if transpose is not None else kept_transpose(layout.ids, layout.offsets, weight.shape[0],
-                                                                   layout.rows)
+        t = transpose if transpose is not None else kept_transpose(kept.ids, kept.offsets, weight.shape[0],
+                                                                   kept.rows)
         a_csc = a.index_select(0, t.order)  # a in (id, row) order
         if need_w:
             d_weight = torch.zeros_like(weight)
             _stream_segment_sums(d_weight, t.cols, chunk,
                                  lambda e0, e1: _gathered(hidden, t.rows[e0:e1], acc).mul_(a_csc[e0:e1, None]))
         if need_b:
-            d_bias = torch.zeros_like(bias)
+            d_bias = torch.zeros_like(problem.bias)
             _stream_segment_sums(d_bias, t.cols, max(t.cols.numel(), 1), lambda e0, e1: a_csc[e0:e1])
     return d_hidden, d_weight, d_bias
 
 
 # ------------------------------------------------------------------------------------------ backend dispatch
 
-def gather_stats(hidden, weight, bias, targets, inv_temperature, layout: KeptLayout, with_entropy: bool, *,
-                 backend: str, budget: int) -> GatherStats:
+def gather_stats(problem: LogprobProblem, *, backend: str, budget: int) -> GatherStats:
     """The gather statistics on "torch" (chunks of `plan_entries` entries) or "triton" (one program per row)."""
     if backend == "triton":
-        from ._triton.replay_kernels import gather_stats as kernel
+        from ._triton.replay_kernels import gather_stats as kernel  # lazy: Triton is optional
 
-        return GatherStats(*kernel(hidden, weight, bias, targets, inv_temperature, layout.ids, layout.offsets,
-                                   with_entropy))
-    chunk = plan_entries(hidden.shape[1], hidden.dtype, FORWARD_ROWS, budget)
-    return gather_stats_torch(hidden, weight, bias, targets, inv_temperature, layout, with_entropy, chunk)
+        kept = problem.kept
+        return GatherStats(*kernel(problem.hidden, problem.weight, problem.bias, problem.targets,
+                                   row_inv_temperature(problem, torch.float32), kept.ids, kept.offsets,
+                                   problem.with_entropy))
+    chunk = plan_entries(problem.hidden.shape[1], problem.hidden.dtype, FORWARD_ROWS, budget)
+    return gather_stats_torch(problem, chunk)
 
 
-def gather_forward(hidden, weight, bias, targets, inv_temperature, layout: KeptLayout, with_entropy: bool, *,
-                   backend: str, budget: int) -> GatherForward:
+def gather_forward(problem: LogprobProblem, *, backend: str, budget: int) -> GatherForward:
     """(logprob, entropy | None, lse, z) of the gather path: `gather_stats` then `finalize_gather`."""
-    return finalize_gather(gather_stats(hidden, weight, bias, targets, inv_temperature, layout, with_entropy,
-                                        backend=backend, budget=budget))
+    return finalize_gather(gather_stats(problem, backend=backend, budget=budget))
 
 
-def gather_backward(hidden, weight, bias, targets, inv_temperature, layout: KeptLayout, z, lse, entropy,
-                    grad_logprob, grad_entropy, needs, *, backend: str, budget: int,
-                    transpose: KeptTranspose | None = None):
-    """(d_hidden, d_weight, d_bias) of the gather path (see `gather_backward_torch`) on either backend."""
+def gather_backward(problem: LogprobProblem, up: Upstream, needs, *, backend: str, budget: int,
+                    transpose: KeptTranspose | None = None, hidden_grad_dtype: torch.dtype | None = None):
+    """(d_hidden, d_weight, d_bias) of the gather path (see `gather_backward_torch`) on either backend; `up`
+    carries the forward's lse, entropy and kept logits z. hidden_grad_dtype: dH's dtype (the vocabulary-parallel
+    op sums the ranks' partial dH in float32 before rounding); default hidden's."""
     if backend == "triton":
-        from ._triton.replay_kernels import gather_backward as kernel
+        from ._triton.replay_kernels import gather_backward as kernel  # lazy: Triton is optional
 
+        kept = problem.kept
         if transpose is None and (needs[1] or needs[2]):
-            transpose = kept_transpose(layout.ids, layout.offsets, weight.shape[0], layout.rows)
-        return kernel(hidden, weight, bias, targets, inv_temperature, layout.ids, layout.offsets, z, lse, entropy,
-                      grad_logprob, grad_entropy, needs, transpose)
-    chunk = plan_entries(hidden.shape[1], hidden.dtype, BACKWARD_ROWS, budget)
-    return gather_backward_torch(hidden, weight, bias, targets, inv_temperature, layout, z, lse, entropy,
-                                 grad_logprob, grad_entropy, needs, chunk, transpose)
+            transpose = kept_transpose(kept.ids, kept.offsets, problem.weight.shape[0], kept.rows)
+        d_h, d_w, d_b = kernel(problem.hidden, problem.weight, problem.bias, problem.targets,
+                               row_inv_temperature(problem, torch.float32), kept.ids, kept.offsets, up.kept_logits,
+                               up.lse, up.entropy, up.grad_logprob, up.grad_entropy, needs, transpose,
+                               hidden_grad_dtype)
+        return d_h, d_w, d_b
+    chunk = plan_entries(problem.hidden.shape[1], problem.hidden.dtype, BACKWARD_ROWS, budget)
+    return gather_backward_torch(problem, up, needs, chunk, transpose, hidden_grad_dtype)
+
+
+def gather_one_pass(problem: LogprobProblem, grad_fn, needs, *, backend: str, budget: int):
+    """(logprob, entropy | None, d_hidden, d_weight, d_bias) of the one pass on the gather path: the forward, the
+    upstream gradients grad_fn(0, n, logprob, entropy) of every row at once (see `one_pass.one_pass`), the
+    backward. 6kD FLOP per token with k kept ids, as two passes would cost (the gather never recomputes z)."""
+    fwd = gather_forward(problem, backend=backend, budget=budget)
+    if not any(needs):
+        return fwd.logprob, fwd.entropy, None, None, None
+    n = problem.hidden.shape[0]
+    g_lp, g_ent = grad_fn(0, n, fwd.logprob, fwd.entropy)
+    if g_lp is None and g_ent is None:
+        g_lp = torch.zeros_like(fwd.logprob)
+    acc = fwd.z.dtype
+    up = Upstream(fwd.lse, fwd.entropy if g_ent is not None else None,
+                  None if g_lp is None else g_lp.to(acc).contiguous(),
+                  None if g_ent is None else g_ent.to(acc).contiguous(), fwd.z)
+    d_h, d_w, d_b = gather_backward(problem, up, needs, backend=backend, budget=budget)
+    return fwd.logprob, fwd.entropy, d_h, d_w, d_b

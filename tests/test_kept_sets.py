@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pacs_kernels import kept as kept_mod
-from pacs_kernels import replay_masked
+from pacs_kernels import kept_layout
 from pacs_kernels._kept_validation import check_kept_inputs, inverse_temperature
 from pacs_kernels.kept import (
     kept_concat,
@@ -23,13 +23,10 @@ from pacs_kernels.kept import (
     kept_from_lists,
     kept_from_mask,
     kept_from_padded,
-    kept_select_rows,
     kept_sizes,
-    kept_slice_entries,
-    kept_slice_mask,
     kept_to_mask,
-    kept_transpose,
 )
+from pacs_kernels.kept_layout import KeptRows, kept_slice_entries, kept_slice_mask, kept_transpose
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -49,7 +46,7 @@ def kept_lists(draw, max_rows=12, max_vocab=40):
 
 
 def test_docstring_examples():
-    for module in (kept_mod, replay_masked):
+    for module in (kept_mod, kept_layout):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 
@@ -132,8 +129,11 @@ def test_select_rows(case, data):
     keep = [r for r in range(len(lists)) if data.draw(st.booleans())]
     index = torch.tensor(keep, dtype=torch.int64)
     nnz = sum(len(lists[r]) for r in keep)
-    sel = kept_select_rows(ids, offsets, index, nnz if data.draw(st.booleans()) else None)
-    assert sel.ids.dtype == torch.int64 and to_lists(*sel) == [lists[r] for r in keep]
+    sel = KeptRows.select(ids, offsets, index, nnz)
+    assert sel.ids.dtype == torch.int64 and to_lists(sel.ids, sel.offsets) == [lists[r] for r in keep]
+    assert sel.rows.tolist() == [i for i, r in enumerate(keep) for _ in lists[r]]
+    every = KeptRows.select(ids, offsets, None, ids.numel())
+    assert to_lists(every.ids, every.offsets) == lists
 
 
 @SETTINGS
@@ -197,9 +197,20 @@ def test_valid_input_passes_with_counts():
 
 
 def test_inverse_temperature_matches_scalar_bits():
-    t = torch.full((4,), 0.75)
-    assert torch.equal(inverse_temperature(t, None, 4, torch.float32, t.device),
-                       inverse_temperature(0.75, None, 4, torch.float32, t.device))
+    # A per-row 1/T is the scalar path's 1 / T rounded once, row by row.
+    t = torch.tensor([0.75, 0.7, 1.3, 2.0])
+    got = inverse_temperature(t, None, torch.float32)
+    assert got.tolist() == [torch.tensor(1.0 / float(x), dtype=torch.float32).item() for x in t.tolist()]
+    assert inverse_temperature(t, torch.tensor([1, 3]), torch.float32).tolist() == got[[1, 3]].tolist()
+
+
+def test_uniform_temperature_tensor_is_read_as_its_number():
+    targets, ids, offsets, temperature = valid_case()
+    same = torch.full_like(temperature, 0.7)
+    same[0, 2] = float("nan")  # an ignored row's value never counts
+    result = check(targets, ids, offsets, same)
+    assert not result.per_token and result.temperature == torch.tensor(0.7).item()
+    assert check(targets, ids, offsets, temperature).per_token
 
 
 BAD = {

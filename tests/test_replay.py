@@ -18,18 +18,14 @@ import torch
 from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import pacs_kernels
-from pacs_kernels import _stats
-from pacs_kernels.kept import kept_from_lists, kept_from_mask, kept_to_mask, kept_transpose
-from pacs_kernels.kept_reference import linear_logprob_kept_reference
-from pacs_kernels.replay import kept_linear_logprob
-from pacs_kernels.replay_gather import (
-    finalize_gather,
-    gather_backward_torch,
-    gather_stats,
-    gather_stats_torch,
-    kept_layout,
-)
-from pacs_kernels.replay_masked import MASK_FLOOR, mask_logits_
+from pacs_kernels import _stats, dispatch
+from pacs_kernels.kept import kept_from_lists, kept_from_mask, kept_to_mask
+from pacs_kernels.kept_layout import MASK_FLOOR, KeptCells, KeptRows, kept_transpose, mask_logits_
+from pacs_kernels.logprob_function import LinearLogprobFunction, LogprobParams
+from pacs_kernels.reference import linear_logprob_reference
+from pacs_kernels.replay import ReplayRows
+from pacs_kernels.replay_gather import finalize_gather, gather_backward_torch, gather_stats, gather_stats_torch
+from pacs_kernels.sliced import LogprobProblem, Upstream, passes_for, plan_slices, sliced_backward, sliced_forward
 
 from .helpers import BACKENDS, DEVICE, max_err
 
@@ -114,6 +110,11 @@ def run(fn, hidden, weight, bias, grad_lp, grad_ent, dtype):
     return (lp.detach(), ent.detach(), *torch.autograd.grad(loss, leaves))
 
 
+def kept_linear_logprob(*args, algorithm="auto", **kwargs):
+    """linear_logprob with the algorithm named as the tests name it."""
+    return pacs_kernels.linear_logprob(*args, replay_impl=algorithm, **kwargs)
+
+
 def ours(targets, temps, ids, offsets, **options):
     def fn(h, w, b):
         out = kept_linear_logprob(h, w, targets.to(DEVICE), bias=b, temperature=temps.to(DEVICE),
@@ -123,12 +124,21 @@ def ours(targets, temps, ids, offsets, **options):
     return fn
 
 
+def linear_logprob_kept_reference(*args, **kwargs):
+    return linear_logprob_reference(*args, compute_dtype=torch.float64, **kwargs)
+
+
 def reference(targets, temps, ids, offsets):
     def fn(h, w, b):
         return linear_logprob_kept_reference(h.double(), w.double(), targets.to(DEVICE), bias=b.double(),
                                              temperature=temps.to(DEVICE), kept_ids=ids.to(DEVICE),
                                              kept_offsets=offsets.to(DEVICE), with_entropy=True)
     return fn
+
+
+def rows_of(ids, offsets):
+    """KeptRows of every row of a validated CSR."""
+    return KeptRows.select(ids, offsets, None, ids.numel())
 
 
 def grads_for(n, seed=1):
@@ -296,25 +306,24 @@ def test_chunked_entries_and_slices_are_exact(algorithm):
     g_lp, g_ent = grads_for(int(valid.sum()), 18)
     ref = run(reference(targets[valid], temps[valid], *kept_from_mask(kept_to_mask(ids, offsets, V)[valid])),
               hidden[valid], weight, bias, g_lp, g_ent, torch.float32)
+    kept = rows_of(*kept_from_mask(kept_to_mask(ids, offsets, V)[valid]))
+    inv_t = 1.0 / temps[valid]
     if algorithm == "gather":
-        layout = kept_layout(*kept_from_mask(kept_to_mask(ids, offsets, V)[valid]))
-        inv_t = 1.0 / temps[valid]
         for chunk in (1, 3, 7, 1000):
             h, w, b = (x.clone() for x in (hidden[valid], weight, bias))
-            fwd = finalize_gather(gather_stats_torch(h, w, b, targets[valid], inv_t, layout, True, chunk))
-            grads = gather_backward_torch(h, w, b, targets[valid], inv_t, layout, fwd.z, fwd.lse, fwd.entropy,
-                                          g_lp, g_ent, (True, True, True), chunk)
+            problem = LogprobProblem(h, w, b, targets[valid], inv_t, True, kept)
+            fwd = finalize_gather(gather_stats_torch(problem, chunk))
+            grads = gather_backward_torch(problem, Upstream(fwd.lse, fwd.entropy, g_lp, g_ent, fwd.z),
+                                          (True, True, True), chunk)
             for name, x, r in zip(NAMES, (fwd.logprob, fwd.entropy, *grads), ref):
                 assert max_err(x, r) < 1e-5, f"chunk {chunk} {name}"
     else:
         for chunk_n, v_slice in ((5, 13), (7, 1), (100, 40)):
             def fn(h, w, b, chunk_n=chunk_n, v_slice=v_slice):
-                out = kept_linear_logprob(h, w, targets, bias=b, temperature=temps, kept_ids=ids, kept_offsets=offsets,
-                                          with_entropy=True, backend="torch", algorithm="masked", chunk_n=chunk_n,
-                                          v_slice=v_slice)
-                return out.logprob[valid], out.entropy[valid]
-            lp, ent, d_h, d_w, d_b = run(fn, hidden, weight, bias, g_lp, g_ent, torch.float32)
-            for name, x, r in zip(NAMES, (lp, ent, d_h[valid], d_w, d_b), ref):
+                params = LogprobParams("torch", 1.0, True, chunk_n=chunk_n, v_slice=v_slice, replay="masked")
+                return LinearLogprobFunction.apply(h, w, b, targets[valid], params, ReplayRows(inv_t, kept))
+            lp, ent, d_h, d_w, d_b = run(fn, hidden[valid], weight, bias, g_lp, g_ent, torch.float32)
+            for name, x, r in zip(NAMES, (lp, ent, d_h, d_w, d_b), ref):
                 assert max_err(x, r) < 1e-5, f"plan {chunk_n}x{v_slice} {name}"
 
 
@@ -416,33 +425,47 @@ def test_gather_statistics_merge_across_vocabulary_shards(backend):
     h, w, b = (x.to(DEVICE) for x in (hidden[valid], weight, bias))
     parts = []
     for v0, v1 in ((0, split), (split, V)):
-        layout = kept_layout(*(x.to(DEVICE) for x in kept_from_mask(mask[:, v0:v1])))
-        parts.append(gather_stats(h, w[v0:v1], b[v0:v1], y - v0, inv_t, layout, True, backend=backend,
-                                  budget=1 << 20))
+        layout = rows_of(*(x.to(DEVICE) for x in kept_from_mask(mask[:, v0:v1])))
+        parts.append(gather_stats(LogprobProblem(h, w[v0:v1], b[v0:v1], y - v0, inv_t, True, layout),
+                                  backend=backend, budget=1 << 20))
         empty = mask[:, v0:v1].sum(1) == 0
         assert empty.any(), "some row keeps no id of this shard"
         assert (parts[-1].m[empty.to(DEVICE)] == -1e30).all() and (parts[-1].s[empty.to(DEVICE)] == 0).all()
     merged = _stats.merge_stats(*(torch.stack([p[i] for p in parts]) for i in range(3)))
     lse, entropy = _stats.finalize_stats(*merged)
     logprob = sum(p.zy for p in parts) - lse
-    whole = finalize_gather(gather_stats(h, w, b, y, inv_t, kept_layout(*(x.to(DEVICE) for x in kept_from_mask(mask))),
-                                         True, backend=backend, budget=1 << 20))
+    whole_rows = rows_of(*(x.to(DEVICE) for x in kept_from_mask(mask)))
+    whole = finalize_gather(gather_stats(LogprobProblem(h, w, b, y, inv_t, True, whole_rows), backend=backend,
+                                         budget=1 << 20))
+    # The vocabulary-parallel op's own split of the CSR gives the same shards.
+    for v0, v1 in ((0, split), (split, V)):
+        shard = whole_rows.shard(v0, v1)
+        want = rows_of(*(x.to(DEVICE) for x in kept_from_mask(mask[:, v0:v1])))
+        assert all(torch.equal(a, c) for a, c in zip((shard.ids, shard.offsets, shard.rows),
+                                                     (want.ids, want.offsets, want.rows)))
     assert max_err(logprob, whole.logprob) < 1e-6 and max_err(entropy, whole.entropy) < 1e-6
 
 
-def test_auto_algorithm_follows_the_crossover():
-    from pacs_kernels.replay import choose_algorithm, gather_max_mean_kept
-
+def test_auto_algorithm_follows_the_crossover(monkeypatch):
     cpu = torch.device("cpu")
-    k_star = gather_max_mean_kept(151936, 256, cpu)  # ~4300: measured crossover at this shape (replay.CROSSOVER)
+    k_star = dispatch.gather_max_mean_kept(151936, 256, cpu)  # ~4300: measured at this shape (dispatch.CROSSOVER)
     assert 4000 < k_star < 4700
-    assert choose_algorithm("auto", 100, 100 * 8, True, 151936, 256, cpu) == "gather"
-    assert choose_algorithm("auto", 100, 100 * 8192, True, 151936, 256, cpu) == "masked"
-    assert choose_algorithm("auto", 100, 0, False, 151936, 256, cpu) == "masked"  # per-token temperature only
-    with pytest.raises(ValueError, match="algorithm='gather' needs kept sets"):
-        choose_algorithm("gather", 100, 0, False, 151936, 256, cpu)
-    with pytest.raises(ValueError, match="algorithm must be one of"):
-        choose_algorithm("dense", 100, 0, False, 151936, 256, cpu)
+    request = lambda nnz, kept=True: dispatch.ReplayRequest(kept, False, 100, nnz, 151936, 256)
+    monkeypatch.delenv(dispatch.REPLAY_ENV, raising=False)
+    assert dispatch.resolve_replay("auto", request(100 * 8), cpu) == "gather"
+    assert dispatch.resolve_replay("auto", request(100 * 8192), cpu) == "masked"
+    assert dispatch.resolve_replay("auto", request(0, kept=False), cpu) == "full"  # per-token temperature only
+    assert dispatch.resolve_replay("masked", request(100 * 8), cpu) == "masked"
+    monkeypatch.setenv(dispatch.REPLAY_ENV, "masked")
+    assert dispatch.resolve_replay("auto", request(100 * 8), cpu) == "masked"
+    assert dispatch.resolve_replay("auto", request(0, kept=False), cpu) == "full"  # the variable needs kept sets
+    with pytest.raises(ValueError, match="replay_impl='gather' needs kept sets"):
+        dispatch.resolve_replay("gather", request(0, kept=False), cpu)
+    with pytest.raises(ValueError, match="replay_impl must be one of"):
+        dispatch.resolve_replay("dense", request(8), cpu)
+    monkeypatch.setenv(dispatch.REPLAY_ENV, "dense")
+    with pytest.raises(ValueError, match="PACS_KERNELS_REPLAY must be"):
+        dispatch.resolve_replay("auto", request(8), cpu)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -472,23 +495,23 @@ def test_per_token_temperature_without_kept_sets(backend):
 def test_masked_path_dense_mask_equals_transpose(backend):
     # The masked path holds the kept sets as a transpose (small sets) or a bool [n, V] mask (from V / 16): the
     # same cells, so bitwise the same results.
-    from pacs_kernels.kept import kept_select_rows
-    from pacs_kernels.replay_masked import masked_backward, masked_forward, prefer_dense_mask
-    from pacs_kernels.sliced import passes_for, plan_slices
+    from pacs_kernels.kept_layout import prefer_dense_mask
 
     hidden, weight, bias, targets, temps, ids, offsets = kept_case("chain", seed=33)
     valid = (targets != -100).nonzero()[:, 0]
-    sel = kept_select_rows(ids, offsets, valid)
+    sel = KeptRows.select(ids.to(DEVICE), offsets.to(DEVICE), valid.to(DEVICE), int(kept_to_mask(ids, offsets, V)
+                                                                                     [valid].sum()))
     h, w, b, y = (x.to(DEVICE) for x in (hidden[valid], weight, bias, targets[valid]))
     inv_t = (1.0 / temps[valid]).to(DEVICE)
     g_lp, g_ent = grads_for(valid.numel(), 34)
     passes = passes_for(backend, h)
     plan = plan_slices(h.shape[0], V, 8, 1 << 20, h.device, 7, 13)  # token chunks and narrow slices
     outs = []
-    sel = [x.to(DEVICE) for x in sel]
-    for kept in (kept_transpose(*sel, V), kept_to_mask(*sel, V)):
-        lp, ent, lse = masked_forward(h, w, b, y, inv_t, kept, True, passes, plan)
-        grads = masked_backward(h, w, b, y, inv_t, kept, lse, ent, g_lp, g_ent, (True, True, True), passes, plan)
+    for dense in (False, True):
+        cells = KeptCells(sel, V, dense=dense)
+        problem = LogprobProblem(h, w, b, y, inv_t, True, cells)
+        lp, ent, lse = sliced_forward(problem, passes, plan)
+        grads = sliced_backward(problem, Upstream(lse, ent, g_lp, g_ent), (True, True, True), passes, plan)
         outs.append((lp, ent, *grads))
     for name, x, z in zip(NAMES, *outs):
         assert torch.equal(x, z), name

@@ -20,6 +20,8 @@ cores would not help):
 Per token with k kept ids at D = 4096, bf16: 8k KB of weight rows per pass; at mean k = 8 and N = 16384 about
 1 GB per pass, a fraction of a millisecond at 3.35 TB/s, against 17.6 TFLOP per pass of the full head at V = 131072.
 
+Launch parameters: the `gather` entry of `config.ARCH_CONFIGS` (16 entries x 256 columns, 4 warps).
+
 Numerics as in the sliced pipeline: z = (h . w + b) * invT with a -1e30 floor that keeps NaN (tl.maximum is maxNum
 on GPUs and would drop it); statistics, dz and the sums in float32; the outputs rounded once to the inputs' dtype.
 """
@@ -30,13 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import interpreting
-
-# (BLOCK_K entries, BLOCK_D columns, num_warps) on CUDA. 16 entries per block: kept sets are small (prime-rl
-# measured mean ~8, median 2, p99 ~80), and a wider block would leave most lanes masked. 256 columns: each gathered
-# weight row segment is 512 contiguous bytes in bf16; the [16, 256] tile is 8 KiB, 32 values per thread at 4 warps.
-# (32, 128, 4) spilled 16 bytes in the row-gradient kernel on sm_80 (benchmarks/kernel_report.py); this spills none.
-CUDA_GATHER = (16, 256, 4)
+from .config import gather_config, interpreting
 
 
 @triton.jit
@@ -93,9 +89,10 @@ def _gather_forward_kernel(
 
 
 @triton.jit
-def _entry_grad(z, j, ok, y, lse, ent, glp, gent, inv_t, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr):
-    """a_e = (g (1[j = y] - q) - g_H q (log q + H)) * invT for a block of entries; 0 where q == 0 or not ok."""
-    logq = z - lse
+def _entry_grad(z, j, ok, y, lse_hi, lse_lo, ent, glp, gent, inv_t, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr):
+    """a_e = (g (1[j = y] - q) - g_H q (log q + H)) * invT for a block of entries; 0 where q == 0 or not ok.
+    log q = (z - hi) - lo with lse = hi + lo (float64 lse as two float32, as in the slice kernels)."""
+    logq = (z - lse_hi) - lse_lo
     q = tl.exp(logq)
     a = tl.zeros_like(z)
     if HAS_GLP:
@@ -107,7 +104,7 @@ def _entry_grad(z, j, ok, y, lse, ent, glp, gent, inv_t, HAS_GLP: tl.constexpr, 
 
 @triton.jit
 def _gather_row_grad_kernel(
-    w_ptr, z_ptr, ids_ptr, off_ptr, y_ptr, it_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
+    w_ptr, z_ptr, ids_ptr, off_ptr, y_ptr, it_ptr, lse_hi_ptr, lse_lo_ptr, ent_ptr, glp_ptr, gent_ptr,
     a_ptr, dh_ptr,
     D, stride_w, stride_dh,
     HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, COMPUTE_DH: tl.constexpr,
@@ -118,7 +115,8 @@ def _gather_row_grad_kernel(
     end = tl.load(off_ptr + r + 1)
     y = tl.load(y_ptr + r)
     inv_t = tl.load(it_ptr + r)
-    lse = tl.load(lse_ptr + r)
+    lse_hi = tl.load(lse_hi_ptr + r)
+    lse_lo = tl.load(lse_lo_ptr + r)
     ent = 0.0
     glp = 0.0
     gent = 0.0
@@ -133,7 +131,7 @@ def _gather_row_grad_kernel(
         ok = ent_i < end
         z = tl.load(z_ptr + ent_i, mask=ok, other=0.0)
         j = tl.load(ids_ptr + ent_i, mask=ok, other=0)
-        a = _entry_grad(z, j, ok, y, lse, ent, glp, gent, inv_t, HAS_GLP, HAS_GENT)
+        a = _entry_grad(z, j, ok, y, lse_hi, lse_lo, ent, glp, gent, inv_t, HAS_GLP, HAS_GENT)
         tl.store(a_ptr + ent_i, a, mask=ok)
     if COMPUTE_DH:
         # dH_r by column blocks; a_e is recomputed from z (a few FLOPs per entry) rather than read back, which
@@ -148,7 +146,7 @@ def _gather_row_grad_kernel(
                 ok = ent_i < end
                 z = tl.load(z_ptr + ent_i, mask=ok, other=0.0)
                 j = tl.load(ids_ptr + ent_i, mask=ok, other=0)
-                a = _entry_grad(z, j, ok, y, lse, ent, glp, gent, inv_t, HAS_GLP, HAS_GENT)
+                a = _entry_grad(z, j, ok, y, lse_hi, lse_lo, ent, glp, gent, inv_t, HAS_GLP, HAS_GENT)
                 wv = tl.load(w_ptr + j.to(tl.int64)[:, None] * stride_w + d[None, :],
                              mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
                 acc += tl.sum(wv * a[:, None], axis=0)
@@ -198,12 +196,10 @@ def _gather_weight_grad_kernel(
 
 # ------------------------------------------------------------------------------------------------- launchers
 
-def _blocks(dim: int) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_D, num_warps): CUDA_GATHER on CUDA; in the interpreter (whose cost grows with programs x
-    loop iterations) the whole of D in one block."""
-    if interpreting():
-        return 16, max(16, min(1024, triton.next_power_of_2(dim))), 1
-    return CUDA_GATHER
+def _blocks(dim: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_K, BLOCK_D, num_warps) from `config.ARCH_CONFIGS` (`gather_config`)."""
+    c = gather_config(dim, device)
+    return c.block_k, c.block_d, c.num_warps
 
 
 def gather_stats(hidden, weight, bias, targets, inv_temperature, ids, offsets, with_entropy):
@@ -215,7 +211,7 @@ def gather_stats(hidden, weight, bias, targets, inv_temperature, ids, offsets, w
     f32 = dict(dtype=torch.float32, device=hidden.device)
     z = torch.empty(ids.numel(), **f32)
     m, s, t, zy = torch.empty((4, n), **f32).unbind(0)
-    block_k, block_d, warps = _blocks(dim)
+    block_k, block_d, warps = _blocks(dim, hidden.device)
     _gather_forward_kernel[(n,)](
         hidden, weight, bias if bias is not None else hidden, targets, inv_temperature.float().contiguous(), ids,
         offsets, z, m, s, t, zy, dim, hidden.stride(0), weight.stride(0),
@@ -225,9 +221,11 @@ def gather_stats(hidden, weight, bias, targets, inv_temperature, ids, offsets, w
 
 
 def gather_backward(hidden, weight, bias, targets, inv_temperature, ids, offsets, z, lse, entropy, grad_logprob,
-                    grad_entropy, needs, transpose):
+                    grad_entropy, needs, transpose, hidden_grad_dtype=None):
     """(d_hidden [n, D], d_weight [V, D], d_bias [V]) in the inputs' dtypes (None where `needs` says so); rows of
-    dW / db of ids in no kept set are 0. transpose: `kept.kept_transpose` of the CSR (needed for dW / db)."""
+    dW / db of ids in no kept set are 0. lse: float64 (or float32) [n]; transpose: `kept_layout.kept_transpose` of the
+    CSR (needed for dW / db); hidden_grad_dtype: dH's dtype (float32 keeps the kernel's sums unrounded), default
+    hidden's."""
     need_h, need_w, need_b = needs
     n, dim = hidden.shape
     hidden, weight = hidden.contiguous(), weight.contiguous()
@@ -236,13 +234,17 @@ def gather_backward(hidden, weight, bias, targets, inv_temperature, ids, offsets
     # Triton's interpreter converts float32 to bfloat16 by truncation (twice the error of the GPU's round-to-nearest
     # even, measured): there the kernels write float32 and torch rounds, as the GPU's conversion would.
     out_like = lambda x: torch.empty(x.shape, **f32) if interpreting() else torch.empty_like(x)
-    d_hidden = out_like(hidden) if need_h else None
+    keep_f32 = hidden_grad_dtype == torch.float32
+    d_hidden = (torch.empty(hidden.shape, **f32) if keep_f32 else out_like(hidden)) if need_h else None
     glp = None if grad_logprob is None else grad_logprob.float().contiguous()
     gent = None if grad_entropy is None else grad_entropy.float().contiguous()
-    block_k, block_d, warps = _blocks(dim)
+    block_k, block_d, warps = _blocks(dim, hidden.device)
+    lse_hi = lse.float()  # lse = hi + lo: 8 bytes per row, no float64 in the kernel (see slice_kernels.logit_grad)
+    lse_lo = (lse - lse_hi.to(lse.dtype)).float()
+    ent = None if gent is None else entropy.float().contiguous()
     _gather_row_grad_kernel[(n,)](
-        weight, z, ids, offsets, targets, inv_temperature.float().contiguous(), lse,
-        entropy if gent is not None else lse, glp if glp is not None else lse, gent if gent is not None else lse,
+        weight, z, ids, offsets, targets, inv_temperature.float().contiguous(), lse_hi, lse_lo,
+        ent if ent is not None else lse_hi, glp if glp is not None else lse_hi, gent if gent is not None else lse_hi,
         a, d_hidden if need_h else a, dim, weight.stride(0), d_hidden.stride(0) if need_h else 0,
         HAS_GLP=glp is not None, HAS_GENT=gent is not None, COMPUTE_DH=need_h, BLOCK_K=block_k, BLOCK_D=block_d,
         num_warps=warps,
@@ -257,4 +259,4 @@ def gather_backward(hidden, weight, bias, targets, inv_temperature, ids, offsets
             COMPUTE_DW=need_w, COMPUTE_DB=need_b, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps,
         )
     cast = lambda x, like: None if x is None else x.to(like.dtype)
-    return cast(d_hidden, hidden), cast(d_weight, weight), cast(d_bias, bias)
+    return d_hidden if keep_f32 else cast(d_hidden, hidden), cast(d_weight, weight), cast(d_bias, bias)
