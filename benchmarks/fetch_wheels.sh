@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download the baseline libraries the GPU machine lacks (it has no network) as wheels into .whl/ (or $1), for
-# benchmarks/gpu_check.sh to install there, and keep that folder out of git (.git/info/exclude). All are pure-Python
+# benchmarks/gpu_check.sh to install there (.gitignore keeps .whl/ and wheels/ out of git). All are pure-Python
 # wheels (liger-kernel ~0.9 MB, cut-cross-entropy ~23 kB, trl ~0.7 MB); their other needs (torch, triton,
 # transformers) are on the machine. TRL's chunked log-prob imports trl.kernels only (transformers, packaging); its
 # backward's ZeRO-3 helper lives in trl.trainer.utils (accelerate, datasets, pandas), which benchmarks/impls.py stubs
@@ -16,7 +16,7 @@ mkdir -p "$DEST"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$DEST" \
   "liger-kernel==$LIGER" "cut-cross-entropy==$CCE" "trl==$TRL"
-if [[ "$DEST" == ".whl" ]] && ! grep -qx '/.whl/' .git/info/exclude 2> /dev/null; then
-  echo '/.whl/' >> .git/info/exclude
+if [[ -n "$(git ls-files --others --exclude-standard -- "$DEST" 2> /dev/null)" ]]; then
+  echo "note: $DEST is not git-ignored here; .gitignore ignores .whl/ and wheels/" >&2
 fi
 ls -l "$DEST"

@@ -12,6 +12,7 @@ into "skipped" rows that say so. So does an option of pacs_kernels that this che
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import inspect
 import os
@@ -84,11 +85,13 @@ class Unavailable(Exception):
 # --------------------------------------------------------------------------------------------- our backends
 
 
-def _ours(backend: str, forward_impl: str | None = None, two_pass: bool = False) -> Callable[[], LogprobFn]:
+def _ours(backend: str, forward_impl: str | None = None, two_pass: bool = False,
+          memory_budget: str | None = None) -> Callable[[], LogprobFn]:
     """linear_logprob(backend=...), with forward_impl="sliced" / "fused" for the Triton backend's two forwards.
 
     two_pass: in the on-policy mode, old log-probs (no grad) and then pacs_loss with them (the comparison row of
-    the one-pass path, which the plain rows take)."""
+    the one-pass path, which the plain rows take). memory_budget: passed as `memory_budget=` (the `NAME@BUDGET`
+    implementations, see get_impl)."""
 
     def load():
         from pacs_kernels import linear_logprob
@@ -98,9 +101,12 @@ def _ours(backend: str, forward_impl: str | None = None, two_pass: bool = False)
             if "forward_impl" not in inspect.signature(linear_logprob).parameters:
                 raise Unavailable("this pacs_kernels' linear_logprob has no forward_impl option")
             kwargs["forward_impl"] = forward_impl
+        if memory_budget is not None:
+            kwargs["memory_budget"] = memory_budget
 
-        budget = os.environ.get("PACS_KERNELS_MEMORY_BUDGET")
-        state = {"note": f"PACS_KERNELS_MEMORY_BUDGET={budget}" if budget else ""}
+        budget = memory_budget or os.environ.get("PACS_KERNELS_MEMORY_BUDGET")
+        state = {"note": f"memory budget {memory_budget}" if memory_budget else
+                 f"PACS_KERNELS_MEMORY_BUDGET={budget}" if budget else ""}
 
         def fn(h, w, y, with_entropy):
             if backend == "triton" and forward_impl is None and "forward" not in state:
@@ -314,6 +320,32 @@ IMPLS = {
         Impl("gemm", "bare GEMM", "floor", _bare_gemm, entropy=True, package="torch"),
     )
 }
+
+
+
+def get_impl(name: str) -> Impl:
+    """IMPLS[name], or `BASE@BUDGET` (e.g. `ours_torch@64M`): one of our implementations with
+    `memory_budget=BUDGET` (bytes, or a string like "64M"), so that slice budgets can be timed side by side
+    (interleaved in one row) instead of one process per value of $PACS_KERNELS_MEMORY_BUDGET."""
+    if name in IMPLS:
+        return IMPLS[name]
+    base, sep, budget = name.partition("@")
+    if not sep or base not in IMPLS or IMPLS[base].family != "ours" or not budget:
+        raise KeyError(name)
+    from pacs_kernels.dispatch import parse_bytes
+
+    parse_bytes(budget)  # ValueError for a budget the library would refuse
+    impl = IMPLS[base]
+    backend = "torch" if "torch" in base else "triton"
+    forward_impl = {"ours_sliced": "sliced", "ours_fused": "fused"}.get(base)
+    return dataclasses.replace(impl, name=name, label=f"{impl.label} ({budget} budget)",
+                               load=_ours(backend, forward_impl, base.endswith("_2pass"), memory_budget=budget))
+
+
+def impl_base(name: str) -> str:
+    """The IMPLS entry a name derives from ('ours_torch@64M' -> 'ours_torch')."""
+    return name.partition("@")[0]
+
 
 DEFAULT_IMPLS = {
     "cuda": [n for n, i in IMPLS.items() if "cuda" in i.devices],

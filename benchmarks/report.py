@@ -5,10 +5,14 @@ results.jsonl (the rows, with one `_meta` record per run), results.json (rows + 
 results.md (the tables) and plot.png (time and peak extra memory against tokens, per implementation). A
 ceilings.json in OUT (benchmarks/ceilings.py) is shown in the section too.
 
-Derived columns, per (device, dtype, shape, logit distribution, mode, tokens):
+Derived columns, per (device, dtype, shape, logit distribution, mode, tokens, load, threads):
 - pct_gemm = time(bare GEMM) / time(row): the fraction of the bare matrix-multiply rate the row reaches;
-- vs_anchor = time / the fastest anchor's (the fastest "baseline" row, i.e. not pacs and not the bare GEMM);
+- vs_anchor = time / the fastest anchor's (the fastest "baseline" row by median time, i.e. not pacs and not the
+  bare GEMM);
 - mem_vs_naive = peak extra memory / the naive path's, time_vs_naive = time / the naive path's.
+Time ratios of rows timed interleaved in one group (the same `timing_id`, suite.Runner) are the median of the
+per-round ratios (measure.ratio_stats), with their minimum and maximum (`<name>_min`, `<name>_max`) and the number
+of pairs (`<name>_pairs`); rows from different runs fall back to the ratio of their medians (`_pairs` 0).
 The goals (GOALS) are checked on the measured rows, each PASS/FAIL with its numbers (goal_table).
 """
 
@@ -23,13 +27,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # PACS_RESULTS_MD: another file to put the sections in (gpu_check.sh --dry-run keeps the tree's RESULTS.md untouched)
 RESULTS_MD = Path(os.environ.get("PACS_RESULTS_MD") or ROOT / "benchmarks" / "RESULTS.md").resolve()
-KEY = ("device", "dtype", "impl", "mode", "shape", "dist", "n")
-GROUP = ("device", "dtype", "shape", "dist", "mode", "n")
+KEY = ("device", "dtype", "impl", "mode", "shape", "dist", "n", "load", "threads")
+GROUP = ("device", "dtype", "shape", "dist", "mode", "n", "load", "threads")
 MODE_ORDER = ["fwd_bwd", "fwd_bwd_entropy", "pacs_loss", "logprob", "logprob_entropy"]
 CSV_FIELDS = [
-    "device", "device_name", "dtype", "mode", "shape", "d", "v", "dist", "n", "impl", "label", "family", "status",
-    "time_ms", "time_ms_min", "tflops", "pct_gemm", "vs_anchor", "fastest_anchor", "peak_extra_mib", "output_mib",
-    "mem_vs_naive", "time_vs_naive", "bitwise_repeat", "repeat_max_diff", "err_logprob", "err_entropy", "err_dh",
+    "device", "device_name", "dtype", "mode", "shape", "d", "v", "dist", "n", "load", "threads", "loadavg_1m",
+    "impl", "label", "family", "status", "time_ms", "time_ms_min", "tflops", "pct_gemm", "pct_gemm_min",
+    "pct_gemm_max", "vs_anchor", "vs_anchor_min", "vs_anchor_max", "fastest_anchor", "peak_extra_mib", "output_mib",
+    "mem_vs_naive", "time_vs_naive", "time_vs_naive_min", "time_vs_naive_max", "time_vs_naive_pairs",
+    "bitwise_repeat", "repeat_max_diff", "err_logprob", "err_entropy", "err_dh",
     "err_dw", "acc_tokens", "flops", "warmup", "reps",
     "version", "preset", "date", "note",
 ]
@@ -55,6 +61,8 @@ def load_rows(path: Path) -> list[dict]:
     rows = [r for r in _records(path) if "_meta" not in r]
     for row in rows:
         row.setdefault("dist", "random")
+        row.setdefault("load", "idle")
+        row.setdefault("threads", None)
     return rows
 
 
@@ -74,39 +82,90 @@ def latest(rows: list[dict]) -> list[dict]:
     return list(keep.values())
 
 
-def derive(rows: list[dict]) -> list[dict]:
-    """Add pct_gemm, vs_anchor, mem_vs_naive and time_vs_naive to the ok rows (see the module docstring)."""
-    ok = {tuple(r[k] for k in GROUP) + (r["impl"],): r for r in rows if r.get("status") == "ok"}
+def time_ratio(row: dict, base: dict) -> dict:
+    """row's time over base's: {"median", "min", "max", "pairs"}. Interleaved rows (the same timing_id): the
+    per-round ratios' median and range (measure.ratio_stats); otherwise the ratio of the medians, pairs 0."""
+    from .measure import ratio_stats
+
+    if row.get("timing_id") and row.get("timing_id") == base.get("timing_id"):
+        stats = ratio_stats(row.get("time_ms_all") or [], base.get("time_ms_all") or [])
+        if stats:
+            return stats
+    ratio = row["time_ms"] / base["time_ms"]
+    return {"median": ratio, "min": ratio, "max": ratio, "pairs": 0}
+
+
+def _put_ratio(row: dict, name: str, stats: dict, scale: float = 1.0, invert: bool = False) -> None:
+    """row[name], row[name + "_min"/"_max"/"_pairs"] from time_ratio stats (invert: base / row, e.g. pct_gemm)."""
+    if invert:
+        lo, mid, hi = 1 / stats["max"], 1 / stats["median"], 1 / stats["min"]
+    else:
+        lo, mid, hi = stats["min"], stats["median"], stats["max"]
+    row[name], row[name + "_min"], row[name + "_max"] = scale * mid, scale * lo, scale * hi
+    row[name + "_pairs"] = stats["pairs"]
+
+
+def derive(rows: list[dict], pool: list[dict] | None = None) -> list[dict]:
+    """Add pct_gemm, vs_anchor, mem_vs_naive and time_vs_naive to the ok rows (see the module docstring).
+
+    `pool`: every row read, before `latest` kept one per key (default: `rows`). A row's ratio to the naive path,
+    the bare GEMM or the fastest anchor pairs it with that implementation's row of the same interleaved group
+    (`timing_id`) where the pool has one, even when a later run replaced the row shown (e.g. gpu_check.sh times
+    naive again beside the anchors); otherwise with the row shown, as a ratio of medians."""
+    ok = {tuple(r.get(k) for k in GROUP) + (r["impl"],): r for r in rows if r.get("status") == "ok"}
+    timed = {(r["timing_id"], r["impl"]): r for r in (rows if pool is None else pool)
+             if r.get("status") == "ok" and r.get("timing_id")}
     anchors: dict[tuple, dict] = {}  # group -> its fastest baseline row
     for row in ok.values():
-        group = tuple(row[k] for k in GROUP)
+        group = tuple(row.get(k) for k in GROUP)
         if row.get("family") == "baseline" and row["time_ms"] < anchors.get(group, {}).get("time_ms", float("inf")):
             anchors[group] = row
+
+    def partner(row, base):
+        return timed.get((row.get("timing_id"), base["impl"]), base)
+
     for row in rows:
         if row.get("status") != "ok":
             continue
-        group = tuple(row[k] for k in GROUP)
+        group = tuple(row.get(k) for k in GROUP)
         gemm, naive = ok.get(group + ("gemm",)), ok.get(group + ("naive",))
-        row["pct_gemm"] = 100 * gemm["time_ms"] / row["time_ms"] if gemm and row["impl"] != "gemm" else None
+        row["pct_gemm"] = None
+        if gemm and row["impl"] != "gemm":
+            _put_ratio(row, "pct_gemm", time_ratio(row, partner(row, gemm)), scale=100.0, invert=True)
         anchor = anchors.get(group)
         if anchor and row["impl"] != "gemm":
-            row["vs_anchor"], row["fastest_anchor"] = row["time_ms"] / anchor["time_ms"], anchor["label"]
+            _put_ratio(row, "vs_anchor", time_ratio(row, partner(row, anchor)))
+            row["fastest_anchor"] = anchor["label"]
         if naive and row["impl"] not in ("naive", "gemm"):
-            row["naive_time_ms"], row["naive_peak_extra_mib"] = naive["time_ms"], naive["peak_extra_mib"]
-            row["time_vs_naive"] = row["time_ms"] / naive["time_ms"]
-            row["mem_vs_naive"] = row["peak_extra_mib"] / naive["peak_extra_mib"] if naive["peak_extra_mib"] else None
+            naive = partner(row, naive)
+            row["naive_time_ms"], row["naive_peak_extra_mib"] = naive["time_ms"], naive.get("peak_extra_mib")
+            _put_ratio(row, "time_vs_naive", time_ratio(row, naive))
+            row["mem_vs_naive"] = (row["peak_extra_mib"] / naive["peak_extra_mib"]
+                                   if naive.get("peak_extra_mib") and row.get("peak_extra_mib") is not None else None)
     return rows
 
 
 def _order(rows: list[dict]) -> list[dict]:
-    from .impls import IMPLS
+    from .impls import IMPLS, impl_base
 
     impl_rank = {name: i for i, name in enumerate(IMPLS)}
     mode_rank = {name: i for i, name in enumerate(MODE_ORDER)}
     dist_rank = {"random": 0, "peaked": 1}
     return sorted(rows, key=lambda r: (r["device"], r["dtype"], mode_rank.get(r["mode"], 99),
-                                       dist_rank.get(r["dist"], 9), r["d"], r["v"], r["n"],
-                                       impl_rank.get(r["impl"], 99)))
+                                       dist_rank.get(r["dist"], 9), r.get("load", "idle") != "idle",
+                                       r.get("threads") or 0, r["d"], r["v"], r["n"],
+                                       impl_rank.get(impl_base(r["impl"]), 99), _budget_of(r["impl"])))
+
+
+def _budget_of(name: str) -> int:
+    """Bytes of an `ours_torch@64M` variant's budget (0 for the plain implementation), to sort variants by it."""
+    from pacs_kernels.dispatch import parse_bytes
+
+    budget = name.partition("@")[2]
+    try:
+        return parse_bytes(budget) if budget else 0
+    except ValueError:
+        return 0
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -130,23 +189,47 @@ def _ratio(x) -> str:
     return "–" if x is None else f"{x:.3g}x"
 
 
+def _spread(row: dict, name: str, unit: str = "x") -> str:
+    """'0.86x [0.82, 0.90]' (median of the per-round ratios and their range), or the bare ratio of medians where
+    the rows were not timed interleaved."""
+    x = row.get(name)
+    if x is None:
+        return "–"
+    if not row.get(name + "_pairs"):
+        return f"{_sig(x)}{unit}"
+    if row[name + "_pairs"] == 1:
+        return f"{_sig(x)}{unit} (1 pair)"
+    return f"{_sig(x)}{unit} [{_sig(row[name + '_min'])}, {_sig(row[name + '_max'])}]"
+
+
+def load_text(load: str | None, threads) -> str:
+    """', 1 busy process beside it, 2 threads' for a row's conditions ('' for idle with the process's threads)."""
+    text = "" if (load or "idle") == "idle" else ", one busy CPU-bound process beside it"
+    return text + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+
+
 def headline(rows: list[dict]) -> list[str]:
-    """Memory and time ratios of our backends to the naive path, at the largest V and N of each mode."""
+    """Memory and time ratios of our backends to the naive path, at the largest V and N of each mode and load.
+    Interleaved rows give the time ratio as the median of the per-round ratios with its range."""
     lines = []
-    largest: dict[tuple, tuple] = {}  # (device, dtype, mode, dist) -> the largest (V, N) with a naive row
+    largest: dict[tuple, tuple] = {}  # (device, dtype, mode, dist, load, threads) -> the largest (V, N) with naive
+    keyf = lambda r: (r["device"], r["dtype"], r["mode"], r["dist"], r.get("load"), r.get("threads"))  # noqa: E731
     for row in rows:
         if row.get("naive_time_ms") is not None:
-            key = (row["device"], row["dtype"], row["mode"], row["dist"])
-            largest[key] = max(largest.get(key, (0, 0)), (row["v"], row["n"]))
+            largest[keyf(row)] = max(largest.get(keyf(row), (0, 0)), (row["v"], row["n"]))
     for row in rows:
         if (row.get("family") == "ours" and row.get("naive_time_ms") is not None
-                and largest[(row["device"], row["dtype"], row["mode"], row["dist"])] == (row["v"], row["n"])):
+                and largest[keyf(row)] == (row["v"], row["n"])):
+            pairs = row.get("time_vs_naive_pairs") or 0
+            how = (f"the median of {pairs} interleaved rounds' ratios, range {_sig(row['time_vs_naive_min'])}-"
+                   f"{_sig(row['time_vs_naive_max'])}" if pairs > 1 else
+                   "one interleaved round" if pairs == 1 else "the ratio of medians, not interleaved")
             lines.append(
                 f"- {row['label']} vs naive, {row['mode']}, D={row['d']} V={row['v']} N={row['n']} ({row['dtype']}, "
-                f"{row['dist']} logits): "
-                f"peak extra memory {_sig(row['peak_extra_mib'])} MiB vs {_sig(row['naive_peak_extra_mib'])} MiB "
-                f"(ratio {_sig(row.get('mem_vs_naive'))}), time {_sig(row['time_ms'])} ms vs "
-                f"{_sig(row['naive_time_ms'])} ms (ratio {_sig(row['time_vs_naive'])})"
+                f"{row['dist']} logits{load_text(row.get('load'), row.get('threads'))}): "
+                f"peak extra memory {_sig(row.get('peak_extra_mib'))} MiB vs {_sig(row.get('naive_peak_extra_mib'))} "
+                f"MiB (ratio {_sig(row.get('mem_vs_naive'))}); time ratio {_sig(row['time_vs_naive'])} ({how}; "
+                f"median times {_sig(row['time_ms'])} ms vs {_sig(row['naive_time_ms'])} ms)"
             )
     return lines
 
@@ -167,24 +250,29 @@ def markdown_tables(rows: list[dict]) -> str:
               "| mem / naive | time / naive | bitwise repeat | err logprob | err entropy | err dH | err dW | note |")
     groups: dict[tuple, list[dict]] = {}
     for row in shown:
-        groups.setdefault((row["device"], row["dtype"], row["mode"], row["dist"]), []).append(row)
-    for (device, dtype, mode, dist), group in groups.items():
+        groups.setdefault((row["device"], row["dtype"], row["mode"], row["dist"], row.get("load"),
+                           row.get("threads")), []).append(row)
+    for (device, dtype, mode, dist, load, threads), group in groups.items():
         stats = next((r.get("dist_stats") for r in reversed(group) if r.get("dist_stats")), None)
-        out += [f"#### {mode} ({device}, {dtype}, {dist} logits)", "", _dist_line(dist, stats), "", header,
-                "|" + "---|" * 16]
+        loads = sorted({r.get("loadavg_1m") for r in group if r.get("loadavg_1m") is not None})
+        where = (f"; 1-minute load average {loads[0]:.2f}" + (f"-{loads[-1]:.2f}" if loads[-1] != loads[0] else "")
+                 + " when timed") if loads else ""
+        out += [f"#### {mode} ({device}, {dtype}, {dist} logits{load_text(load, threads)})", "",
+                _dist_line(dist, stats) + where, "", header, "|" + "---|" * 16]
         for r in group:
             ok = r["status"] == "ok"
             note = r.get("note", "") if ok else f"**{r['status']}**: {r.get('note', '')}"
             anchor = r.get("vs_anchor")
             anchor_text = "–" if anchor is None else (
-                f"{anchor:.3g}x" + ("" if r.get("family") == "baseline" else f" ({r.get('fastest_anchor')})"))
+                _spread(r, "vs_anchor") + ("" if r.get("family") == "baseline" else f" ({r.get('fastest_anchor')})"))
             bitwise = r.get("bitwise_repeat")
+            reps = f" ({r['reps']})" if ok and r.get("reps") else ""
             out.append("| " + " | ".join([
                 f"{r['shape']} ({r['d']} x {r['v']})", str(r["n"]), r["label"],
-                _sig(r.get("time_ms")) if ok else "–", _sig(r.get("tflops")) if ok else "–",
-                _sig(r.get("pct_gemm"), 2) if ok else "–", anchor_text,
+                _sig(r.get("time_ms")) + reps if ok else "–", _sig(r.get("tflops")) if ok else "–",
+                _spread(r, "pct_gemm", "%") if ok and r.get("pct_gemm") is not None else "–", anchor_text,
                 _sig(r.get("peak_extra_mib")) if ok else "–",
-                _ratio(r.get("mem_vs_naive")), _ratio(r.get("time_vs_naive")),
+                _ratio(r.get("mem_vs_naive")), _spread(r, "time_vs_naive"),
                 "–" if bitwise is None else ("yes" if bitwise else f"**no** ({r.get('repeat_max_diff', 0):.1e})"),
                 _exp(r.get("err_logprob")), _exp(r.get("err_entropy")), _exp(r.get("err_dh")),
                 _exp(r.get("err_dw")), note.replace("|", "/"),
@@ -221,8 +309,8 @@ def memory_excess_mib(row: dict) -> float:
 def goal_rows(rows: list[dict]) -> tuple[dict, dict[tuple, dict]]:
     """(the shape the goals are checked at, {(impl, dist, mode): row}). The stated shape when it was measured, else
     (a CPU or dry run) the largest fwd_bwd shape with a pacs row, so that the checks still run end to end."""
-    ok = [r for r in rows if r.get("status") == "ok" and r["impl"] in GOAL_IMPLS and r["mode"] in ("fwd_bwd",
-                                                                                                   "logprob")]
+    ok = [r for r in rows if r.get("status") == "ok" and r["impl"] in GOAL_IMPLS
+          and r["mode"] in ("fwd_bwd", "logprob") and r.get("load", "idle") == "idle"]
     if not ok:
         return {}, {}
     stated = [r for r in ok if all(r[k] == v for k, v in GOAL_SHAPE.items())]
@@ -334,7 +422,10 @@ def describe_meta(meta: dict) -> list[str]:
         f"- machine: {meta.get('device_name')} ({meta.get('device')}"
         + (f", compute capability {meta['capability']}, {meta.get('sms')} SMs, {meta.get('gpu_memory_gib')} GiB"
            if meta.get("capability") else "")
-        + f", torch threads {meta.get('torch_threads')})",
+        + f", torch threads {meta.get('torch_threads')}"
+        + (f", OMP_WAIT_POLICY={meta['omp_wait_policy']}" if meta.get("omp_wait_policy") else "")
+        + (f", load average {' '.join(str(x) for x in meta['loadavg'])} at the start" if meta.get("loadavg") else "")
+        + ")",
         f"- versions: Python {meta.get('python')}, torch {meta.get('torch')}"
         + (f" (CUDA {meta['cuda']})" if meta.get("cuda") else "")
         + f", triton {meta.get('triton')}, liger-kernel {meta.get('liger-kernel')}, "
@@ -361,7 +452,10 @@ def describe_runs(metas: list[dict]) -> list[str]:
 
 
 NOTES = [
-    "Columns: ms = median time; TFLOPS = (2*N*D*V no-grad, 8*N*D*V forward+backward) / time; % bare GEMM = "
+    "Columns: ms = median time (number of timed calls); the implementations of a table's row group are timed in "
+    "interleaved rounds (one call each per round, the order reversed every other round), and each time ratio (% "
+    "bare GEMM, / fastest anchor, time / naive) is the median of the per-round ratios, [min, max] over the rounds; "
+    "TFLOPS = (2*N*D*V no-grad, 8*N*D*V forward+backward) / time; % bare GEMM = "
     "time of the same matrix products alone (bare GEMM row) / time; peak extra = peak memory above inputs and "
     "outputs (CUDA: max_memory_allocated; CPU: peak RSS of the implementation's own process); err logprob/entropy "
     "= max absolute error in nats, err dH/dW = max error / max |reference|, against float64 materialized "
@@ -384,14 +478,15 @@ def plot(rows: list[dict], path: Path, max_panels: int = 6) -> str | None:
     ok = [r for r in rows if r.get("status") == "ok"]
     panels: dict[tuple, list[dict]] = {}
     for r in ok:
-        panels.setdefault((r["device"], r["dtype"], r["mode"], r["shape"], r["d"], r["v"], r["dist"]), []).append(r)
+        panels.setdefault((r["device"], r["dtype"], r["mode"], r["shape"], r["d"], r["v"], r["dist"],
+                           r.get("load"), r.get("threads")), []).append(r)
     keys = sorted(panels, key=lambda k: (-len({r["n"] for r in panels[k]}), MODE_ORDER.index(k[2])
                                          if k[2] in MODE_ORDER else 99))[:max_panels]
     if not keys:
         return "no plot: no measured rows"
     fig, axes = plt.subplots(len(keys), 2, figsize=(12, 3.6 * len(keys)), squeeze=False)
     for (ax_t, ax_m), key in zip(axes, keys):
-        device, dtype, mode, shape, d, v, dist = key
+        device, dtype, mode, shape, d, v, dist, load, threads = key
         by_impl: dict[str, list[dict]] = {}
         for r in sorted(panels[key], key=lambda r: r["n"]):
             by_impl.setdefault(r["label"], []).append(r)
@@ -402,7 +497,7 @@ def plot(rows: list[dict], path: Path, max_panels: int = 6) -> str | None:
             ax_t.plot(ns, [r["time_ms"] for r in series], label=label, **style)
             if series[0]["family"] != "floor":
                 ax_m.plot(ns, [max(r["peak_extra_mib"], 1e-2) for r in series], label=label, **style)
-        title = f"{mode}, {shape} D={d} V={v}, {dtype}, {dist} logits ({device})"
+        title = f"{mode}, {shape} D={d} V={v}, {dtype}, {dist} logits ({device}{load_text(load, threads)})"
         for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak extra memory (MiB)")):
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("tokens N")
@@ -427,14 +522,48 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+VERSUS = ("trl_chunked",)  # baselines that get a table of every row's time against them (TRL: what RL users run)
+
+
+def versus_lines(rows: list[dict], pool: list[dict] | None = None, base: str = "trl_chunked") -> list[str]:
+    """A table of every row's time over `base`'s in the same row group (shape, mode, tokens, load, threads): the
+    median of the interleaved rounds' ratios with its range (time_ratio); [] when no group has `base`."""
+    timed = {(r["timing_id"], r["impl"]): r for r in (pool or rows)
+             if r.get("status") == "ok" and r.get("timing_id")}
+    bases = {tuple(r.get(k) for k in GROUP): r for r in rows if r.get("status") == "ok" and r["impl"] == base}
+    out = []
+    for row in rows:
+        group = tuple(row.get(k) for k in GROUP)
+        if row.get("status") != "ok" or row["impl"] in (base, "gemm") or group not in bases:
+            continue
+        ref = timed.get((row.get("timing_id"), base), bases[group])
+        stats = time_ratio(row, ref)
+        spread = (f"[{_sig(stats['min'])}, {_sig(stats['max'])}], {stats['pairs']} rounds" if stats["pairs"]
+                  else "ratio of medians, not interleaved")
+        where = load_text(row.get("load"), row.get("threads")).lstrip(", ") or "as found"
+        if row.get("loadavg_1m") is not None:
+            where += f" (load average {row['loadavg_1m']:.2f})"
+        out.append(f"| {row['mode']} | {row['shape']} ({row['d']} x {row['v']}) | {row['n']} | {where} | "
+                   f"{row['label']} | {_sig(stats['median'])}x {spread} | {_sig(row['time_ms'])} / "
+                   f"{_sig(ref['time_ms'])} |")
+    if not out:
+        return []
+    label = next(r["label"] for r in bases.values())
+    return [f"Time against {label} in the same interleaved rounds (median of the per-round ratios, [min, max]):",
+            "", "| mode | shape | N | conditions | implementation | time / " + label + " | median ms (row / "
+            + label + ") |", "|---|---|---|---|---|---|---|"] + out + [""]
+
+
 def section_text(out_dir: Path, rows: list[dict], metas: list[dict], title: str, plot_note: str | None,
-                 relative_to: Path, ceilings: dict | None = None) -> str:
+                 relative_to: Path, ceilings: dict | None = None, pool: list[dict] | None = None) -> str:
     """The markdown of one run: machine, ceilings, goal verdicts, headline ratios, tables, plot."""
     lines = [f"### {title}", ""] + describe_runs(metas) + [""] + ceilings_lines(ceilings)
     lines += goal_table(rows)
     heads = headline(rows)
     if heads:
         lines += ["Headline (our backends against the naive path in the same run):", ""] + heads + [""]
+    for base in VERSUS:
+        lines += versus_lines(rows, pool, base)
     plot_path = out_dir / "plot.png"
     if plot_note is None and plot_path.exists():
         try:
@@ -448,8 +577,9 @@ def section_text(out_dir: Path, rows: list[dict], metas: list[dict], title: str,
     return "\n".join(lines)
 
 
-def replace_section(key: str, text: str, path: Path = RESULTS_MD) -> None:
-    """Replace the section marked `key` in RESULTS.md (append it when new)."""
+def replace_section(key: str, text: str, path: Path | None = None) -> None:
+    """Replace the section marked `key` in RESULTS.md (or `path`; append it when new)."""
+    path = path or RESULTS_MD
     start, end = f"<!-- results:{key} -->", f"<!-- /results:{key} -->"
     block = f"{start}\n{text.rstrip()}\n{end}\n"
     current = path.read_text(encoding="utf-8") if path.exists() else (
@@ -465,11 +595,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def write_all(out_dir: Path, update_results_md: bool = True, title: str | None = None) -> None:
-    """Rebuild results.{json,csv,md} and plot.png in out_dir; replace the run's section of RESULTS.md."""
+def write_all(out_dir: Path, update_results_md: bool = False, title: str | None = None) -> None:
+    """Rebuild results.{json,csv,md} and plot.png in out_dir; with update_results_md, replace the run's section of
+    RESULTS.md (never with no measured row: an empty section would replace a real one)."""
     out_dir = Path(out_dir)
     jsonl = out_dir / "results.jsonl"
-    rows = _order(derive(latest(load_rows(jsonl))))
+    every = load_rows(jsonl)
+    rows = _order(derive(latest(every), pool=every))
     metas = load_meta(jsonl)
     meta = metas[-1] if metas else {}
     ceilings_path = out_dir / "ceilings.json"
@@ -479,10 +611,13 @@ def write_all(out_dir: Path, update_results_md: bool = True, title: str | None =
                                                       "ceilings": ceilings}, indent=1))
     write_csv(rows, out_dir / "results.csv")
     plot_note = plot(rows, out_dir / "plot.png")
-    (out_dir / "results.md").write_text(section_text(out_dir, rows, metas, title, plot_note, out_dir, ceilings)
-                                        + "\n")
+    (out_dir / "results.md").write_text(section_text(out_dir, rows, metas, title, plot_note, out_dir, ceilings,
+                                                     every) + "\n")
     print(f"wrote {out_dir}/results.{{jsonl,json,csv,md}}" + ("" if plot_note else " and plot.png"))
-    if update_results_md:
+    if update_results_md and not any(r.get("status") == "ok" for r in rows):
+        print(f"no measured rows in {jsonl}: {RESULTS_MD} left as it is")
+    elif update_results_md:
         key = _slug(f"{meta.get('device', '')}-{meta.get('preset', '')}-{meta.get('device_name', '')}")
-        replace_section(key, section_text(out_dir, rows, metas, title, plot_note, RESULTS_MD.parent, ceilings))
+        replace_section(key, section_text(out_dir, rows, metas, title, plot_note, RESULTS_MD.parent, ceilings,
+                                          every))
         print(f"updated {RESULTS_MD} section {key}")

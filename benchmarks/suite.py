@@ -1,24 +1,37 @@
 """Benchmark suite: pacs_kernels' fused log-prob against the libraries users would pick instead.
 
-    python -m benchmarks.suite --device cpu --quick                 # a few minutes on a 2-core CPU
+    python -m benchmarks.suite --device cpu --quick                 # ~10 minutes on a 2-core CPU
     python -m benchmarks.suite --device cuda                        # every mode x shape x tokens x baseline
     python -m benchmarks.suite --device cuda --shapes liger --tokens 16k --modes fwd_bwd --impls ours_triton,naive
-    python -m benchmarks.suite --report benchmarks/results/h100     # tables, plot, RESULTS.md from saved rows
+    python -m benchmarks.suite --device cpu --shapes cpu-qwen-vocab --tokens 2048 --modes fwd_bwd \
+        --impls naive,trl_chunked,ours_torch@8M,ours_torch@64M --threads 1,2 --load idle,busy  # slice budgets, load
+    python -m benchmarks.suite --report DIR                         # tables and plot from saved rows
 
-Per row (implementation x mode x shape x tokens) it records the median time (warm-up discarded), the effective
+Per row (implementation x mode x shape x tokens x load x threads) it records the median time, the effective
 TFLOPS (Mode.flops / time: 2*N*D*V forward, 8*N*D*V forward+backward), the peak memory above inputs and outputs,
 the errors of logprob/entropy/dH/dW against a float64 materialized reference (on `--acc-tokens` tokens of the same
-D and V), the device, the library versions and the date. Rows stream into OUT/results.jsonl as they finish (a
-killed run keeps what it measured); results.csv, results.json, results.md and plot.png are rebuilt from all rows
-in OUT, and the run's section of benchmarks/RESULTS.md is replaced (see report.py).
+D and V), the device, the library versions, the machine's load average and the date.
 
-On CPU each implementation runs in its own Python process (`--isolate impl`, the default there), so its peak RSS
-is its own; on CUDA one process runs everything and the caching allocator's peak statistics do the same job.
+Timing: the implementations of one row (same problem, mode, load and threads) are timed together in `--reps`
+interleaved rounds, one call of each per round, the order reversed every other round (measure.interleaved_times);
+the report's ratios (time / naive, % of the bare GEMM, / fastest anchor) are medians of the per-round ratios with
+their range, so a burst of load from another process moves both sides of a ratio alike. `--load busy` runs the
+timing with one busy CPU-bound process beside it (a shared machine), `--threads` sets torch's threads per row.
+
+Output: rows stream into OUT/results.jsonl as each row's group finishes (a killed run keeps what it measured);
+results.csv, results.json, results.md and plot.png are rebuilt from all rows in OUT. OUT is a fresh
+runs/benchmarks/<device>-<preset>-<time> folder unless --out names one; the section of benchmarks/RESULTS.md
+(committed) is replaced only with --results-md (see report.py).
+
+On CPU each implementation's accuracy check and memory call run in a Python process of its own (`--isolate impl`,
+the default there), so its peak RSS is its own; the group's timing then runs in one more process. On CUDA one
+process runs everything and the caching allocator's peak statistics do the same job.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -26,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,6 +93,8 @@ class Settings:
     interpret: bool = False  # CPU with TRITON_INTERPRET=1 (dry runs of the Triton path)
     preset: str = "custom"
     determinism: str = "none"  # "ours" | "all" | "none": whose gradient rows are run twice and compared bitwise
+    max_row_seconds: float = math.inf  # an implementation gets no more timed rounds once its calls took this long
+    slow_factor: float = math.inf  # ... nor one whose first call took this many times the row's median first call
 
 
 @dataclass
@@ -93,6 +109,8 @@ class Spec:
     v: int
     extra: dict = field(default_factory=dict)
     dist: str = "random"  # the logit distribution of the problem (DISTS)
+    load: str = "idle"  # "busy": timed with one CPU-bound process beside it (LOADS, busy_process)
+    threads: int = 0  # torch's intra-op threads for the row (0: as the process has them)
 
 
 # ------------------------------------------------------------------------------------------------- problems
@@ -381,11 +399,72 @@ def reference_outputs(mode, prob: Problem):
 
 # -------------------------------------------------------------------------------------------------- workers
 
+LOADS = ("idle", "busy")  # the load a row is timed under: as found, or with one busy CPU-bound process beside it
+
+
+@contextlib.contextmanager
+def busy_process(load: str):
+    """With load "busy": one CPU-bound process (a Python loop) runs beside the block, the load that made torch's
+    2 threads collapse on a 2-core machine; "idle" runs the block as the machine is."""
+    if load not in LOADS:
+        raise ValueError(f"unknown load {load!r}; known: {', '.join(LOADS)}")
+    if load == "idle":
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)  # the interpreter is up and spinning before the first timed call
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def set_threads(threads: int) -> int:
+    """torch's intra-op threads for a group (0: leave them as they are); the number in effect."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def group_key(spec: Spec) -> tuple:
+    """Rows timed together, interleaved: the same problem, mode, load and threads."""
+    return (spec.shape, spec.d, spec.v, spec.mode, spec.dist, spec.n, spec.load, spec.threads)
+
+
+def groups_of(specs: list[Spec]) -> list[list[Spec]]:
+    """Consecutive specs with the same group_key (build_specs puts them together)."""
+    out: list[list[Spec]] = []
+    for spec in specs:
+        if out and group_key(out[-1][0]) == group_key(spec):
+            out[-1].append(spec)
+        else:
+            out.append([spec])
+    return out
+
+
+def timing_fields(seconds: list[float], timing_id: str, mode, spec: Spec, warmup: int) -> dict:
+    """The timing columns of a row from its interleaved calls (measure.interleaved_times)."""
+    from .measure import timing_summary
+
+    out = timing_summary(seconds)
+    out["tflops"] = mode.flops(spec.n, spec.d, spec.v) / (out["time_ms"] * 1e-3) / 1e12
+    out.update(reps=len(seconds), warmup=warmup, timing_id=timing_id)
+    return out
+
 
 class Runner:
-    """Runs specs in one process: loads implementations once, caches problems and float64 references."""
+    """Runs specs in one process, a group at a time (group_key): loads implementations once, caches problems and
+    float64 references.
 
-    def __init__(self, st: Settings, results_path: Path):
+    A group is measured in two phases: `prepare` (per implementation: the float64 accuracy check, warm-up, one
+    memory-measured call) and `time_group` (every prepared implementation timed in interleaved rounds, then the
+    bitwise repeat check). With --isolate impl the parent runs `prepare` in one process per implementation and
+    `time_group` in one more (run_isolated); otherwise this process does both (run)."""
+
+    def __init__(self, st: Settings, results_path: Path | None):
         self.st = st
         self.results_path = results_path
         self.loaded: dict[str, tuple] = {}
@@ -436,127 +515,322 @@ class Runner:
             self.loaded[impl.name] = load_impl(impl)
         return self.loaded[impl.name]
 
-    def run_spec(self, spec: Spec) -> dict:
-        """Measure one row (or say why it is skipped)."""
-        from .impls import IMPLS, MODES, skip_reason
-        from .measure import bitwise_repeat, measure
+    def call_of(self, spec: Spec):
+        """(call, fn, None) for a spec that runs here, or (None, None, row fields saying why it does not)."""
+        from .impls import MODES, get_impl, skip_reason
 
-        impl, mode = IMPLS[spec.impl], MODES[spec.mode]
+        impl, mode = get_impl(spec.impl), MODES[spec.mode]
         reason = skip_reason(impl, mode, self.st.device, self.st.interpret)
         if reason:
-            return {"status": "skipped", "note": reason}
+            return None, None, {"status": "skipped", "note": reason}
         if time.time() > self.st.deadline:
-            return {"status": "skipped", "note": "time budget spent"}
+            return None, None, {"status": "skipped", "note": "time budget spent"}
         if impl.family == "floor":
-            call, fn = gemm_call(mode, self.get_problem(spec, mode)), None
-        else:
-            fn, reason = self.load(impl)
-            if fn is None:
-                return {"status": "skipped", "note": reason}
-            call = make_call(fn, mode, self.get_problem(spec, mode))
+            return gemm_call(mode, self.get_problem(spec, mode)), None, None
+        fn, reason = self.load(impl)
+        if fn is None:
+            return None, None, {"status": "skipped", "note": reason}
+        return make_call(fn, mode, self.get_problem(spec, mode)), fn, None
+
+    def warmup_calls(self, spec: Spec) -> int:
+        """Discarded calls before measuring: st.warmup on CUDA and for compiled implementations; on the CPU the
+        others need none (the accuracy call or the first memory call has imported and initialized everything)."""
+        from .impls import get_impl
+
+        return self.st.warmup if (self.st.device == "cuda" or get_impl(spec.impl).compiled) else 0
+
+    def prepare(self, spec: Spec, memory: bool = True, accuracy: bool = True):
+        """(row fields, call or None): the accuracy check, warm-up and one memory-measured call of a spec (the
+        timing worker of run_isolated skips the accuracy check and the memory call: its prepare workers did them)."""
+        from .impls import MODES, get_impl
+        from .measure import MiB, peak_extra_bytes
+
+        call, fn, why = self.call_of(spec)
+        if call is None:
+            return why, None
         row = {}
-        if fn is not None and self.st.acc_tokens:
-            row.update(self.errors(fn, spec, mode))  # also the first call: imports, compilation
-        warmup = self.st.warmup if (self.st.device == "cuda" or impl.compiled) else 0
-        row.update(measure(call, self.st.device, warmup, self.st.reps))
-        row["tflops"] = mode.flops(spec.n, spec.d, spec.v) / (row["time_ms"] * 1e-3) / 1e12
-        row["warmup"], row["reps"] = warmup, self.st.reps
+        if fn is not None and self.st.acc_tokens and accuracy:
+            row.update(self.errors(fn, spec, MODES[spec.mode]))  # also the first call: imports, compilation
+        for _ in range(self.warmup_calls(spec)):
+            out = call()
+            del out
+        if memory:
+            if self.st.device == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+            extra, out_bytes = peak_extra_bytes(call, self.st.device)
+            row.update(peak_extra_mib=extra / MiB, output_mib=out_bytes / MiB)
         row["dist_stats"] = self.stats.get((spec.n, spec.d, spec.v, spec.dist))
-        det = self.st.determinism
-        if mode.grad and impl.family != "floor" and (det == "all" or (det == "ours" and impl.family == "ours")):
-            row.update(bitwise_repeat(call))  # two more calls: dH, dW (and logprob) bitwise equal?
         note = getattr(fn, "state", {}).get("note", "") if fn is not None else ""
-        if impl.family == "floor":
+        if get_impl(spec.impl).family == "floor":
             note = "matrix products only; holds [N x V]"
         row.update(status="ok", note=note)
-        return row
+        return row, call
 
-    def run(self, specs: list[Spec], progress: bool = True) -> None:
+    def time_group(self, specs: list[Spec], calls: dict, on_round=None) -> tuple[dict, dict]:
+        """({impl: seconds of its interleaved calls}, {impl: bitwise-repeat fields}) of one group's prepared calls,
+        under the group's load; the timing stops early after the deadline or past st.max_row_seconds per
+        implementation (measure.interleaved_times)."""
+        from .impls import MODES, get_impl
+        from .measure import bitwise_repeat, interleaved_times
+
+        spec0, mode = specs[0], MODES[specs[0].mode]
+        with busy_process(spec0.load):
+            times = interleaved_times(calls, self.st.device, self.st.reps, max_seconds=self.st.max_row_seconds,
+                                      slow_factor=self.st.slow_factor, deadline=self.st.deadline, on_round=on_round)
+        repeat = {}
+        det = self.st.determinism
+        for spec in specs:
+            impl = get_impl(spec.impl)
+            if (spec.impl in calls and mode.grad and impl.family != "floor"
+                    and (det == "all" or (det == "ours" and impl.family == "ours"))):
+                repeat[spec.impl] = bitwise_repeat(calls[spec.impl])  # two more calls: bitwise equal?
+        return times, repeat
+
+    def run_group(self, specs: list[Spec], progress_bar=None) -> None:
+        """Prepare and time one group in this process; its rows are appended when it is done, or interrupted
+        (KeyboardInterrupt, e.g. `timeout -s INT`: the rows keep the rounds already timed, then it is re-raised)."""
         import torch
+
+        threads = set_threads(specs[0].threads)
+        rows = {s.impl: base_row(s, self.st) | {"threads": threads} for s in specs}
+        calls, warm = {}, {}
+        partial: dict[str, list[float]] = {}
+        timing_id = uuid.uuid4().hex[:12]
+        times, repeat, loadavg = {}, {}, os.getloadavg()[0]
+        interrupted = False
+        try:
+            for spec in specs:
+                if progress_bar is not None:
+                    progress_bar.set_postfix_str(f"{spec.impl} {spec.mode} {spec.shape} N={spec.n} {spec.load}")
+                try:
+                    fields, call = self.prepare(spec)
+                except torch.cuda.OutOfMemoryError as err:
+                    fields, call = {"status": "oom", "note": str(err).split("\n")[0][:200]}, None
+                except Exception as err:  # a failing baseline must not stop the others
+                    fields, call = {"status": "error", "note": error_note(err)}, None
+                rows[spec.impl].update(fields)
+                if call is not None:
+                    calls[spec.impl], warm[spec.impl] = call, self.warmup_calls(spec)
+            if calls:
+                loadavg = os.getloadavg()[0]
+
+                def keep(_, t):
+                    partial.update({k: list(v) for k, v in t.items()})
+
+                try:
+                    times, repeat = self.time_group(specs, calls, on_round=keep)
+                except Exception as err:  # e.g. out of memory in a later round: keep the rounds timed so far
+                    times = partial
+                    for name in calls:
+                        rows[name]["note"] = "; ".join(filter(None, [rows[name].get("note"),
+                                                                     f"timing stopped: {error_note(err)}"]))
+        except KeyboardInterrupt:
+            interrupted, times = True, partial
+        finish_rows(specs, rows, times, repeat, warm, timing_id, loadavg, interrupted)
+        self._write(rows)
+        if self.st.device == "cuda":
+            torch.cuda.empty_cache()
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def _write(self, rows: dict) -> None:
         from tqdm import tqdm
 
         from .report import append_rows
 
-        bar = tqdm(specs, desc=f"{self.st.device} rows", disable=not (progress and sys.stderr.isatty()),
+        append_rows(self.results_path, list(rows.values()))
+        for row in rows.values():
+            tqdm.write(row_summary(row), file=sys.stderr)
+
+    def run(self, specs: list[Spec], progress: bool = True) -> None:
+        from tqdm import tqdm
+
+        groups = groups_of(specs)
+        bar = tqdm(groups, desc=f"{self.st.device} rows", disable=not (progress and sys.stderr.isatty()),
                    file=sys.stderr)
-        for spec in bar:
-            bar.set_postfix_str(f"{spec.impl} {spec.mode} {spec.shape} N={spec.n}")
-            row = base_row(spec, self.st)
-            try:
-                row.update(self.run_spec(spec))
-            except torch.cuda.OutOfMemoryError as err:
-                row.update(status="oom", note=str(err).split("\n")[0][:200])
-            except Exception as err:  # a failing baseline must not stop the others
-                row.update(status="error", note=f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}")
-            if self.st.device == "cuda":
-                torch.cuda.empty_cache()
-            append_rows(self.results_path, [row])
-            if progress:
-                tqdm.write(row_summary(row), file=sys.stderr)
+        for group in bar:
+            self.run_group(group, bar)
+
+
+def error_note(err: BaseException) -> str:
+    text = str(err).splitlines()[0][:300] if str(err) else ""
+    return f"{type(err).__name__}: {text}"
+
+
+def finish_rows(specs: list[Spec], rows: dict, times: dict, repeat: dict, warm: dict, timing_id: str,
+                loadavg: float, interrupted: bool = False) -> None:
+    """Put the timing columns into the prepared rows of a group (in place); a prepared row without a timed call
+    (interrupted) becomes skipped."""
+    from .impls import MODES
+
+    for spec in specs:
+        row = rows[spec.impl]
+        if row.get("status") != "ok":
+            if interrupted and "status" not in row:
+                row.update(status="skipped", note="stopped (time limit) before it was measured")
+            continue
+        seconds = times.get(spec.impl) or []
+        if not seconds:
+            row.update(status="skipped" if interrupted else "error",
+                       note="stopped (time limit) before its timed calls" if interrupted else "no timed call")
+            continue
+        row.update(timing_fields(seconds, timing_id, MODES[spec.mode], spec, warm.get(spec.impl, 0)))
+        row["loadavg_1m"] = round(loadavg, 2)
+        row.update(repeat.get(spec.impl, {}))
+        if interrupted:
+            row["note"] = "; ".join(filter(None, [row.get("note", ""), "timing cut short (time limit)"]))
 
 
 def row_summary(row: dict) -> str:
     """One progress line per measured row."""
-    where = f"{row['impl']:>16} {row['mode']:<15} {row['shape']} N={row['n']} {row.get('dist', 'random')}"
+    where = (f"{row['impl']:>16} {row['mode']:<15} {row['shape']} N={row['n']} {row.get('dist', 'random')}"
+             + ("" if row.get("load", "idle") == "idle" else f" load={row['load']}")
+             + (f" threads={row['threads']}" if row.get("threads") else ""))
     if row["status"] != "ok":
         return f"{where}: {row['status']} ({row.get('note', '')[:120]})"
     det = "" if "bitwise_repeat" not in row else f", bitwise repeatable {row['bitwise_repeat']}"
-    return (f"{where}: {row['time_ms']:.4g} ms, {row['tflops']:.3g} TFLOPS, peak extra {row['peak_extra_mib']:.4g} "
-            f"MiB{det}")
+    mem = "" if row.get("peak_extra_mib") is None else f", peak extra {row['peak_extra_mib']:.4g} MiB"
+    return (f"{where}: {row['time_ms']:.4g} ms (median of {row['reps']} interleaved), {row['tflops']:.3g} TFLOPS"
+            f"{mem}{det}")
 
 
 def base_row(spec: Spec, st: Settings) -> dict:
     """The identifying fields of a row."""
-    from .impls import IMPLS, MODES, package_version
+    from .impls import MODES, get_impl, package_version
 
-    impl = IMPLS[spec.impl]
+    impl = get_impl(spec.impl)
     return {
         "device": st.device, "device_name": device_name(st.device), "impl": spec.impl, "label": impl.label,
         "family": impl.family, "mode": spec.mode, "shape": spec.shape, "n": spec.n, "d": spec.d, "v": spec.v,
-        "dist": spec.dist, "dtype": st.dtype, "flops": MODES[spec.mode].flops(spec.n, spec.d, spec.v),
+        "dist": spec.dist, "dtype": st.dtype, "load": spec.load, "flops": MODES[spec.mode].flops(spec.n, spec.d,
+                                                                                                  spec.v),
         "version": package_version(impl.package), "preset": st.preset,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
-def run_isolated(specs: list[Spec], st: Settings, results_path: Path, worker_timeout: float | None = None) -> None:
-    """One worker process per implementation (python -m benchmarks.suite --worker SPECFILE), in order; a worker
-    still running after `worker_timeout` seconds is killed and its unfinished rows are recorded as errors."""
-    from .report import append_rows, load_rows
-
-    by_impl: dict[str, list[Spec]] = {}
-    for spec in specs:
-        by_impl.setdefault(spec.impl, []).append(spec)
+def _worker_env() -> dict:
     # A fixed mmap threshold: every block of 128 KiB or more is mapped on allocation and unmapped on free, so the
     # resident set follows the live allocations (glibc's default threshold grows to 32 MiB after the first large
     # free, and freed blocks below it stay resident, hiding later peaks).
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               MALLOC_MMAP_THRESHOLD_="131072")
-    for i, (impl, group) in enumerate(by_impl.items(), 1):
-        print(f"[{i}/{len(by_impl)}] {impl}: {len(group)} rows in a separate process", file=sys.stderr, flush=True)
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-            json.dump({"settings": asdict(st), "specs": [asdict(s) for s in group],
-                       "results": str(results_path)}, handle)
-        before = len(load_rows(results_path))
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.suite", "--worker", handle.name], cwd=ROOT,
-                                env=env)
-        try:
-            note = f"worker exited with code {proc.wait(timeout=worker_timeout)}"
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            note = f"stopped: its worker had not finished after {worker_timeout:.0f} s (--worker-timeout)"
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                MALLOC_MMAP_THRESHOLD_="131072")
+
+
+def _run_worker(phase: str, specs: list[Spec], st: Settings, out: Path, timeout: float | None) -> str | None:
+    """Run `python -m benchmarks.suite --worker` for one phase; None, or why it did not finish."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump({"settings": asdict(st), "specs": [asdict(s) for s in specs], "phase": phase, "out": str(out)},
+                  handle)
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.suite", "--worker", handle.name], cwd=ROOT,
+                            env=_worker_env())
+    try:
+        code = proc.wait(timeout=timeout)
+        return None if code == 0 else f"worker exited with code {code}"
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return f"stopped: its worker had not finished after {timeout:.0f} s (--worker-timeout)"
+    except KeyboardInterrupt:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
         os.unlink(handle.name)
-        done = len(load_rows(results_path)) - before
-        if proc.returncode != 0 or done < len(group):
-            append_rows(results_path, [base_row(s, st) | {"status": "error", "note": note} for s in group[done:]])
+
+
+def run_isolated(specs: list[Spec], st: Settings, results_path: Path, worker_timeout: float | None = None) -> None:
+    """CPU: per group, one process per implementation for its accuracy check and its memory call (so that its
+    peak RSS is its own), then one process that times every prepared implementation of the group interleaved (so
+    that the machine's load falls on all of them alike). A worker still running after `worker_timeout` seconds is
+    killed (the timing worker after `worker_timeout` per implementation it times): an unprepared row is recorded
+    as an error, a timing worker's finished rounds are kept (also on KeyboardInterrupt, which is re-raised once the
+    group's rows are written)."""
+    from .report import append_rows
+
+    groups = groups_of(specs)
+    for gi, group in enumerate(groups, 1):
+        s0 = group[0]
+        print(f"[{gi}/{len(groups)}] {s0.mode} {s0.shape} N={s0.n} {s0.dist} load={s0.load}"
+              f"{f' threads={s0.threads}' if s0.threads else ''}: {len(group)} implementations, each prepared in "
+              "its own process, then timed interleaved in one", file=sys.stderr, flush=True)
+        rows = {s.impl: base_row(s, st) for s in group}
+        ready, warm = [], {}
+        timing_id = uuid.uuid4().hex[:12]
+        times, repeat, loadavg, threads, why = {}, {}, os.getloadavg()[0], None, None
+        interrupted = False
+        with tempfile.TemporaryDirectory() as tmp:
+            timing = Path(tmp) / "timing.jsonl"
+            try:
+                for i, spec in enumerate(group):
+                    out = Path(tmp) / f"prepare_{i}.json"
+                    failed = _run_worker("prepare", [spec], st, out, worker_timeout)
+                    if out.exists():
+                        result = json.loads(out.read_text())
+                        rows[spec.impl].update(result["fields"])
+                        warm[spec.impl] = result["warmup"]
+                        if result["fields"].get("status") == "ok":
+                            ready.append(spec)
+                    else:
+                        rows[spec.impl].update(status="error", note=failed or "its worker wrote nothing")
+                if ready:  # the timing worker calls every implementation `reps` times: a prepare's time each
+                    why = _run_worker("time", ready, st, timing,
+                                      None if worker_timeout is None else worker_timeout * len(ready))
+            except KeyboardInterrupt:
+                interrupted = True
+            records = [json.loads(line) for line in timing.read_text().splitlines()] if timing.exists() else []
+        for record in records:
+            times = record.get("times", times)
+            repeat = record.get("repeat", repeat)
+            loadavg = record.get("loadavg_1m", loadavg)
+            threads = record.get("threads", threads)
+        for spec in group:
+            rows[spec.impl]["threads"] = threads
+            if why and spec in ready:
+                rows[spec.impl]["note"] = "; ".join(filter(None, [rows[spec.impl].get("note"), f"timing {why}"]))
+        finish_rows(group, rows, times, repeat, warm, timing_id, loadavg, interrupted)
+        append_rows(results_path, list(rows.values()))
+        for row in rows.values():
+            print(row_summary(row), file=sys.stderr, flush=True)
+        if interrupted:
+            raise KeyboardInterrupt
 
 
 def worker_main(spec_file: str) -> None:
+    """A worker of run_isolated: phase "prepare" (one spec: accuracy, warm-up, memory) writes {"fields", "warmup"};
+    phase "time" (a group) appends {"times", "threads", "loadavg_1m"} after every round and {"repeat"} at the end."""
+    from .report import append_rows
+
     payload = json.loads(Path(spec_file).read_text())
     st = Settings(**payload["settings"])
     configure_environment(st)
-    Runner(st, Path(payload["results"])).run([Spec(**s) for s in payload["specs"]])
+    specs = [Spec(**s) for s in payload["specs"]]
+    out = Path(payload["out"])
+    runner = Runner(st, None)
+    threads = set_threads(specs[0].threads)
+    if payload["phase"] == "prepare":
+        spec = specs[0]
+        try:
+            fields, _ = runner.prepare(spec)
+        except Exception as err:
+            fields = {"status": "error", "note": error_note(err)}
+        out.write_text(json.dumps({"fields": fields, "warmup": runner.warmup_calls(spec)}))
+        return
+    calls = {}
+    for spec in specs:
+        fields, call = runner.prepare(spec, memory=False, accuracy=False)
+        if call is not None:
+            calls[spec.impl] = call
+    loadavg = os.getloadavg()[0]
+
+    def on_round(r, times):
+        append_rows(out, [{"round": r, "times": times, "threads": threads, "loadavg_1m": round(loadavg, 2)}])
+
+    _, repeat = runner.time_group(specs, calls, on_round=on_round)
+    if repeat:
+        append_rows(out, [{"repeat": repeat}])
 
 
 # ------------------------------------------------------------------------------------------------- set-up
@@ -615,6 +889,7 @@ def environment(st: Settings, argv: list[str]) -> dict:
         "pacs": package_version("pacs"), "pacs_forward_impl": forward_impl,
         "memory_budget": os.environ.get("PACS_KERNELS_MEMORY_BUDGET", ""),
         "commit": commit, "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "loadavg": [round(x, 2) for x in os.getloadavg()],
         "dtype": st.dtype, "warmup": st.warmup, "reps": st.reps, "acc_tokens": st.acc_tokens,
         "interpret": st.interpret, "command": "python -m benchmarks.suite " + " ".join(argv),
     }
@@ -642,12 +917,20 @@ def parse_shapes(text: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def build_specs(shapes, tokens, modes, impls, dists=("random",)) -> list[Spec]:
-    """Rows in the order shape -> mode -> logit distribution -> tokens -> impl (bare GEMM first, so every row has
-    its floor)."""
+def build_specs(shapes, tokens, modes, impls, dists=("random",), loads=("idle",), threads=(0,)) -> list[Spec]:
+    """Rows in the order shape -> mode -> logit distribution -> tokens -> load -> threads -> impl (bare GEMM first,
+    so every row has its floor). The implementations of one (shape, mode, distribution, tokens, load, threads) are
+    a group, timed interleaved (Runner)."""
     impls = sorted(impls, key=lambda name: name != "gemm")
-    return [Spec(impl, mode, name, n, d, v, dist=dist) for name, d, v in shapes for mode in modes for dist in dists
-            for n in tokens for impl in impls]
+    return [Spec(impl, mode, name, n, d, v, dist=dist, load=load, threads=t) for name, d, v in shapes
+            for mode in modes for dist in dists for n in tokens for load in loads for t in threads for impl in impls]
+
+
+def default_out(device: str, preset: str) -> Path:
+    """A fresh folder for a run's rows: runs/benchmarks/<device>-<preset>-<UTC time> (git-ignored). Committed
+    results (benchmarks/results/..., RESULTS.md) change only when asked (--out, --results-md)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / "benchmarks" / f"{device}-{preset}-{stamp}"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -658,41 +941,73 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true",
                    help="the short preset (cpu: D=256 V=151936, 1k and 2k tokens, fwd_bwd, torch backend vs naive, "
-                   "F.linear_cross_entropy, CCE torch_compile, bare GEMM; cuda: D=4096 V=131072, 16k tokens)")
-    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>-<preset>)")
+                   "F.linear_cross_entropy, CCE torch_compile, bare GEMM, and a contended row: 2048 tokens, 2 "
+                   "threads, one busy process, torch backend vs naive and TRL's chunked log-prob; cuda: D=4096 "
+                   "V=131072, 16k tokens)")
+    p.add_argument("--out", type=Path, help="results folder (default: a fresh runs/benchmarks/<device>-<preset>-"
+                   "<time>; name a folder under benchmarks/results/ to update committed results)")
     p.add_argument("--modes", help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--shapes", help=f"comma list of {', '.join(SHAPES)} or DxV")
     p.add_argument("--tokens", help="comma list of token counts, e.g. 2k,8k,16k")
-    p.add_argument("--impls", help=f"comma list of {', '.join(IMPLS)} (default: all that run on the device)")
+    p.add_argument("--impls", help=f"comma list of {', '.join(IMPLS)} (default: all that run on the device); one of "
+                   "ours with a slice budget as NAME@BUDGET, e.g. ours_torch@64M")
     p.add_argument("--logits",
                    help=f"comma list of logit distributions: {', '.join(DISTS)} (see peaked_inputs). Default: random, "
                    "and on cuda also peaked at the headline shape (D=4096 V=131072, 16k tokens) when the run has it")
+    p.add_argument("--load", help="comma list of idle, busy: time each row as the machine is (idle) and/or with one "
+                   "busy CPU-bound process beside it (busy); default idle")
+    p.add_argument("--threads", help="comma list of torch intra-op thread counts, each a row (default: the "
+                   "process's, i.e. $OMP_NUM_THREADS or torch's default)")
     p.add_argument("--determinism", choices=["ours", "all", "none"],
                    help="run the gradient rows of pacs (ours) / every implementation (all) twice more and record "
                    "whether dH, dW and the log-probs are bitwise equal (default: ours on cuda, none on cpu)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on cuda, fp32 on cpu")
     p.add_argument("--warmup", type=int, help="discarded calls before measuring (default 2 cuda, 1 cpu; on cpu "
                    "only compiled implementations are warmed up, the untimed memory call warms the others)")
-    p.add_argument("--reps", type=int, help="timed calls per row, median reported (default 5 cuda, 2 cpu, 1 cpu --quick)")
+    p.add_argument("--reps", type=int, help="interleaved timing rounds per row, one call of each implementation "
+                   "per round; the median is reported and ratios are medians of per-round ratios (default 5 cuda, "
+                   "3 cpu)")
+    p.add_argument("--slow-factor", type=float,
+                   help="an implementation whose first timed call took more than this many times the median first "
+                   "call of its row is timed once (default 5 on cpu, no limit on cuda)")
+    p.add_argument("--max-row-seconds", type=float,
+                   help="an implementation gets no more timing rounds once its timed calls took this long (default: "
+                   "no limit)")
     p.add_argument("--acc-tokens", type=int, help="tokens of the float64 accuracy check, 0 to skip "
                    "(default 1024 cuda, 256 cpu)")
-    p.add_argument("--isolate", choices=["impl", "none"], help="one process per implementation (default on cpu)")
+    p.add_argument("--isolate", choices=["impl", "none"],
+                   help="impl: each implementation's accuracy and memory call in its own process, the timing of a "
+                   "row's implementations interleaved in one more (default on cpu); none: everything in this process")
     p.add_argument("--time-budget", type=float, default=math.inf,
                    help="seconds after which no new row starts (the remaining rows are marked skipped)")
     p.add_argument("--worker-timeout", type=float,
-                   help="with --isolate impl: seconds after which an implementation's worker is stopped "
-                   "(default 240 with --device cpu --quick, else none)")
+                   help="with --isolate impl: seconds after which an implementation's prepare worker is stopped, "
+                   "and the group's timing worker after that much per implementation it times (default 240 with "
+                   "--device cpu --quick, else none)")
     p.add_argument("--interpret", action="store_true",
                    help="cpu: run the Triton backend in Triton's interpreter (tiny sizes only)")
     p.add_argument("--fresh", action="store_true", help="drop the rows already in OUT first")
-    p.add_argument("--no-results-md", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument("--results-md", action="store_true",
+                   help="also replace this run's section of benchmarks/RESULTS.md (committed; $PACS_RESULTS_MD names "
+                   "another file)")
+    p.add_argument("--no-results-md", action="store_true", help=argparse.SUPPRESS)  # the default now
     p.add_argument("--no-report", action="store_true",
                    help="only stream rows into OUT/results.jsonl; no tables, plot or RESULTS.md (a later --report)")
     p.add_argument("--title", help="title of this run's section in RESULTS.md (default: device, preset)")
     p.add_argument("--report", type=Path, metavar="DIR",
-                   help="only rebuild tables, plot and the RESULTS.md section from DIR/results.jsonl")
+                   help="only rebuild tables and plot in DIR from DIR/results.jsonl (with --results-md: and its "
+                   "section of RESULTS.md)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+# The CPU quick preset's contended row: the torch backend against the naive path and TRL's chunked log-prob with 2
+# threads and one busy process beside them (on a 2-core machine torch's default, which collapsed there).
+QUICK_CPU_CONTENDED = {"tokens": 2048, "threads": 2, "impls": ["ours_torch", "naive", "trl_chunked"]}
+
+
+def _csv(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -703,13 +1018,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from . import report
 
+    if args.results_md and args.no_results_md:
+        raise SystemExit("--results-md and --no-results-md contradict each other")
     if args.report:
-        report.write_all(args.report, update_results_md=not args.no_results_md, title=args.title)
+        report.write_all(args.report, update_results_md=args.results_md, title=args.title)
         return 0
 
     import torch
 
-    from .impls import DEFAULT_IMPLS, IMPLS, MODES
+    from .impls import DEFAULT_IMPLS, IMPLS, MODES, get_impl
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -717,33 +1034,50 @@ def main(argv: list[str] | None = None) -> int:
     shapes_d, tokens_d, modes_d = PRESETS[(device, args.quick)]
     shapes = parse_shapes(args.shapes) if args.shapes else parse_shapes(",".join(shapes_d))
     tokens = parse_tokens(args.tokens) if args.tokens else tokens_d
-    modes = args.modes.split(",") if args.modes else modes_d
+    modes = _csv(args.modes) or modes_d
     quick_cpu = args.quick and device == "cpu"
-    impls = args.impls.split(",") if args.impls else (QUICK_CPU_IMPLS if quick_cpu else DEFAULT_IMPLS[device])
+    impls = _csv(args.impls) or (QUICK_CPU_IMPLS if quick_cpu else DEFAULT_IMPLS[device])
     for name in modes:
         if name not in MODES:
             raise SystemExit(f"unknown mode {name!r}; modes: {', '.join(MODES)}")
     for name in impls:
-        if name not in IMPLS:
-            raise SystemExit(f"unknown implementation {name!r}; known: {', '.join(IMPLS)}")
-    dists = [x.strip() for x in (args.logits or "random").split(",") if x.strip()]
+        try:
+            get_impl(name)
+        except KeyError:
+            raise SystemExit(f"unknown implementation {name!r}; known: {', '.join(IMPLS)}, or one of ours "
+                             "as NAME@BUDGET (e.g. ours_torch@64M)") from None
+        except ValueError as err:
+            raise SystemExit(f"implementation {name!r}: {err}") from None
+    dists = _csv(args.logits) or ["random"]
     for name in dists:
         if name not in DISTS:
             raise SystemExit(f"unknown logit distribution {name!r}; known: {', '.join(DISTS)}")
+    loads = _csv(args.load) or ["idle"]
+    for name in loads:
+        if name not in LOADS:
+            raise SystemExit(f"unknown load {name!r}; known: {', '.join(LOADS)}")
+    try:
+        threads = [int(t) for t in _csv(args.threads)] or [0]
+    except ValueError:
+        raise SystemExit(f"--threads must be comma-separated integers, got {args.threads!r}") from None
+    if any(t < 1 for t in threads) and args.threads:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads!r}")
     cuda = device == "cuda"
     preset = "quick" if args.quick else ("custom" if any((args.shapes, args.tokens, args.modes, args.impls,
-                                                                args.logits))
+                                                                args.logits, args.load, args.threads))
                                          else "full")
     st = Settings(
         device=device, dtype=args.dtype or ("bf16" if cuda else "fp32"),
         warmup=args.warmup if args.warmup is not None else (2 if cuda else 1),
-        reps=args.reps or (5 if cuda else 1 if quick_cpu else 2),
+        reps=args.reps or (5 if cuda else 3),
         acc_tokens=args.acc_tokens if args.acc_tokens is not None else (1024 if cuda else 256),
         deadline=time.time() + args.time_budget, interpret=args.interpret, preset=preset,
         determinism=args.determinism or ("ours" if cuda else "none"),
+        max_row_seconds=args.max_row_seconds or math.inf,
+        slow_factor=args.slow_factor or (math.inf if cuda else 5.0),
     )
     configure_environment(st)
-    out = args.out or ROOT / "benchmarks" / "results" / f"{device}-{preset}"
+    out = args.out or default_out(device, preset)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     if args.fresh and results.exists():
@@ -751,20 +1085,30 @@ def main(argv: list[str] | None = None) -> int:
     report.append_rows(results, [{"_meta": environment(st, argv)}])
     if args.logits is None and cuda:
         # the GPU presets (and any cuda run without --logits): peaked logits beside random at the headline shape only
-        specs = [s for s in build_specs(shapes, tokens, modes, impls, DISTS)
+        specs = [s for s in build_specs(shapes, tokens, modes, impls, DISTS, loads, threads)
                  if s.dist == "random" or (s.d, s.v, s.n) == HEADLINE]
     else:
-        specs = build_specs(shapes, tokens, modes, impls, dists)
+        specs = build_specs(shapes, tokens, modes, impls, dists, loads, threads)
+    if quick_cpu and not any((args.shapes, args.tokens, args.modes, args.impls, args.load, args.threads)):
+        c = QUICK_CPU_CONTENDED
+        specs += build_specs(shapes[:1], [c["tokens"]], modes[:1], c["impls"], dists[:1], ["busy"], [c["threads"]])
     print(f"{len(specs)} rows on {device_name(device)} -> {out}", file=sys.stderr, flush=True)
     started = time.time()
-    if (args.isolate or ("none" if cuda else "impl")) == "impl":
-        worker_timeout = args.worker_timeout or (240 if quick_cpu else None)
-        run_isolated(specs, st, results, worker_timeout)
-    else:
-        Runner(st, results).run(specs)
+    try:
+        if (args.isolate or ("none" if cuda else "impl")) == "impl":
+            worker_timeout = args.worker_timeout or (240 if quick_cpu else None)
+            run_isolated(specs, st, results, worker_timeout)
+        else:
+            Runner(st, results).run(specs)
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.time() - started:.0f} s; the rows measured so far are in {results}",
+              file=sys.stderr)
+        if not args.no_report:
+            report.write_all(out, update_results_md=args.results_md, title=args.title)
+        return 130
     print(f"measured in {time.time() - started:.0f} s", file=sys.stderr)
     if not args.no_report:
-        report.write_all(out, update_results_md=not args.no_results_md, title=args.title)
+        report.write_all(out, update_results_md=args.results_md, title=args.title)
     return 0
 
 

@@ -78,7 +78,7 @@ REPLAY_ENV = "PACS_KERNELS_REPLAY"
 CROSSOVER = {"cpu": lambda vocab, dim: vocab * 7.3 / dim, "cuda": lambda vocab, dim: vocab * 3.35e12 / 7e14}
 
 MiB = 1 << 20
-DEFAULT_BUDGET = {"cuda": 512 * MiB, "cpu": 8 * MiB}
+DEFAULT_BUDGET = {"cuda": 512 * MiB, "cpu": 64 * MiB}
 BUDGET_ENV = "PACS_KERNELS_MEMORY_BUDGET"
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MiB, "mb": MiB, "mib": MiB,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}

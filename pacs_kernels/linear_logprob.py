@@ -91,7 +91,7 @@ def linear_logprob(
             `dispatch.gather_max_mean_kept`: V * 7.3 / D measured on the CPU; ~V / 200 estimated on GPUs). Both
             exact and deterministic.
         memory_budget: bytes (or a string like "512M") for the per-slice workspace: float32 logits of a slice plus
-            their gradient. Default $PACS_KERNELS_MEMORY_BUDGET, else 512 MiB on CUDA and 8 MiB on the CPU; the
+            their gradient. Default $PACS_KERNELS_MEMORY_BUDGET, else 512 MiB on CUDA and 64 MiB on the CPU; the
             slice width is the budget / (tokens x bytes per element), e.g. at 16k tokens on CUDA 8192 columns
             forward (float32 logits, 4 bytes) and 5376 backward (bf16: 4 + 2 bytes).
         weight_grad_dtype: only when even the narrowest slice of all tokens exceeds the budget are tokens chunked

@@ -21,9 +21,9 @@ per element (`passes.backward_bytes`): triton: Z float32 + dz in hidden's dtype 
 one temporary (8 bytes). At V = 131072 and the 512 MiB CUDA default that is 682 -> 640 tokens per chunk (rounded
 down to a multiple of 128 above 128 tokens). An explicit budget (argument or $PACS_KERNELS_MEMORY_BUDGET) bounds
 the workspace; the device default gets at least `DEFAULT_MIN_CHUNK` = 256 tokens per chunk (on the CPU, whose
-8 MiB default is a cache size, not a memory limit: 297 MiB at V = 151936 in float32). The workspace stays
-float32: bf16 logits (8 bits of mantissa) would put errors of ~|z| / 256 into every log-prob (0.06 at |z| = 16),
-far above float32 rounding.
+64 MiB default sizes the two-pass path's slices, not a memory limit: 297 MiB at V = 151936 in float32). The
+workspace stays float32: bf16 logits (8 bits of mantissa) would put errors of ~|z| / 256 into every log-prob
+(0.06 at |z| = 16), far above float32 rounding.
 
 Other memory: the gradients live from the loss's forward to its backward: dH [N, D] in hidden's dtype, dW [V, D]
 in weight's dtype (1 GiB at V = 131072, D = 4096, bf16) and, when the tokens take more than one chunk, the float32
@@ -69,9 +69,10 @@ GradFn = Callable[[int, int, torch.Tensor, torch.Tensor | None],
 CHUNK_MULTIPLE = 128
 # Fewest tokens per chunk when the budget is the device default (no memory_budget argument, no
 # $PACS_KERNELS_MEMORY_BUDGET): each chunk reads and writes the float32 [V, D] dW accumulator once, which a
-# chunk of c tokens amortizes over 6cDV FLOPs. The CPU default budget (8 MiB, sized for cache-resident slices of
-# the two-pass path) would give 6 tokens per chunk at V = 151936 and made the pass 3.4x slower than two passes
-# (N=2048, D=256, fp32, 2 cores); 256 tokens took 5.4 s against 6.4 s for old pass + loss (1024: 5.0 s).
+# chunk of c tokens amortizes over 6cDV FLOPs. The CPU default budget (64 MiB, sized for the two-pass path's
+# slices) would give 55 tokens per chunk at V = 151936; its earlier 8 MiB gave 6 tokens and made the pass 3.4x
+# slower than two passes (N=2048, D=256, fp32, 2 cores); 256 tokens took 5.4 s against 6.4 s for old pass + loss
+# (1024: 5.0 s).
 DEFAULT_MIN_CHUNK = 256
 TRITON_STATS_SLICE = 8192
 

@@ -21,10 +21,17 @@ and the float32 dH [N, D] accumulator:
         6 backward (bf16). The default 512 MiB on CUDA at N = 16384 tokens: 8192 columns forward (512 MiB of Z),
         5376 backward (336 MiB Z + 168 MiB dz) + 256 MiB dH at D = 4096, against 8 GiB for float32 [N, V]
         logits at V = 131072 (16 GiB with their gradient)
-    torch backend: Z and one elementwise temporary, 8 bytes per token x column; default budget 8 MiB on the CPU,
-        where slices that stay in the caches beat wide ones: measured at N=2048, D=256, V=151936, fp32, fwd+bwd on
-        2 cores, 512-1024 columns (4-8 MiB of logits) took 4.1-4.4 s against 7.6 s for 8192 columns (and 5.7-6.2 s
-        for the naive materialized path in the same runs)
+    torch backend: Z and one elementwise temporary, 8 bytes per token x column; default budget 64 MiB on the CPU
+        (4096 columns at N = 2048). Each slice costs a few GEMMs and elementwise passes, each an OpenMP barrier
+        that waits for its slowest thread, so the number of slices decides how a shared machine treats the op:
+        measured at N=2048, D=256, V=151936, fp32, fwd+bwd, 2 threads with one busy process beside them, timed
+        interleaved with TRL 1.16's chunked log-prob (per-round ratios, median [range] of 5 rounds), 8 MiB slices
+        (297 of 512 columns) took 1.36x [1.20, 2.39] TRL's time, 16 MiB 0.87x, 32 MiB 0.69x, 64 MiB 0.57x
+        [0.40, 0.79], 128 MiB 0.50x [0.32, 0.64]; with 1 thread every budget took 0.34-0.51x TRL's time, within
+        the noise of a machine other jobs also loaded (benchmarks/README.md, "slice budget"). An earlier run on
+        an idle machine had 512-1024 columns (4-8 MiB of logits) at 4.1-4.4 s against 7.6 s for 8192 columns:
+        cache-sized slices win when the cores are free, and lose 2.4x when one is not. 64 MiB keeps the
+        workspace small (peak extra ~90 MiB against 3.4 GiB for the naive path there)
 
 Slicing the vocabulary (not the tokens) makes the weight gradient of a slice complete in one GEMM with K = n, so
 no float32 [V, D] buffer exists (2 GiB at V=131072, D=4096); only when even `MIN_SLICE` columns of all tokens

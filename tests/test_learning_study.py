@@ -1,4 +1,4 @@
-"""The learning study's statistics (pacs.stats) and benchmarks.learning's summary on fixed toy inputs (the study
+"""The learning study's statistics (pacs.stats) and studies.learning's summary on fixed toy inputs (the study
 itself is run by hand)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import random
 
 import pytest
 
-from benchmarks.learning import (algo_flags, critic_auc_by_age, run_record, study_runs, summarize, summary_table,
-                                 warmup_dir, warmup_steps)
 from pacs.stats import mean_ci, paired_t, t_quantile
+from studies.learning.runs import algo_flags, study_runs, warmup_dir
+from studies.learning.summary import critic_auc_by_age, run_record, summarize, summary_table, warmup_steps
 
 
 @pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622),

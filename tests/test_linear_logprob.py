@@ -243,7 +243,7 @@ def test_memory_budget_option_and_environment(monkeypatch):
     from pacs_kernels.dispatch import resolve_budget
 
     cpu = torch.device("cpu")
-    assert resolve_budget(None, cpu) == 8 << 20 and resolve_budget(None, torch.device("cuda")) == 512 << 20
+    assert resolve_budget(None, cpu) == 64 << 20 and resolve_budget(None, torch.device("cuda")) == 512 << 20
     assert resolve_budget("1G", cpu) == 1 << 30 and resolve_budget("64MiB", cpu) == 64 << 20
     assert resolve_budget(3 << 20, cpu) == 3 << 20
     monkeypatch.setenv("PACS_KERNELS_MEMORY_BUDGET", "2M")

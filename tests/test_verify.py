@@ -514,7 +514,7 @@ def test_pairs_file_is_well_formed() -> None:
 
 def test_agreement_at_least_math_verify_and_98_percent() -> None:
     sys.path.insert(0, str(ROOT))
-    from benchmarks.verifier_agreement import _math_verify_judge, _pacs_judge, load_pairs, score
+    from studies.verifier_agreement import _math_verify_judge, _pacs_judge, load_pairs, score
 
     rows = load_pairs(PAIRS)
     ours = score(_pacs_judge(), rows)
