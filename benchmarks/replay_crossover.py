@@ -5,7 +5,7 @@
 
 For each mean kept-set size k, every row keeps k distinct random ids (its target among them): forward + backward
 (random upstream gradients on logprob and entropy, gradients of hidden, weight and bias) of
-`kept_linear_logprob(algorithm="gather")` and `(algorithm="masked")`, and of the plain `linear_logprob` (the cost
+`linear_logprob(kept_ids=, kept_offsets=, replay_impl="gather")` and `(replay_impl="masked")`, and of the plain `linear_logprob` (the cost
 the masked path adds its mask to). The implementations run interleaved, A B C A B C ..., in one process, one warm-up
 round discarded; the table gives each one's median seconds with its min-max over the repeats, and the median of the
 per-round ratio gather / masked with its min-max. k* lies where that ratio crosses 1.
@@ -24,9 +24,7 @@ import time
 
 import torch
 
-from pacs_kernels import linear_logprob
-from pacs_kernels.kept import kept_from_padded
-from pacs_kernels.replay import kept_linear_logprob
+from pacs_kernels import kept_from_padded, linear_logprob
 
 
 def kept_sets(n: int, vocab: int, k: int, gen: torch.Generator):
@@ -44,8 +42,8 @@ def step(impl: str, hidden, weight, bias, targets, ids, offsets, g_lp, g_ent, ba
     if impl == "plain":
         out = linear_logprob(h, w, targets, bias=b, temperature=0.8, with_entropy=True, backend=backend)
     else:
-        out = kept_linear_logprob(h, w, targets, bias=b, temperature=0.8, kept_ids=ids, kept_offsets=offsets,
-                                  with_entropy=True, backend=backend, algorithm=impl)
+        out = linear_logprob(h, w, targets, bias=b, temperature=0.8, kept_ids=ids, kept_offsets=offsets,
+                             with_entropy=True, backend=backend, replay_impl=impl)
     ((out.logprob * g_lp).sum() + (out.entropy * g_ent).sum()).backward()
     return h.grad, w.grad, b.grad
 
