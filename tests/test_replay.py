@@ -516,3 +516,26 @@ def test_masked_path_dense_mask_equals_transpose(backend):
     for name, x, z in zip(NAMES, *outs):
         assert torch.equal(x, z), name
     assert prefer_dense_mask(10, 160, 100) and not prefer_dense_mask(10, 160, 99)  # from a mean of V / 16
+
+
+def test_the_plan_routes_kept_sets_and_per_token_temperature(monkeypatch):
+    """dispatch.plan_*: the replay and temperature fields, and the sliced forward where the fused one was asked
+    for (it has no mask and one temperature)."""
+    monkeypatch.delenv(dispatch.REPLAY_ENV, raising=False)
+    h = torch.zeros(4, 256)
+    few = dispatch.ReplayRequest(True, True, 100, 800, 151936, 256)
+    many = dispatch.ReplayRequest(True, False, 100, 100 * 8192, 151936, 256)
+    temperature_only = dispatch.ReplayRequest(False, True, 100, 0, 151936, 256)
+    plan = dispatch.plan_linear_logprob("torch", h, forward_impl="auto", memory_budget=None, replay=few)
+    assert (plan.path, plan.replay, plan.temperature) == ("sliced", "gather", "per_token")
+    plan = dispatch.plan_linear_logprob("torch", h, forward_impl="auto", memory_budget=None, replay=many)
+    assert (plan.replay, plan.temperature) == ("masked", "scalar")
+    plan = dispatch.plan_one_pass("torch", h, memory_budget=None, replay=temperature_only)
+    assert (plan.path, plan.replay, plan.temperature) == ("one_pass", "full", "per_token")
+    plan = dispatch.plan_vocab_parallel("torch", h, forward_impl="auto", memory_budget=None, replay=few,
+                                        replay_impl="masked")
+    assert (plan.path, plan.replay) == ("vocab_parallel", "masked")
+    assert dispatch.plan_linear_logprob("torch", h, forward_impl="auto", memory_budget=None).replay == "full"
+    if BACKENDS[-1] == "triton" or getattr(BACKENDS[-1], "values", ("",))[0] == "triton":
+        plan = dispatch.plan_linear_logprob("triton", h, forward_impl="fused", memory_budget=None, replay=few)
+        assert plan.forward_impl == "sliced"
