@@ -109,10 +109,12 @@ MASKED_MAX = -1.0e30  # the max of a row that keeps nothing in a slice (then s =
 
 def masked_slice_stats(z: torch.Tensor, keep: torch.Tensor, with_entropy: bool):
     """(m, s, t or None) of the kept cells of each row of z [rows, cols] (keep: bool, same shape), as `slice_stats`
-    with the dropped cells' exponentials exactly 0. Overwrites z with z - m (kept cells; -1e30 - m elsewhere)."""
-    m = z.masked_fill_(~keep, MASKED_MAX).amax(dim=-1)
+    with the dropped cells' exponentials exactly 0. Overwrites z with z - m (kept cells; -1e30 - m elsewhere).
+    masked_fill_ with the dropped cells' mask, not a product with the bool keep-mask (a float conversion per cell)."""
+    drop = ~keep
+    m = z.masked_fill_(drop, MASKED_MAX).amax(dim=-1)
     shifted = z.sub_(m.unsqueeze(-1))
-    e = torch.where(keep, shifted, 0.0).exp_().mul_(keep)
+    e = shifted.masked_fill(drop, 0.0).exp_().masked_fill_(drop, 0.0)
     s = e.sum(-1)
     t = e.mul_(shifted).sum(-1) if with_entropy else None  # 0 * finite at dropped cells
     return m, s, t
@@ -120,9 +122,15 @@ def masked_slice_stats(z: torch.Tensor, keep: torch.Tensor, with_entropy: bool):
 
 def masked_logit_grad(z, keep, lse, grad_logprob, entropy, grad_entropy) -> torch.Tensor:
     """`logit_grad` over the kept cells only: dz exactly 0 at dropped cells (log p is taken as 0 there, so no
-    coefficient can overflow). Overwrites z; lse is z's dtype or float64 (subtracted in its precision)."""
-    logp = torch.where(keep, z.sub_(lse.unsqueeze(-1)), 0.0)
-    p = logp.exp().mul_(keep)
+    coefficient can overflow). Overwrites z. A float64 lse is subtracted as two float32 parts, as in `logit_grad`
+    (a float32 tensor minus a float64 one would compute in float64: measured ~3x the time of the two parts)."""
+    drop = ~keep
+    hi = lse.to(z.dtype)
+    logp = z.sub_(hi.unsqueeze(-1))
+    if lse.dtype != z.dtype:
+        logp.sub_((lse - hi.to(lse.dtype)).to(z.dtype).unsqueeze(-1))
+    logp.masked_fill_(drop, 0.0)
+    p = logp.exp().masked_fill_(drop, 0.0)
     if grad_entropy is None:
         return p.mul_(-grad_logprob.unsqueeze(-1))
     coef = logp.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1))
