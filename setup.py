@@ -27,7 +27,7 @@ VERIFY_REQUIRES = [
 
 HF_REQUIRES = ["transformers>=4.56", "accelerate", "pyyaml", "matplotlib", "pandas", "pyarrow"]
 BENCH_REQUIRES = ["pytest-benchmark", "matplotlib", "psutil", "liger-kernel", "cut-cross-entropy", "math-verify"]
-# pacs.integrations.trl (PACSTrainer): tested with these TRL releases (pacs/integrations/trl.py: TESTED_TRL).
+# pacs.integrations.trl (PACSTrainer): tested with these TRL releases (pacs/integrations/trl/compat.py: TESTED_TRL).
 TRL_REQUIRES = ["trl>=1.16,<2"] + HF_REQUIRES
 DEV_REQUIRES = ["pytest", "pytest-benchmark", "hypothesis", "psutil", "math-verify", "peft"] + TRL_REQUIRES
 FLASH_REQUIRES = ["flash-attn>=2.6"]

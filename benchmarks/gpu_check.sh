@@ -14,7 +14,8 @@
 #   4. S1 ours: D=4096 V=131072, 16k tokens, random logits, EVERY mode of benchmarks.impls.MODES (fwd_bwd, logprob,
 #      the entropy modes, pacs_loss, pacs_loss_onpolicy, and any mode added there later, e.g. replay), our
 #      implementations with the bare GEMM and the naive path timed interleaved beside them; our gradient rows run
-#      twice more and dH/dW are compared bitwise (the determinism check);
+#      twice more and dH/dW are compared bitwise (the determinism check); the replay modes' kept-set rows with
+#      the plain op timed beside them, and replay_full (k = V: N*V kept ids) at 2k tokens in S1_replay_full;
 #   5. the kernel tests on CUDA (bf16 cases included), in parallel with pytest-xdist when it imports, under a cap
 #      that covers ~100 cold Triton compiles; interrupted at the cap (SIGINT), pytest still prints its summary;
 #   6. the trainer on CUDA: `torchrun --nproc_per_node 1 -m pacs train --preset smoke` (FSDP2, NCCL, bf16) and the
@@ -79,10 +80,10 @@ say "gpu_check $( ((DRY)) && echo 'DRY RUN ')$(date -u '+%Y-%m-%d %H:%M UTC'), c
 # Each step's cap in seconds, in the order they run. A step may run until the budget minus the caps of the steps
 # after it (and the report's reserve): it gets at least its cap when the steps before it kept to theirs, and the
 # time they left unused.
-declare -A CAP=([ceilings]=30 [S1_ours]=110 [tests]=120 [smoke_torchrun]=40 [smoke_single]=30 [varlen]=25
-  [smoke_lora]=25 [S2_anchors]=55 [S3_peaked]=15 [S3_shapes]=15 [S3_tokens]=15 [S4_compiled]=30)
-ORDER=(ceilings S1_ours tests smoke_torchrun smoke_single varlen smoke_lora S2_anchors S3_peaked S3_shapes S3_tokens
-  S4_compiled)
+declare -A CAP=([ceilings]=30 [S1_ours]=110 [S1_replay_full]=20 [tests]=125 [smoke_torchrun]=40 [smoke_single]=30
+  [varlen]=25 [smoke_lora]=25 [S2_anchors]=50 [S3_peaked]=15 [S3_shapes]=15 [S3_tokens]=10 [S4_compiled]=30)
+ORDER=(ceilings S1_ours S1_replay_full tests smoke_torchrun smoke_single varlen smoke_lora S2_anchors S3_peaked
+  S3_shapes S3_tokens S4_compiled)
 limit_of() {  # limit_of STEP: seconds this step may take now
   local after=0 seen=0 s
   for s in "${ORDER[@]}"; do
@@ -152,7 +153,8 @@ for name in ("triton", "liger-kernel", "cut-cross-entropy", "trl", "transformers
         print(f"  {name}: not installed")
 from benchmarks.impls import MODES
 first = ["fwd_bwd", "logprob", "pacs_loss", "pacs_loss_onpolicy", "fwd_bwd_entropy", "logprob_entropy"]
-print("MODES=" + ",".join([m for m in first if m in MODES] + [m for m in MODES if m not in first]))
+last = ["replay_full"]  # k = V: N*V kept ids, its own step at 2k tokens (S1_replay_full)
+print("MODES=" + ",".join([m for m in first if m in MODES] + [m for m in MODES if m not in first + last]))
 EOF
 )
 grep -v '^MODES=' <<< "$INFO"
@@ -166,6 +168,7 @@ if [[ $DRY == 1 ]]; then
   CEIL=(--device cpu --dry-run)
   MAIN=tiny; OTHERS=48x1031; BIG=256; SWEEP=64,128
   OURS=gemm,ours_sliced,ours_fused,ours_triton,ours_torch,ours_triton_2pass,ours_torch_2pass,naive
+  OURS=$OURS,ours_triton_gather,ours_triton_masked,ours_triton_plain  # the replay modes' rows
   TEST_K=(-k "unaligned or leading_dims or matches_float64_reference or deterministic or forward_impl")
   TRAIN=(--device cpu --dtype float32)
   VARLEN=(--device cpu --tokens 256 --dtype float32 --reps 1)
@@ -177,6 +180,7 @@ else
   CEIL=(--device cuda)
   MAIN=liger; OTHERS=llama3-8b,qwen2.5-7b,gemma2-2b; BIG=16k; SWEEP=2k,8k
   OURS=gemm,ours_sliced,ours_fused,ours_triton,ours_torch,ours_triton_2pass,naive
+  OURS=$OURS,ours_triton_gather,ours_triton_masked,ours_triton_plain  # the replay modes' rows
   TEST_K=()
   TRAIN=(--device cuda --dtype bfloat16)
   VARLEN=(--device cuda --dtype bfloat16 --tokens 8192 --reps 5)
@@ -190,11 +194,14 @@ run_step ceilings python3 -m benchmarks.ceilings "${CEIL[@]}" --out "$OUT/ceilin
 # ------------------------------------------------------------------------------------ 4. S1: ours, every mode
 SUITE=(python3 -m benchmarks.suite "${DEV[@]}" --out "$OUT" --no-report --time-budget @TIME_BUDGET@)
 run_step S1_ours "${SUITE[@]}" --shapes $MAIN --tokens $BIG --modes "$ALL_MODES" --logits random --impls $OURS
+# (no forced gather at k = V: it would read a weight row per kept id, N*V*D*2 bytes = 2.2 TB at 2k tokens)
+run_step S1_replay_full "${SUITE[@]}" --shapes $MAIN --tokens "${SWEEP%%,*}" --modes replay_full --logits random \
+  --impls ours_triton,ours_triton_masked,ours_triton_plain,naive
 
 # ------------------------------------------------------------------------------------------------ 5. tests
 # The kernel tests, plus every test file with a GPU-only test; CPU-only tests skip themselves on a CUDA run.
 TESTS=(tests/test_linear_logprob.py tests/test_pacs_loss.py tests/test_onpolicy.py tests/test_policy_losses.py
-       tests/test_vocab_parallel.py)
+       tests/test_vocab_parallel.py tests/test_replay.py tests/test_replay_losses.py)
 for f in $(grep -l "mark.gpu" tests/test_*.py 2> /dev/null); do
   [[ " ${TESTS[*]} " == *" $f "* ]] || TESTS+=("$f")
 done

@@ -1,8 +1,11 @@
 """The implementations the suite compares, behind one signature, and the benchmark modes.
 
 Every implementation is a function ``fn(hidden [N, D], weight [V, D], targets [N], with_entropy) -> (logprob [N],
-entropy [N] | None)``, differentiable w.r.t. hidden and weight. Loss libraries that return the per-token cross
-entropy (reduction="none") give logprob = -loss; that is exactly what an RL trainer does with them. An
+entropy [N] | None)``, differentiable w.r.t. hidden and weight. In the replay modes (kept-set log-probs: each
+token's softmax renormalized over the kept set of top-k / top-p sampling, given as a CSR) the implementations that
+take kept sets (`Impl.replay`) are called with ``kept=(kept_ids, kept_offsets)`` too; the others are skipped.
+Loss libraries that return the per-token cross entropy (reduction="none") give logprob = -loss; that is exactly
+what an RL trainer does with them. An
 implementation that cannot produce the entropy is skipped in the entropy modes (with a note), never emulated.
 
 Optional libraries (liger-kernel, cut-cross-entropy, trl) are imported on first use; a missing one turns its rows
@@ -35,6 +38,7 @@ class Mode:
     entropy: bool  # the entropy is computed (and, with grad, receives an upstream gradient)
     pacs: bool = False  # the full PACS loss (pacs_kernels.pacs_loss) rather than the bare log-prob
     on_policy: bool = False  # PACS at theta = theta_old: old log-probs (no grad) + the loss, or our one pass
+    kept: str = ""  # replay modes: the kept-set sizes (suite.KEPT_SIZES: "skewed", "uniform512", "full")
 
     def flops(self, n: int, d: int, v: int) -> int:
         """Matrix-multiply FLOPs of the op: 2*N*D*V forward; 8*N*D*V forward+backward with recomputed logits
@@ -44,6 +48,8 @@ class Mode:
         TFLOPS is the same work divided by its time (a rate, comparable across implementations).
         On-policy rows are charged 10*N*D*V, the old-log-prob pass plus forward+backward; our one-pass path does
         6*N*D*V of it (its TFLOPS can reach 10/6 of the GEMM rate).
+        The replay modes are charged the plain op's 8*N*D*V too (the masked path does it; the gather path does
+        ~6kD per token for k kept ids), so their TFLOPS is the plain op's work over their time.
         """
         if self.on_policy:
             return 10 * n * d * v
@@ -59,8 +65,13 @@ MODES = {
         Mode("fwd_bwd_entropy", grad=True, entropy=True),
         Mode("pacs_loss", grad=True, entropy=False, pacs=True),
         Mode("pacs_loss_onpolicy", grad=True, entropy=False, pacs=True, on_policy=True),
+        # fwd_bwd over kept sets: prime-rl's measured distribution (mean ~8, median 2, p99 ~80), 512, and V
+        Mode("replay_skewed", grad=True, entropy=False, kept="skewed"),
+        Mode("replay_512", grad=True, entropy=False, kept="uniform512"),
+        Mode("replay_full", grad=True, entropy=False, kept="full"),
     )
 }
+REPLAY_MODES = tuple(name for name, m in MODES.items() if m.kept)
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,7 @@ class Impl:
     compiled: bool = False  # torch.compile inside: warm up before measuring memory on CPU too
     package: str | None = None  # distribution whose version goes into the row
     only_modes: tuple[str, ...] = ()  # rows in these modes only (empty: every mode)
+    replay: bool = False  # takes kept sets (the replay modes); the others are skipped there
 
 
 class Unavailable(Exception):
@@ -86,12 +98,14 @@ class Unavailable(Exception):
 
 
 def _ours(backend: str, forward_impl: str | None = None, two_pass: bool = False,
-          memory_budget: str | None = None) -> Callable[[], LogprobFn]:
+          memory_budget: str | None = None, replay_impl: str | None = None,
+          plain: bool = False) -> Callable[[], LogprobFn]:
     """linear_logprob(backend=...), with forward_impl="sliced" / "fused" for the Triton backend's two forwards.
 
     two_pass: in the on-policy mode, old log-probs (no grad) and then pacs_loss with them (the comparison row of
     the one-pass path, which the plain rows take). memory_budget: passed as `memory_budget=` (the `NAME@BUDGET`
-    implementations, see get_impl)."""
+    implementations, see get_impl). replay_impl: "gather" / "masked" forced in the replay modes (None: "auto", the
+    crossover rule). plain: ignore the kept sets (the plain op on a replay problem, the rows' yardstick)."""
 
     def load():
         from pacs_kernels import linear_logprob
@@ -103,16 +117,30 @@ def _ours(backend: str, forward_impl: str | None = None, two_pass: bool = False,
             kwargs["forward_impl"] = forward_impl
         if memory_budget is not None:
             kwargs["memory_budget"] = memory_budget
+        if replay_impl is not None:
+            if "replay_impl" not in inspect.signature(linear_logprob).parameters:
+                raise Unavailable("this pacs_kernels' linear_logprob takes no kept sets")
+            kwargs["replay_impl"] = replay_impl
 
         budget = memory_budget or os.environ.get("PACS_KERNELS_MEMORY_BUDGET")
         state = {"note": f"memory budget {memory_budget}" if memory_budget else
                  f"PACS_KERNELS_MEMORY_BUDGET={budget}" if budget else ""}
+        state["base"] = state["note"]
 
-        def fn(h, w, y, with_entropy):
-            if backend == "triton" and forward_impl is None and "forward" not in state:
+        def fn(h, w, y, with_entropy, kept=None):
+            if backend == "triton" and forward_impl is None and kept is None and "forward" not in state:
                 state["forward"] = _resolved_forward(h)  # which forward "auto" takes, in the row's note
                 state["note"] = "; ".join(filter(None, [state["forward"], state["note"]]))
-            out = linear_logprob(h, w, y, with_entropy=with_entropy, backend=backend, **kwargs)
+            if plain:
+                kept = None
+            if kept is not None:
+                if replay_impl is None:  # what "auto" picks for this call's sets (the last call's: the timed one)
+                    state["note"] = "; ".join(filter(None, [_resolved_replay(h, w, y, kept), state["base"]]))
+                out = linear_logprob(h, w, y, with_entropy=with_entropy, backend=backend, kept_ids=kept[0],
+                                     kept_offsets=kept[1], **kwargs)
+            else:
+                out = linear_logprob(h, w, y, with_entropy=with_entropy, backend=backend,
+                                     **{k: v for k, v in kwargs.items() if k != "replay_impl"})
             return out.logprob, out.entropy
 
         fn.pacs_backend = backend  # pacs_loss mode calls pacs_kernels.pacs_loss with this backend
@@ -122,6 +150,19 @@ def _ours(backend: str, forward_impl: str | None = None, two_pass: bool = False,
         return fn
 
     return load
+
+
+def _resolved_replay(h, w, y, kept) -> str:
+    """'replay_impl auto -> gather (mean k 8.1, k* 4332)' (pacs_kernels.dispatch.resolve_replay)."""
+    try:
+        from pacs_kernels.dispatch import ReplayRequest, gather_max_mean_kept, resolve_replay
+
+        n, nnz = y.numel(), kept[0].numel()
+        request = ReplayRequest(True, False, n, nnz, w.shape[0], w.shape[1])
+        return (f"replay_impl auto -> {resolve_replay('auto', request, h.device)} (mean k {nnz / max(n, 1):.4g}, "
+                f"k* {gather_max_mean_kept(w.shape[0], w.shape[1], h.device):.0f})")
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return ""
 
 
 def _resolved_forward(h) -> str:
@@ -138,10 +179,20 @@ def _resolved_forward(h) -> str:
 
 
 def _naive():
-    """Materialized logits in the input dtype, float32 log_softmax, gather: what a user writes first."""
+    """Materialized logits in the input dtype, float32 log_softmax, gather: what a user writes first. With kept
+    sets: the logits outside each set filled with -inf first (vLLM's and prime-rl's recipe), a bool [N, V] mask."""
 
-    def fn(h, w, y, with_entropy):
-        logp = torch.log_softmax((h @ w.T).float(), dim=-1)
+    def fn(h, w, y, with_entropy, kept=None):
+        logits = (h @ w.T).float()
+        if kept is not None:
+            from pacs_kernels import kept_to_mask
+
+            logits = logits.masked_fill(~kept_to_mask(kept[0], kept[1], w.shape[0]), float("-inf"))
+            logp = torch.log_softmax(logits, dim=-1)
+            lp = logp.gather(1, y.unsqueeze(1)).squeeze(1)
+            ent = -torch.where(torch.isfinite(logp), logp.exp() * logp, 0.0).sum(-1) if with_entropy else None
+            return lp, ent
+        logp = torch.log_softmax(logits, dim=-1)
         lp = logp.gather(1, y.unsqueeze(1)).squeeze(1)
         ent = -(logp.exp() * logp).sum(-1) if with_entropy else None
         return lp, ent
@@ -293,17 +344,30 @@ IMPLS = {
     i.name: i
     for i in (
         Impl("ours_triton", "pacs triton", "ours", _ours("triton"), devices=("cuda", "interp"), entropy=True,
-             package="pacs"),
+             package="pacs", replay=True),
         Impl("ours_sliced", "pacs triton sliced", "ours", _ours("triton", "sliced"), devices=("cuda", "interp"),
-             entropy=True, package="pacs"),
+             entropy=True, package="pacs", replay=True),
         Impl("ours_fused", "pacs triton fused", "ours", _ours("triton", "fused"), devices=("cuda", "interp"),
              entropy=True, package="pacs"),
-        Impl("ours_torch", "pacs torch", "ours", _ours("torch"), entropy=True, package="pacs"),
+        Impl("ours_torch", "pacs torch", "ours", _ours("torch"), entropy=True, package="pacs", replay=True),
+        Impl("ours_triton_gather", "pacs triton gather", "ours", _ours("triton", replay_impl="gather"),
+             devices=("cuda", "interp"), entropy=True, package="pacs", only_modes=REPLAY_MODES, replay=True),
+        Impl("ours_triton_masked", "pacs triton masked", "ours", _ours("triton", replay_impl="masked"),
+             devices=("cuda", "interp"), entropy=True, package="pacs", only_modes=REPLAY_MODES, replay=True),
+        Impl("ours_torch_gather", "pacs torch gather", "ours", _ours("torch", replay_impl="gather"), entropy=True,
+             package="pacs", only_modes=REPLAY_MODES, replay=True),
+        Impl("ours_torch_masked", "pacs torch masked", "ours", _ours("torch", replay_impl="masked"), entropy=True,
+             package="pacs", only_modes=REPLAY_MODES, replay=True),
+        # The plain op (whole vocabulary, kept sets ignored) on a replay mode's problem, timed beside its rows.
+        Impl("ours_triton_plain", "pacs triton, plain op", "ours", _ours("triton", plain=True),
+             devices=("cuda", "interp"), entropy=True, package="pacs", only_modes=REPLAY_MODES, replay=True),
+        Impl("ours_torch_plain", "pacs torch, plain op", "ours", _ours("torch", plain=True), entropy=True,
+             package="pacs", only_modes=REPLAY_MODES, replay=True),
         Impl("ours_triton_2pass", "pacs triton old pass + loss", "ours", _ours("triton", two_pass=True),
              devices=("cuda", "interp"), package="pacs", only_modes=("pacs_loss_onpolicy",)),
         Impl("ours_torch_2pass", "pacs torch old pass + loss", "ours", _ours("torch", two_pass=True),
              package="pacs", only_modes=("pacs_loss_onpolicy",)),
-        Impl("naive", "naive (logits+log_softmax)", "baseline", _naive, entropy=True, package="torch"),
+        Impl("naive", "naive (logits+log_softmax)", "baseline", _naive, entropy=True, package="torch", replay=True),
         Impl("compiled_chunked", "torch.compile chunked", "baseline", _compiled_chunked, entropy=True,
              compiled=True, package="torch"),
         Impl("torch_lce", "F.linear_cross_entropy", "baseline", _torch_lce, package="torch"),
@@ -338,8 +402,10 @@ def get_impl(name: str) -> Impl:
     impl = IMPLS[base]
     backend = "torch" if "torch" in base else "triton"
     forward_impl = {"ours_sliced": "sliced", "ours_fused": "fused"}.get(base)
+    replay_impl = next((a for a in ("gather", "masked") if base.endswith("_" + a)), None)
     return dataclasses.replace(impl, name=name, label=f"{impl.label} ({budget} budget)",
-                               load=_ours(backend, forward_impl, base.endswith("_2pass"), memory_budget=budget))
+                               load=_ours(backend, forward_impl, base.endswith("_2pass"), memory_budget=budget,
+                                          replay_impl=replay_impl, plain=base.endswith("_plain")))
 
 
 def impl_base(name: str) -> str:
@@ -378,6 +444,8 @@ def skip_reason(impl: Impl, mode: Mode, device: str, interpreting: bool) -> str 
         return "no entropy output"
     if impl.only_modes and mode.name not in impl.only_modes:
         return f"{'/'.join(impl.only_modes)} only"
+    if mode.kept and not impl.replay:
+        return "takes no kept sets (replay modes)"
     return None
 
 

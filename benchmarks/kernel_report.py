@@ -96,31 +96,37 @@ def variants(arch: str = "sm_90") -> list[Variant]:
                 ))
         e = configs.elementwise
         bn, bv, warps = e.block_n, e.block_v, e.num_warps
-        for has_bias in (False, True):
-            for entropy in (False, True):
-                out.append(Variant(
-                    "slice_stats", f"{bn}x{bv} w{warps} s{e.num_stages} [{_flags(bias=has_bias, entropy=entropy)}]",
-                    dtype,
-                    {"z_ptr": "*fp32", "b_ptr": ptr, "y_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
-                     "t_ptr": "*fp32", "zy_ptr": "*fp32", "n": "i32", "v": "i32", "ldz": "i32", "v0": "i32",
-                     "inv_temp": "fp32"},
-                    dict(HAS_BIAS=has_bias, WITH_ENTROPY=entropy, BLOCK_N=bn, BLOCK_V=bv), warps, e.num_stages,
-                    divisible=("z_ptr", "b_ptr", "y_ptr", "m_ptr", "s_ptr", "t_ptr", "zy_ptr", "ldz"),
-                ))
-        for glp, gent in ((True, False), (False, True), (True, True)):
-            for has_bias, db in ((False, False), (True, False), (True, True)):
-                out.append(Variant(
-                    "logit_grad", f"{bn}x{bv} w{warps} s{e.num_stages} "
-                    f"[{_flags(bias=has_bias, glp=glp, gent=gent, db=db)}]", dtype,
-                    {"z_ptr": "*fp32", "b_ptr": ptr, "y_ptr": "*i64", "lse_hi_ptr": "*fp32", "lse_lo_ptr": "*fp32",
-                     "ent_ptr": "*fp32",
-                     "glp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": ptr, "db_ptr": "*fp32", "n": "i32",
-                     "v": "i32", "ldz": "i32", "lddz": "i32", "v0": "i32", "inv_temp": "fp32"},
-                    dict(HAS_BIAS=has_bias, HAS_GLP=glp, HAS_GENT=gent, COMPUTE_DB=db, BLOCK_N=bn, BLOCK_V=bv),
-                    warps, e.num_stages,
-                    divisible=("z_ptr", "b_ptr", "y_ptr", "lse_hi_ptr", "lse_lo_ptr", "ent_ptr", "glp_ptr",
-                               "gent_ptr", "dz_ptr", "db_ptr", "ldz", "lddz"),
-                ))
+        # ROW_T: per-token temperature (1/T read per row), every flag combination of the statistics kernel and
+        # the gradient kernel's with and without bias.
+        for row_t in (False, True):
+            for has_bias in (False, True):
+                for entropy in (False, True):
+                    out.append(Variant(
+                        "slice_stats", f"{bn}x{bv} w{warps} s{e.num_stages} "
+                        f"[{_flags(bias=has_bias, entropy=entropy, row_t=row_t)}]", dtype,
+                        {"z_ptr": "*fp32", "b_ptr": ptr, "y_ptr": "*i64", "it_ptr": "*fp32", "m_ptr": "*fp32",
+                         "s_ptr": "*fp32", "t_ptr": "*fp32", "zy_ptr": "*fp32", "n": "i32", "v": "i32", "ldz": "i32",
+                         "v0": "i32", "inv_temp": "fp32"},
+                        dict(HAS_BIAS=has_bias, WITH_ENTROPY=entropy, ROW_T=row_t, BLOCK_N=bn, BLOCK_V=bv), warps,
+                        e.num_stages,
+                        divisible=("z_ptr", "b_ptr", "y_ptr", "it_ptr", "m_ptr", "s_ptr", "t_ptr", "zy_ptr", "ldz"),
+                    ))
+            for glp, gent in ((True, False), (False, True), (True, True)):
+                for has_bias, db in ((False, False), (True, False), (True, True)):
+                    if row_t and (has_bias, db) == (True, False):
+                        continue
+                    out.append(Variant(
+                        "logit_grad", f"{bn}x{bv} w{warps} s{e.num_stages} "
+                        f"[{_flags(bias=has_bias, glp=glp, gent=gent, db=db, row_t=row_t)}]", dtype,
+                        {"z_ptr": "*fp32", "b_ptr": ptr, "y_ptr": "*i64", "it_ptr": "*fp32", "lse_hi_ptr": "*fp32",
+                         "lse_lo_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32", "gent_ptr": "*fp32",
+                         "dz_ptr": ptr, "db_ptr": "*fp32", "n": "i32", "v": "i32", "ldz": "i32", "lddz": "i32",
+                         "v0": "i32", "inv_temp": "fp32"},
+                        dict(HAS_BIAS=has_bias, HAS_GLP=glp, HAS_GENT=gent, COMPUTE_DB=db, ROW_T=row_t, BLOCK_N=bn,
+                             BLOCK_V=bv), warps, e.num_stages,
+                        divisible=("z_ptr", "b_ptr", "y_ptr", "it_ptr", "lse_hi_ptr", "lse_lo_ptr", "ent_ptr",
+                                   "glp_ptr", "gent_ptr", "dz_ptr", "db_ptr", "ldz", "lddz"),
+                    ))
         # The fallback GEMM: half-precision operands where torch lacks a float32-output GEMM; float32 operands
         # (IEEE) only where it is called directly (its test).
         g = configs.gemm
@@ -150,6 +156,7 @@ def variants(arch: str = "sm_90") -> list[Variant]:
                         dict(SCORE=score, ADVANTAGE=advantage, CLASS_BALANCE=balance, G_PAD=g_pad,
                              BLOCK_T=q.block_t), q.num_warps, q.num_stages,
                     ))
+    out += replay_variants(arch)
     return out
 
 
@@ -162,6 +169,7 @@ def _kernel_fn(name: str):
         "logit_grad": slice_kernels._logit_grad_kernel,
         "gemm_f32": slice_kernels._gemm_f32_kernel,
         "pacs_sequence": sequence_loss._pacs_sequence_kernel,
+        **replay_kernels(),
     }[name]
 
 
@@ -286,6 +294,67 @@ def main(argv=None) -> int:
     if bad:
         print("\nproblems:\n" + "\n".join(f"- {b}" for b in bad))
     return 1 if (bad and args.check) else 0
+
+
+# ------------------------------------------------------------------ kept-set replay: the gather path's kernels
+
+def replay_kernels() -> dict:
+    """Name -> kernel of `pacs_kernels/_triton/replay_kernels.py`."""
+    from pacs_kernels._triton import replay_kernels as rk
+
+    return {"gather_forward": rk._gather_forward_kernel, "gather_row_grad": rk._gather_row_grad_kernel,
+            "gather_weight_grad": rk._gather_weight_grad_kernel}
+
+
+def replay_variants(arch: str = "sm_90") -> list[Variant]:
+    """Every (kernel, flags, dtype) the gather path's CUDA launchers can launch, at the architecture's `gather`
+    entry of ARCH_CONFIGS."""
+    from pacs_kernels._triton.config import ARCH_CONFIGS
+
+    g = ARCH_CONFIGS[ARCHS[arch]].gather
+    bk, bd, warps = g.block_k, g.block_d, g.num_warps
+    blocks = dict(BLOCK_K=bk, BLOCK_D=bd)
+    config = f"{bk}x{bd} w{warps}"
+    out = []
+    for dtype, ptr in TRITON_DTYPES.items():
+        for has_bias in (False, True):
+            for entropy in (False, True):
+                out.append(Variant(
+                    "gather_forward", f"{config} [{_flags(bias=has_bias, entropy=entropy)}]", dtype,
+                    {"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": "*i64", "it_ptr": "*fp32", "ids_ptr": "*i64",
+                     "off_ptr": "*i64", "z_ptr": "*fp32", "m_ptr": "*fp32", "s_ptr": "*fp32", "t_ptr": "*fp32",
+                     "zy_ptr": "*fp32", "D": "i32", "stride_h": "i32", "stride_w": "i32"},
+                    dict(HAS_BIAS=has_bias, WITH_ENTROPY=entropy, **blocks), warps, 1,
+                    divisible=("h_ptr", "w_ptr", "b_ptr", "y_ptr", "it_ptr", "ids_ptr", "off_ptr", "z_ptr", "m_ptr",
+                               "s_ptr", "t_ptr", "zy_ptr", "D", "stride_h", "stride_w"),
+                ))
+        # dH in hidden's dtype, or float32 (the vocabulary-parallel op's partial sums, all-reduced unrounded).
+        dh_kinds = [(False, ptr), (True, ptr)] + ([(True, "*fp32")] if ptr != "*fp32" else [])
+        for glp, gent in ((True, False), (False, True), (True, True)):
+            for dh, dh_ptr in dh_kinds:
+                out.append(Variant(
+                    "gather_row_grad", f"{config} [{_flags(glp=glp, gent=gent, dh=dh, dh_f32=dh_ptr != ptr)}]",
+                    dtype,
+                    {"w_ptr": ptr, "z_ptr": "*fp32", "ids_ptr": "*i64", "off_ptr": "*i64", "y_ptr": "*i64",
+                     "it_ptr": "*fp32", "lse_hi_ptr": "*fp32", "lse_lo_ptr": "*fp32", "ent_ptr": "*fp32",
+                     "glp_ptr": "*fp32", "gent_ptr": "*fp32", "a_ptr": "*fp32", "dh_ptr": dh_ptr, "D": "i32",
+                     "stride_w": "i32", "stride_dh": "i32"},
+                    dict(HAS_GLP=glp, HAS_GENT=gent, COMPUTE_DH=dh, **blocks), warps, 1,
+                    divisible=("w_ptr", "z_ptr", "ids_ptr", "off_ptr", "y_ptr", "it_ptr", "lse_hi_ptr",
+                               "lse_lo_ptr", "ent_ptr", "glp_ptr", "gent_ptr", "a_ptr", "dh_ptr", "D", "stride_w",
+                               "stride_dh"),
+                ))
+        for dw, db in ((True, False), (False, True), (True, True)):
+            out.append(Variant(
+                "gather_weight_grad", f"{config} [{_flags(dw=dw, db=db)}]", dtype,
+                {"h_ptr": ptr, "a_ptr": "*fp32", "order_ptr": "*i64", "rows_ptr": "*i32", "uniq_ptr": "*i64",
+                 "starts_ptr": "*i64", "nuniq_ptr": "*i64", "dw_ptr": ptr, "db_ptr": ptr, "D": "i32",
+                 "stride_h": "i32", "stride_dw": "i32"},
+                dict(COMPUTE_DW=dw, COMPUTE_DB=db, **blocks), warps, 1,
+                divisible=("h_ptr", "a_ptr", "order_ptr", "rows_ptr", "uniq_ptr", "starts_ptr", "nuniq_ptr", "dw_ptr",
+                           "db_ptr", "D", "stride_h", "stride_dw"),
+            ))
+    return out
 
 
 if __name__ == "__main__":

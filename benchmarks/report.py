@@ -9,7 +9,11 @@ Derived columns, per (device, dtype, shape, logit distribution, mode, tokens, lo
 - pct_gemm = time(bare GEMM) / time(row): the fraction of the bare matrix-multiply rate the row reaches;
 - vs_anchor = time / the fastest anchor's (the fastest "baseline" row by median time, i.e. not pacs and not the
   bare GEMM);
-- mem_vs_naive = peak extra memory / the naive path's, time_vs_naive = time / the naive path's.
+- mem_vs_naive = peak extra memory / the naive path's, time_vs_naive = time / the naive path's;
+- replay modes (kept-set log-probs): time_vs_plain, mem_vs_plain = time, peak extra memory / the plain op's over the
+  whole vocabulary: the `*_plain` implementation of the same backend timed in the same group (ours_torch_plain
+  beside ours_torch, ours_torch_gather, ...), else the same implementation's fwd_bwd row at the same shape and
+  tokens (a ratio of medians).
 Time ratios of rows timed interleaved in one group (the same `timing_id`, suite.Runner) are the median of the
 per-round ratios (measure.ratio_stats), with their minimum and maximum (`<name>_min`, `<name>_max`) and the number
 of pairs (`<name>_pairs`); rows from different runs fall back to the ratio of their medians (`_pairs` 0).
@@ -29,12 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = Path(os.environ.get("PACS_RESULTS_MD") or ROOT / "benchmarks" / "RESULTS.md").resolve()
 KEY = ("device", "dtype", "impl", "mode", "shape", "dist", "n", "load", "threads")
 GROUP = ("device", "dtype", "shape", "dist", "mode", "n", "load", "threads")
-MODE_ORDER = ["fwd_bwd", "fwd_bwd_entropy", "pacs_loss", "logprob", "logprob_entropy"]
+MODE_ORDER = ["fwd_bwd", "replay_skewed", "replay_512", "replay_full", "fwd_bwd_entropy", "pacs_loss", "logprob",
+              "logprob_entropy"]
 CSV_FIELDS = [
     "device", "device_name", "dtype", "mode", "shape", "d", "v", "dist", "n", "load", "threads", "loadavg_1m",
     "impl", "label", "family", "status", "time_ms", "time_ms_min", "tflops", "pct_gemm", "pct_gemm_min",
     "pct_gemm_max", "vs_anchor", "vs_anchor_min", "vs_anchor_max", "fastest_anchor", "peak_extra_mib", "output_mib",
     "mem_vs_naive", "time_vs_naive", "time_vs_naive_min", "time_vs_naive_max", "time_vs_naive_pairs",
+    "time_vs_plain", "time_vs_plain_min", "time_vs_plain_max", "time_vs_plain_pairs", "mem_vs_plain",
     "bitwise_repeat", "repeat_max_diff", "err_logprob", "err_entropy", "err_dh",
     "err_dw", "acc_tokens", "flops", "warmup", "reps",
     "version", "preset", "date", "note",
@@ -142,7 +148,33 @@ def derive(rows: list[dict], pool: list[dict] | None = None) -> list[dict]:
             _put_ratio(row, "time_vs_naive", time_ratio(row, naive))
             row["mem_vs_naive"] = (row["peak_extra_mib"] / naive["peak_extra_mib"]
                                    if naive.get("peak_extra_mib") and row.get("peak_extra_mib") is not None else None)
+        if row["mode"].startswith("replay_") and not row["impl"].endswith("_plain"):
+            plain = _plain_row(ok, row)
+            if plain:
+                if plain["mode"] == row["mode"]:  # the *_plain row of the same group: its interleaved partner
+                    plain = partner(row, plain)
+                row["plain_time_ms"], row["plain_peak_extra_mib"] = plain["time_ms"], plain.get("peak_extra_mib")
+                _put_ratio(row, "time_vs_plain", time_ratio(row, plain))
+                row["mem_vs_plain"] = (row["peak_extra_mib"] / plain["peak_extra_mib"]
+                                       if plain.get("peak_extra_mib") and row.get("peak_extra_mib") is not None
+                                       else None)
     return rows
+
+
+def _plain_row(ok: dict, row: dict) -> dict | None:
+    """The plain op's row for a replay row: the `*_plain` implementation of its backend in the same group (timed
+    interleaved beside it), else the fwd_bwd row of the same implementation (without its forced algorithm:
+    ours_torch_gather -> ours_torch) at the same device, dtype, shape, logits, tokens, load and threads."""
+    group = tuple(row.get(k) for k in GROUP)
+    impl = row["impl"].partition("@")[0]
+    backend = "ours_torch" if impl.startswith("ours_torch") else "ours_triton" if impl.startswith("ours_") else None
+    if backend and group + (backend + "_plain",) in ok:
+        return ok[group + (backend + "_plain",)]
+    plain_group = tuple(row.get(k) if k != "mode" else "fwd_bwd" for k in GROUP)
+    for name in (impl, impl.rsplit("_", 1)[0]):
+        if plain_group + (name,) in ok:
+            return ok[plain_group + (name,)]
+    return None
 
 
 def _order(rows: list[dict]) -> list[dict]:
@@ -253,6 +285,10 @@ def markdown_tables(rows: list[dict]) -> str:
         groups.setdefault((row["device"], row["dtype"], row["mode"], row["dist"], row.get("load"),
                            row.get("threads")), []).append(row)
     for (device, dtype, mode, dist, load, threads), group in groups.items():
+        if mode.startswith("replay_"):
+            out += replay_table(device, dtype, f"{mode} ({device}, {dtype}, {dist} logits{load_text(load, threads)}",
+                                group)
+            continue
         stats = next((r.get("dist_stats") for r in reversed(group) if r.get("dist_stats")), None)
         loads = sorted({r.get("loadavg_1m") for r in group if r.get("loadavg_1m") is not None})
         where = (f"; 1-minute load average {loads[0]:.2f}" + (f"-{loads[-1]:.2f}" if loads[-1] != loads[0] else "")
@@ -288,6 +324,44 @@ def markdown_tables(rows: list[dict]) -> str:
             out.append(f"- {label} ({', '.join(sorted(modes))}): {note}")
         out.append("")
     return "\n".join(out)
+
+
+def _time_range(row: dict) -> str:
+    times = row.get("time_ms_all") or []
+    return f"{_sig(min(times))}-{_sig(max(times))} ({len(times)})" if len(times) > 1 else "–"
+
+
+def replay_table(device: str, dtype: str, title: str, group: list[dict]) -> list[str]:
+    """A replay mode's table: time with its range over the timed calls, memory, and both against the plain op
+    (`_plain_row`), with the kept-set sizes of each problem (measured on it)."""
+    out = [f"#### {title}; kept-set log-probs, forward + backward)", ""]
+    sizes = {}
+    for r in group:
+        if r.get("kept_stats"):
+            sizes[(r["shape"], r["n"])] = r["kept_stats"]
+    for (shape, n), k in sizes.items():
+        out.append(f"kept-set sizes at {shape}, N={n}: mean {_sig(k.get('mean'))}, p50 {_sig(k.get('p50'))}, "
+                   f"p99 {_sig(k.get('p99'))}, singletons {_sig(k.get('singleton'))}  ")
+    loads = sorted({r.get("loadavg_1m") for r in group if r.get("loadavg_1m") is not None})
+    if loads:
+        out.append(f"1-minute load average {loads[0]:.2f}" + (f"-{loads[-1]:.2f}" if loads[-1] != loads[0] else "")
+                   + " when timed")
+    out += ["", "| shape (D x V) | N | implementation | ms (median) | ms min-max (calls) | time / plain op | "
+            "peak extra MiB | mem / plain op | bitwise repeat | err logprob | err dH | err dW | note |",
+            "|" + "---|" * 13]
+    for r in group:
+        ok = r["status"] == "ok"
+        note = r.get("note", "") if ok else f"**{r['status']}**: {r.get('note', '')}"
+        bitwise = r.get("bitwise_repeat")
+        out.append("| " + " | ".join([
+            f"{r['shape']} ({r['d']} x {r['v']})", str(r["n"]), r["label"], _sig(r.get("time_ms")) if ok else "–",
+            _time_range(r) if ok else "–", _spread(r, "time_vs_plain"),
+            _sig(r.get("peak_extra_mib")) if ok else "–", _ratio(r.get("mem_vs_plain")),
+            "–" if bitwise is None else ("yes" if bitwise else f"**no** ({r.get('repeat_max_diff', 0):.1e})"),
+            _exp(r.get("err_logprob")), _exp(r.get("err_dh")), _exp(r.get("err_dw")), note.replace("|", "/"),
+        ]) + " |")
+    out.append("")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- the goals

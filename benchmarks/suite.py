@@ -18,6 +18,11 @@ the report's ratios (time / naive, % of the bare GEMM, / fastest anchor) are med
 their range, so a burst of load from another process moves both sides of a ratio alike. `--load busy` runs the
 timing with one busy CPU-bound process beside it (a shared machine), `--threads` sets torch's threads per row.
 
+Replay modes (replay_skewed, replay_512, replay_full): forward+backward of the kept-set log-prob (each token's
+softmax renormalized over its top-k / top-p kept set: pacs_kernels' kept_ids / kept_offsets) with the sizes of
+KEPT_SIZES, the targets drawn from the sets. The `*_plain` implementations run the plain op (the whole vocabulary)
+on the same problem, timed interleaved beside the replay rows: the tables' time / plain op and mem / plain op.
+
 Output: rows stream into OUT/results.jsonl as each row's group finishes (a killed run keeps what it measured);
 results.csv, results.json, results.md and plot.png are rebuilt from all rows in OUT. OUT is a fresh
 runs/benchmarks/<device>-<preset>-<time> folder unless --out names one; the section of benchmarks/RESULTS.md
@@ -61,13 +66,15 @@ SHAPES = {
 }
 
 # Defaults per preset: shapes, tokens, modes. Explicit --shapes/--tokens/--modes/--impls override them.
+# replay_full (k = V: N*V kept ids) is run explicitly at few tokens (benchmarks/gpu_check.sh: 2k tokens).
 PRESETS = {
     ("cuda", False): (["liger", "llama3-8b", "qwen2.5-7b", "gemma2-2b"], [2048, 8192, 16384],
                       ["fwd_bwd", "logprob", "fwd_bwd_entropy", "logprob_entropy", "pacs_loss",
-                       "pacs_loss_onpolicy"]),
+                       "pacs_loss_onpolicy", "replay_skewed", "replay_512"]),
     ("cuda", True): (["liger"], [16384], ["fwd_bwd", "logprob"]),
     ("cpu", False): (["cpu-qwen-vocab", "cpu-mid", "cpu-d1024"], [1024, 2048, 4096],
-                     ["fwd_bwd", "logprob", "fwd_bwd_entropy", "logprob_entropy", "pacs_loss"]),
+                     ["fwd_bwd", "logprob", "fwd_bwd_entropy", "logprob_entropy", "pacs_loss", "replay_skewed",
+                      "replay_512"]),
     ("cpu", True): (["cpu-qwen-vocab"], [1024, 2048], ["fwd_bwd"]),
 }
 # The CPU quick preset compares the torch backend with the naive path, CCE's torch_compile and
@@ -76,6 +83,13 @@ QUICK_CPU_IMPLS = ["gemm", "ours_torch", "naive", "torch_lce", "cce_compile"]
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 PACS_SEQS, PACS_GROUP = 16, 8  # pacs_loss mode: 16 packed answers, groups of 8
+# Kept-set sizes of the replay modes. "skewed": prime-rl #2979's measured top_p = 0.97 distribution (mean ~8,
+# median 2, p99 ~82, 45-48% singletons): a singleton with probability 0.45, else ceil(exp(N(1.927, 1.175^2)))
+# clamped to [2, 512] (the lognormal's parameters solve mean 13.7 and 98.2th percentile 80 for the non-singletons,
+# i.e. mean 8 and p99 80 overall). "uniform512": 512 ids per token. "full": every id (k = V: the masked path's
+# worst case, N*V entries). The ids are uniform at random without repetition, the target one of them.
+KEPT_SIZES = ("skewed", "uniform512", "full")
+SKEWED_SINGLETON, SKEWED_MU, SKEWED_SIGMA, SKEWED_MAX = 0.45, 1.927, 1.175, 512
 LOGIT_STD = 4.0  # random hidden/weight scaled so that the logits have this standard deviation
 
 
@@ -142,6 +156,53 @@ class Problem:
     old_logprob: object = None
     cu_seqlens: object = None
     rewards: object = None
+    kept: tuple | None = None  # replay modes: (kept_ids, kept_offsets)
+    kept_stats: dict | None = None  # their sizes: mean, p50, p99, singleton fraction
+
+
+def kept_sizes_for(kind: str, n: int, v: int, gen, dev):
+    """Kept-set size per token [n] (int64) of a KEPT_SIZES kind."""
+    import torch
+
+    if kind == "skewed":
+        u = torch.rand(n, generator=gen, device=dev)
+        z = torch.randn(n, generator=gen, device=dev, dtype=torch.float64)
+        tail = (SKEWED_MU + SKEWED_SIGMA * z).exp().ceil().clamp(2, SKEWED_MAX).long()
+        return torch.where(u < SKEWED_SINGLETON, 1, tail).clamp_max(v)
+    if kind == "uniform512":
+        return torch.full((n,), min(512, v), dtype=torch.long, device=dev)
+    if kind == "full":
+        return torch.full((n,), v, dtype=torch.long, device=dev)
+    raise ValueError(f"unknown kept-set sizes {kind!r}; known: {', '.join(KEPT_SIZES)}")
+
+
+def kept_sets_for(kind: str, n: int, v: int, gen, dev, chunk_elements: int = 1 << 26):
+    """(targets [n], (kept_ids int32, kept_offsets int32 or int64), size stats) of a replay mode: per token a
+    KEPT_SIZES-sized set of distinct uniform ids (the top of a random ranking of the vocabulary, drawn in chunks of
+    tokens), the target drawn from it."""
+    import torch
+
+    from pacs_kernels import kept_from_padded, kept_size_summary
+
+    sizes = kept_sizes_for(kind, n, v, gen, dev)
+    if kind == "full":
+        dtype = torch.int32 if n * v < 2**31 else torch.int64
+        ids = torch.arange(v, dtype=dtype, device=dev).repeat(n)
+        offsets = torch.arange(0, n * v + 1, v, dtype=torch.int64, device=dev).to(dtype)
+        targets = torch.randint(0, v, (n,), generator=gen, device=dev)
+    else:
+        width = int(sizes.max())
+        rows = max(1, min(n, chunk_elements // v))
+        padded = torch.empty(n, width, dtype=torch.int32, device=dev)
+        for n0 in range(0, n, rows):  # a random ranking of the vocabulary per token: its top `width` ids
+            keys = torch.rand(min(rows, n - n0), v, generator=gen, device=dev)
+            padded[n0:n0 + rows] = keys.topk(width, dim=1).indices.to(torch.int32)
+            del keys
+        pick = (torch.rand(n, generator=gen, device=dev) * sizes).long().clamp_max(sizes - 1)
+        targets = padded.gather(1, pick.unsqueeze(1)).squeeze(1).long()
+        ids, offsets = kept_from_padded(padded, sizes)
+    stats = {k: round(x, 3) for k, x in kept_size_summary(offsets).items()}
+    return targets, (ids, offsets), stats
 
 
 DISTS = ("random", "peaked")
@@ -243,7 +304,7 @@ def problem_stats(hidden, weight, targets, max_tokens: int = 256) -> dict:
 
 
 def make_problem(n: int, d: int, v: int, st: Settings, seed: int, *, grad: bool, pacs: bool,
-                 old_from_reference: bool = False, dist: str = "random") -> Problem:
+                 old_from_reference: bool = False, dist: str = "random", kept: str = "") -> Problem:
     """Hidden [n, d], weight [v, d], targets, upstream gradients.
 
     dist "random": independent Gaussian hidden and weight scaled so that the logits have std LOGIT_STD, uniform
@@ -251,6 +312,7 @@ def make_problem(n: int, d: int, v: int, st: Settings, seed: int, *, grad: bool,
     "peaked": a language-model-like softmax (peaked_inputs), targets sampled from it.
     old_logprob (pacs only): the float64 reference log-prob plus N(0, 0.01) noise when `old_from_reference`
     (small accuracy problems: a realistic, unsaturated PACS score), else -log(V) + N(0, 0.1) (timing problems).
+    kept (replay modes): kept sets of that KEPT_SIZES kind, the targets drawn from them (`kept_sets_for`).
     """
     import torch
 
@@ -272,9 +334,12 @@ def make_problem(n: int, d: int, v: int, st: Settings, seed: int, *, grad: bool,
     else:
         raise ValueError(f"unknown logit distribution {dist!r}; known: {', '.join(DISTS)}")
     hidden, weight = hidden.requires_grad_(grad), weight.requires_grad_(grad)
+    kept_sets = kept_stats = None
+    if kept:
+        targets, kept_sets, kept_stats = kept_sets_for(kept, n, v, gen, dev)
     grad_lp = torch.randn(n, generator=gen, device=dev)
     grad_ent = torch.randn(n, generator=gen, device=dev)
-    prob = Problem(hidden, weight, targets, grad_lp, grad_ent)
+    prob = Problem(hidden, weight, targets, grad_lp, grad_ent, kept=kept_sets, kept_stats=kept_stats)
     if pacs:
         prob.cu_seqlens, prob.rewards = pacs_layout(n, dev)
         noise = torch.randn(n, generator=gen, device=dev)
@@ -343,7 +408,7 @@ def make_call(fn, mode, prob: Problem):
             lp, ent = fn(h, w, y, False)
             loss = pacs_from_logprob(lp, prob, old=old).loss
         else:
-            lp, ent = fn(h, w, y, mode.entropy)
+            lp, ent = fn(h, w, y, mode.entropy, kept=prob.kept) if prob.kept is not None else fn(h, w, y, mode.entropy)
             loss = (lp * prob.grad_lp).sum()
             if mode.entropy:
                 loss = loss + (ent * prob.grad_ent).sum()
@@ -383,7 +448,13 @@ def reference_outputs(mode, prob: Problem):
     h = prob.hidden.detach().double().requires_grad_(mode.grad)
     w = prob.weight.detach().double().requires_grad_(mode.grad)
     with torch.set_grad_enabled(mode.grad):
-        lp, ent = reference_logprob(h, w, prob.targets, mode.entropy)
+        if prob.kept is not None:  # the kept-set reference: masked, materialized float64 logits
+            from pacs_kernels import linear_logprob_reference
+
+            lp, ent = linear_logprob_reference(h, w, prob.targets, kept_ids=prob.kept[0], kept_offsets=prob.kept[1],
+                                               with_entropy=mode.entropy, compute_dtype=torch.float64)
+        else:
+            lp, ent = reference_logprob(h, w, prob.targets, mode.entropy)
         if not mode.grad:
             return lp, ent, None, None
         if mode.pacs:
@@ -474,11 +545,11 @@ class Runner:
         self.stats: dict[tuple, dict] = {}  # (n, d, v, dist) -> problem_stats of the timing problem
 
     def get_problem(self, spec: Spec, mode) -> Problem:
-        key = (spec.n, spec.d, spec.v, mode.grad, mode.pacs, spec.dist)
+        key = (spec.n, spec.d, spec.v, mode.grad, mode.pacs, spec.dist, mode.kept)
         if key != self.problem_key:
             self.problem = None  # free the previous inputs first
             self.problem = make_problem(spec.n, spec.d, spec.v, self.st, self.st.seed, grad=mode.grad,
-                                        pacs=mode.pacs, dist=spec.dist)
+                                        pacs=mode.pacs, dist=spec.dist, kept=mode.kept)
             self.problem_key = key
             stats_key = (spec.n, spec.d, spec.v, spec.dist)
             if stats_key not in self.stats:
@@ -495,7 +566,7 @@ class Runner:
             return self.accuracy[key]
         n = self.st.acc_tokens
         prob = make_problem(n, spec.d, spec.v, self.st, self.st.seed + 1, grad=mode.grad, pacs=mode.pacs,
-                            old_from_reference=True, dist=spec.dist)
+                            old_from_reference=True, dist=spec.dist, kept=mode.kept)
         ref_key = (spec.d, spec.v, spec.mode, spec.dist)
         if ref_key != self.ref_key:
             self.ref = None
@@ -549,7 +620,8 @@ class Runner:
         if call is None:
             return why, None
         row = {}
-        if fn is not None and self.st.acc_tokens and accuracy:
+        # (a *_plain row on a replay problem ignores the kept sets: the kept-set reference is not its spec)
+        if fn is not None and self.st.acc_tokens and accuracy and not spec.impl.partition("@")[0].endswith("_plain"):
             row.update(self.errors(fn, spec, MODES[spec.mode]))  # also the first call: imports, compilation
         for _ in range(self.warmup_calls(spec)):
             out = call()
@@ -562,6 +634,8 @@ class Runner:
             extra, out_bytes = peak_extra_bytes(call, self.st.device)
             row.update(peak_extra_mib=extra / MiB, output_mib=out_bytes / MiB)
         row["dist_stats"] = self.stats.get((spec.n, spec.d, spec.v, spec.dist))
+        if MODES[spec.mode].kept:
+            row["kept_stats"] = self.problem.kept_stats
         note = getattr(fn, "state", {}).get("note", "") if fn is not None else ""
         if get_impl(spec.impl).family == "floor":
             note = "matrix products only; holds [N x V]"

@@ -79,7 +79,10 @@ class TrainConfig:
     prompts_per_step: int = opt(32, "prompts per rollout batch", "rollout")
     group_size: int = opt(8, "G: answers sampled per prompt", "rollout")
     temperature: float = opt(1.0, "rollout sampling temperature (also the log-prob temperature)", "rollout")
-    top_p: float = opt(1.0, "rollout nucleus sampling", "rollout")
+    top_p: float = opt(1.0, "rollout nucleus sampling; with --top-p, --top-k or --min-p every log-prob of the update "
+                       "is renormalized over each token's kept set, recorded while sampling", "rollout")
+    top_k: int = opt(0, "rollout top-k sampling (0 = off)", "rollout")
+    min_p: float = opt(0.0, "rollout min-p sampling: keep tokens with p >= min_p * p_max (0 = off)", "rollout")
     max_new_tokens: int = opt(1024, "longest response", "rollout", eval=True)
     generation_batch: int = opt(256, "sequences per generate() call", "rollout", eval=True)
     # algorithm
@@ -285,6 +288,8 @@ def _problems(cfg: TrainConfig) -> list[str]:
     check("entropy_coef", finite, "a finite number")
     for name in ("top_p", "eval_top_p"):
         check(name, lambda x: 0 < x <= 1, "in (0, 1]")
+    check("top_k", lambda x: x >= 0, ">= 0 (0 = off)")
+    check("min_p", lambda x: 0 <= x < 1, "in [0, 1) (0 = off)")
     for name in ("adam_beta1", "adam_beta2"):
         check(name, lambda x: 0 <= x < 1, "in [0, 1)")
     check("sft_noise", lambda x: 0 <= x <= 1, "in [0, 1]")

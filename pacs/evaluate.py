@@ -41,7 +41,8 @@ def ks_for(n: int) -> list[int]:
 def evaluate(generator: Generator, tokenizer, problems, prompts, *, n: int, temperature: float, top_p: float,
              max_new_tokens: int) -> dict:
     """Sample n answers per problem, verify them, and return {"n", "pass@k": {k: value}, "correct": [...]}."""
-    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                            record_kept=False)  # pass@k needs no log-probs, hence no kept sets
     rollouts = generator.generate(prompts, params)
     texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
     answers = [p.answer for p in problems for _ in range(n)]

@@ -5,7 +5,9 @@ The row of a training step in RUN/metrics.jsonl (`phase: train`): reward and acc
 loss and gradient norm of its optimizer steps, the score psi's mean and spread, the implicit critic's Brier score
 and AUC (pooled, and within groups: `critic_auc_group`), the correlation of psi with the reference's mean token
 log-prob (`critic_ref_lp_corr`), GRPO/RLOO's clip fraction, the mean response-token entropy, skipped steps,
-response length and truncation, throughput, the learning rate and peak memory.
+response length and truncation, throughput, the learning rate and peak memory; with truncated sampling (--top-k,
+--top-p, --min-p) the kept-set size over the batch's response tokens (`kept_mean`, `kept_p50`, `kept_p99`,
+`kept_singleton`: the share of tokens whose set held one id, i.e. whose log-prob is 0).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from pacs_kernels import kept_size_summary
 
 from .evaluate import save_result, summary_line
 from .plot import plot_run
@@ -118,7 +122,19 @@ class StepStats:
             "step_seconds": t_total,
             "lr": lr,
             "peak_memory_mb": peak_memory_mb(device),
+            **kept_set_fields(rollouts),
         }
+
+
+def kept_set_fields(rollouts: list) -> dict:
+    """kept_mean, kept_p50, kept_p99, kept_singleton over the response tokens of the rollouts that carry kept sets
+    (truncated sampling); none without them."""
+    offsets = [r.kept.offsets for r in rollouts if getattr(r, "kept", None) is not None]
+    if not offsets:
+        return {}
+    sizes = torch.cat([o[1:].long() - o[:-1].long() for o in offsets])
+    summary = kept_size_summary(torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]))
+    return {f"kept_{name}": value for name, value in summary.items()}
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -136,24 +136,68 @@ def load_pretrained(name_or_path: str, *, dtype: torch.dtype, attn_implementatio
 
 @dataclass
 class PackedBatch:
-    """S sequences (prompt + response) packed into one row of N tokens."""
+    """S sequences (prompt + response) packed into one row of N tokens; with truncated sampling also each row's
+    kept set (CSR over the N rows: empty at the rows that predict no response token) and, when the sequences were
+    sampled at different temperatures, the temperature of each row."""
 
     input_ids: torch.Tensor  # [1, N]
     position_ids: torch.Tensor  # [1, N]
     targets: torch.Tensor  # [N]: next token at positions that predict a response token, else IGNORE_INDEX
     cu_seqlens: torch.Tensor  # [S+1] int32
+    kept_ids: torch.Tensor | None = None  # [nnz] int32: the kept ids, row after row
+    kept_offsets: torch.Tensor | None = None  # [N + 1]
+    temperature: float | torch.Tensor | None = None  # the sequences' sampling temperature: a number, or [N] float32
+    #                                                 when they differ; None: the run's --temperature
 
     @property
     def n_tokens(self) -> int:
         return self.input_ids.shape[1]
 
     def to(self, device) -> "PackedBatch":
-        return PackedBatch(*(t.to(device) for t in (self.input_ids, self.position_ids, self.targets, self.cu_seqlens)))
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t
+        return PackedBatch(*(move(t) for t in (self.input_ids, self.position_ids, self.targets, self.cu_seqlens,
+                                               self.kept_ids, self.kept_offsets, self.temperature)))
+
+    def head_options(self, temperature: float) -> dict:
+        """The keywords of pacs_kernels' log-prob ops for this batch: its per-row temperature (else `temperature`)
+        and its kept sets."""
+        return dict(temperature=temperature if self.temperature is None else self.temperature,
+                    kept_ids=self.kept_ids, kept_offsets=self.kept_offsets)
 
 
-def pack_sequences(prompts: list[list[int]], responses: list[list[int]]) -> PackedBatch:
+def pack_sequences(prompts: list[list[int]], responses: list[list[int]], *, kept: list | None = None,
+                   temperatures: list[float | None] | None = None) -> PackedBatch:
     """Pack (prompt, response) pairs; position t of a sequence predicts token t+1, counted when that is a response
-    token. Every prompt needs at least one token."""
+    token. Every prompt needs at least one token.
+
+    kept: each response's kept sets (`pacs_kernels.KeptSets` with one set per response token, from truncated
+    sampling), or None for all: packed beside the tokens with `pacs_kernels.kept_concat`, empty sets at the rows
+    that predict a prompt token or nothing. temperatures: each sequence's sampling temperature (None entries: not
+    recorded): their value when they agree, a tensor [N] when they differ."""
+    batch = _pack_tokens(prompts, responses)
+    if kept is not None and any(k is not None for k in kept):
+        if any(k is None for k in kept):
+            raise ValueError("some responses have kept sets and others none: all were sampled with truncation or "
+                             "none; pack them in separate batches")
+        parts = []
+        for prompt, response, sets in zip(prompts, responses, kept):
+            if sets.offsets.numel() != len(response) + 1:
+                raise ValueError(f"a response of {len(response)} tokens comes with {sets.offsets.numel() - 1} kept "
+                                 "sets; there must be one per response token")
+            parts += [pacs_kernels.kept_empty(len(prompt) - 1), sets, pacs_kernels.kept_empty(1)]
+        batch.kept_ids, batch.kept_offsets = pacs_kernels.kept_concat(parts)
+    known = [t for t in (temperatures or []) if t is not None]
+    if known and len(known) != len(prompts):
+        raise ValueError("some sequences have a sampling temperature and others none")
+    if len(set(known)) == 1:
+        batch.temperature = float(known[0])
+    elif known:
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+        batch.temperature = torch.repeat_interleave(torch.tensor(known, dtype=torch.float32), lengths)
+    return batch
+
+
+def _pack_tokens(prompts: list[list[int]], responses: list[list[int]]) -> PackedBatch:
     ids, pos, tgt, cu = [], [], [], [0]
     for prompt, response in zip(prompts, responses):
         if not prompt:
@@ -195,8 +239,9 @@ def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
 
 def packed_logprobs(model, batch: PackedBatch, *, temperature: float, backend: str = "auto",
                     with_entropy: bool = False) -> pacs_kernels.LogprobOutput:
-    """Per-token log-probs (and entropy) of the targets, fused: no logits."""
+    """Per-token log-probs (and entropy) of the targets, fused: no logits; over each token's kept set and at its
+    own temperature where the batch has them (`PackedBatch.head_options`)."""
     hidden = packed_hidden_states(model, batch)
     weight, bias = lm_head_params(model)
-    return pacs_kernels.linear_logprob(hidden, weight, batch.targets, bias=bias, temperature=temperature,
-                                       with_entropy=with_entropy, backend=backend)
+    return pacs_kernels.linear_logprob(hidden, weight, batch.targets, bias=bias, with_entropy=with_entropy,
+                                       backend=backend, **batch.head_options(temperature))

@@ -93,8 +93,8 @@ def train(cfg: TrainConfig) -> Path:
     reference = SnapshotReference(model, cfg)  # --reference snapshot:K (PACS v2); none with --reference old
     checkpoints = session.checkpoints(optimizer, scheduler, extra_models=reference.extra_models())
     resume, in_warmup = resume_point(session.run_dir, cfg.resume)
-    sampling = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_new_tokens=cfg.max_new_tokens)
+    sampling = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                              min_p=cfg.min_p, max_new_tokens=cfg.max_new_tokens)
     state = TrainState()
     with RunLog.start(session, resuming=resume is not None) as log, StopFlag(dist) as stop:
         if resume is not None and not in_warmup:

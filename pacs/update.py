@@ -19,6 +19,10 @@ gradient pass is then a dropout sample of the policy, and the one pass keeps the
 cleared too with `--reset-optimizer`), its log-probs take the old-log-prob slot of every mini-batch, and
 checkpoints carry it (`reference.pt`), so a resumed run scores against the same snapshot.
 
+Truncated sampling (--top-k, --top-p, --min-p): the rollouts carry each token's kept set (pacs/rollout.py); they
+are packed beside the tokens, and every log-prob of the update (the old and snapshot-reference passes and the loss)
+is renormalized over them, at each sequence's own sampling temperature where they differ (docs/replay.md).
+
 Under torchrun each rank holds its part of every mini-batch (`Distribution.share`), its loss is scaled so that
 FSDP's averaged gradients are the single-process ones (`distributed.loss_scales`, 1 in one process), and the
 statistics come back merged across ranks (`StepStats.merge`).
@@ -93,8 +97,8 @@ def policy_loss(model, batch: PackedBatch, old_logprob: torch.Tensor | None, rew
     hidden = packed_hidden_states(model, batch)
     weight, bias = lm_head_params(model)
     entropy_coef = settings.entropy_coef if entropy_coef is None else entropy_coef
-    common = dict(group_size=settings.group_size, temperature=settings.temperature, bias=bias,
-                  entropy_coef=entropy_coef, with_entropy=True, backend=settings.backend)
+    common = dict(group_size=settings.group_size, bias=bias, entropy_coef=entropy_coef, with_entropy=True,
+                  backend=settings.backend, **batch.head_options(settings.temperature))
     args = (hidden, weight, batch.targets, old_logprob, rewards, batch.cu_seqlens)
     if settings.algo == "pacs":
         out = pacs_kernels.pacs_loss(*args, beta=settings.beta, score=settings.score, advantage=settings.advantage,
@@ -217,7 +221,8 @@ def update_on_rollouts(model, optimizer, scheduler, rollouts: list[Rollout], rew
     minibatches = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         chunk = rollouts[a * G:b * G]
-        batch = pack_sequences([r.prompt_ids for r in chunk], [r.response_ids for r in chunk]).to(device)
+        batch = pack_sequences([r.prompt_ids for r in chunk], [r.response_ids for r in chunk],
+                               kept=[r.kept for r in chunk], temperatures=[r.temperature for r in chunk]).to(device)
         r = torch.tensor(rewards[a * G:b * G], dtype=torch.float32, device=device)
         minibatches.append((batch, r))
     # Old log-probs under the rollout policy (or the snapshot reference), before the first optimizer step.

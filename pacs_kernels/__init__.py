@@ -11,6 +11,10 @@ Triton kernels with a PyTorch twin each, importable alone (torch; Triton optiona
   before the forward (the three losses' on-policy step, old_logprob=None; an NLL).
 - `reference`: the specification of every op (materialized, float64-capable); the tests hold the ops to it.
 - `segment_sum`, `segment_ids`: per-sequence sums on the packed layout, exact and deterministic on every device.
+- Sampling-consistent log-probs (docs/replay.md): every op above takes `temperature=` as a number or a per-token
+  tensor and `kept_ids=`, `kept_offsets=`, the kept sets of top-k / top-p / min-p sampling (CSR), and renormalizes
+  over them; `kept_from_mask`, `kept_from_lists`, `kept_from_padded`, `kept_concat`, `kept_empty` build the CSR
+  from Hugging Face masks, vLLM lists, prime-rl / NeMo-RL padded tensors, and packed sequences.
 
 Op map: kernel file -> launcher -> autograd.Function -> public function -> reference; `dispatch.py` picks the path.
 
@@ -34,6 +38,10 @@ Op map: kernel file -> launcher -> autograd.Function -> public function -> refer
                          -> reference.pacs_loss_reference
     GRPO / RLOO          the log-prob op (the one pass on-policy) + PyTorch on [N] tensors -> grpo_loss, rloo_loss
                          -> reference.grpo_loss_reference, rloo_loss_reference
+    kept-set replay      gather: _triton/replay_kernels.py -> gather_stats, gather_backward (replay_gather.py)
+      (kept_ids=, ...)   -> LinearLogprobFunction / VocabParallelLinearLogprob / the one pass; masked: the sliced
+                         passes with the mask hook of kept_layout.py -> the same Functions; both ->
+                         linear_logprob(kept_ids=, kept_offsets=) and every op above -> linear_logprob_reference
 
 Every path has the pure-PyTorch backend beside the Triton one (backend="torch": the same passes in PyTorch,
 `sliced.TorchPasses`, `pacs_loss.sequence_terms_torch`), and backend="reference" runs the reference itself.
@@ -44,6 +52,17 @@ and a backward that recomputes them and forms dH and dW (6NDV); an RL step that 
 forward (on-policy, theta = theta_old: 6NDV instead of 2NDV + 8NDV).
 """
 
+from .kept import (
+    KeptSets,
+    kept_concat,
+    kept_empty,
+    kept_from_lists,
+    kept_from_mask,
+    kept_from_padded,
+    kept_size_summary,
+    kept_sizes,
+    kept_to_mask,
+)
 from .linear_logprob import linear_logprob
 from .logprob_function import LogprobOutput
 from .modules import LinearLogprob
@@ -54,6 +73,7 @@ from .reference import linear_logprob_reference
 from .segments import segment_ids, segment_sum
 
 __all__ = [
+    "KeptSets",
     "KnownGradient",
     "LinearLogprob",
     "LogprobOutput",
@@ -61,6 +81,14 @@ __all__ = [
     "PolicyLossOutput",
     "attach_gradients",
     "grpo_loss",
+    "kept_concat",
+    "kept_empty",
+    "kept_from_lists",
+    "kept_from_mask",
+    "kept_from_padded",
+    "kept_size_summary",
+    "kept_sizes",
+    "kept_to_mask",
     "known_gradient_logprob",
     "linear_logprob",
     "linear_logprob_reference",

@@ -40,7 +40,7 @@ def linear_logprob_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
                            forward_impl: str, memory_budget: int, weight_grad_dtype: torch.dtype
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     params = _params(inv_temperature, with_entropy, backend, forward_impl, memory_budget, weight_grad_dtype)
-    logprob, entropy, lse = logprob_forward_pass(params.problem(hidden, weight, bias, targets), params)
+    logprob, entropy, lse, _ = logprob_forward_pass(params.problem(hidden, weight, bias, targets), params)
     return logprob, (entropy if entropy is not None else logprob.new_empty(0)), lse
 
 

@@ -16,6 +16,25 @@
                                                                                    on reference / vocab_parallel, after
                                                                                    an old-log-prob pass (2NDV)
 
+Orthogonal to the path, two requests of sampling-consistent log-probs (`linear_logprob(temperature=<tensor>,
+kept_ids=, kept_offsets=)` and every op that takes them):
+
+    Plan.temperature  "scalar"      one temperature (a number, or a tensor whose non-ignored values are all equal)
+                      "per_token"   1/T per row: the passes scale each row's logits (`sliced.py`, the kernels'
+                                    ROW_T, the gather path's per-entry scale)
+    Plan.replay       "full"        the whole vocabulary (no kept sets)
+                      "gather"      only the kept logits (`replay_gather.py`): ~6kD FLOP per token for k kept ids
+                                    instead of 8VD; replaces the vocabulary passes of the sliced, one_pass and
+                                    vocab_parallel paths
+                      "masked"      the path's vocabulary passes with the columns outside each set masked
+                                    (`kept_layout.SliceMasks`, the mask hook of `sliced.py` and `one_pass.py`)
+
+"auto" (`resolve_replay`) gathers while the mean kept-set size of the non-ignored rows is at most the crossover
+k*(V, D) of the device (`gather_max_mean_kept`), and masks above it; $PACS_KERNELS_REPLAY or replay_impl= force
+one. The fused forward has no mask and no per-row 1/T: such calls take the sliced forward. Under torch.compile
+kept sets and per-token temperature are refused with a ValueError (`refuse_compiled_replay`): their validation
+reads values on the host.
+
 Orthogonal to the path: the backend of the vocabulary passes ("triton": Triton elementwise kernels, CUDA or the
 interpreter; "torch": PyTorch), chosen by `resolve_backend` from the device, its compute capability and the dtype;
 `compiled`, set inside `torch.compile(fullgraph=True)`, where the sliced and fused paths run as torch.library
@@ -44,6 +63,19 @@ logger = logging.getLogger("pacs_kernels")
 PATHS = ("reference", "sliced", "fused", "vocab_parallel", "one_pass", "two_pass")
 FORWARD_IMPLS = ("auto", "sliced", "fused")
 FORWARD_ENV = "PACS_KERNELS_FORWARD"
+REPLAY_IMPLS = ("auto", "gather", "masked")
+REPLAY_ENV = "PACS_KERNELS_REPLAY"
+# The crossover k*: "auto" gathers while the mean kept-set size of the valid rows is at most k*(V, D).
+# CPU, measured (benchmarks/replay_crossover.py: float32, one thread, forward + backward, the median gather / masked
+# time ratio crossing 1): N=2048, D=256, V=151936: k* ~ 4300-4500 (ratio 0.93-0.97 at 4096, 1.61-1.67 at 8192),
+# i.e. V / 35; N=2048, D=512, V=32768: k* ~ 485-490 (ratio 0.57 at 256, 1.04-1.05 at 512), i.e. V / 67. The
+# gather's cost per entry grows with D (a row of D floats read per pass) while the masked path's per-cell cost on
+# one core is dominated by its elementwise passes at these D, so k* / V = 7.3 / D fits both shapes within ~5%
+# (two shapes: a fit, not a model).
+# CUDA: an ESTIMATE, not measured: k* ~ V * HBM bandwidth / GEMM FLOP/s = V * 3.35e12 / 7e14 (~630 at
+# V = 131072, H100 bf16): the gather reads a D-row of W per kept id (memory-bound) where the masked path's GEMMs
+# spend 2D FLOP per vocabulary column (compute-bound). To be replaced by a GPU measurement.
+CROSSOVER = {"cpu": lambda vocab, dim: vocab * 7.3 / dim, "cuda": lambda vocab, dim: vocab * 3.35e12 / 7e14}
 
 MiB = 1 << 20
 DEFAULT_BUDGET = {"cuda": 512 * MiB, "cpu": 64 * MiB}
@@ -64,11 +96,9 @@ class Plan:
     #                                   the path's own op resolves it (a loss's one_pass: known_gradient_logprob)
     budget_explicit: bool = False  # given by the caller or $PACS_KERNELS_MEMORY_BUDGET: a bound, not a default
     old_logprob_pass: bool = False  # two_pass for an on-policy request: old log-probs under no_grad first (2NDV)
-    # Requests the plan will route once they exist (the ops accept neither yet):
-    temperature: str = "scalar"  # "scalar"; a per-token temperature tensor [N] selects "per_token"
-    replay: str = "full"  # the whole vocabulary; a kept-set request (kept_ids, kept_offsets) selects "gather"
-    #                       (few kept ids per token) or "masked" (the sliced passes with columns outside the set
-    #                       masked), by the mean kept-set size against the crossover size
+    temperature: str = "scalar"  # "scalar" | "per_token" (a temperature tensor whose values differ), see above
+    replay: str = "full"  # "full" | "gather" (few kept ids per token) | "masked" (the vocabulary passes with the
+    #                       columns outside each kept set masked), by the mean kept-set size (`resolve_replay`)
 
     @property
     def forward_impl(self) -> str:
@@ -210,14 +240,80 @@ def resolve_forward_impl(forward_impl: str, backend: str, hidden: torch.Tensor) 
     return forward_impl
 
 
-def plan_linear_logprob(backend: str, hidden: torch.Tensor, *, forward_impl: str, memory_budget) -> Plan:
+@dataclass(frozen=True)
+class ReplayRequest:
+    """A call's kept sets and temperature as the validator found them (`_kept_validation.KeptCheck`): whether kept
+    sets are given, whether the temperature differs between tokens, the non-ignored rows and their kept entries,
+    and the (global) vocabulary and hidden sizes."""
+
+    has_kept: bool
+    per_token: bool
+    n_valid: int
+    nnz_valid: int
+    vocab: int
+    dim: int
+
+
+def gather_max_mean_kept(vocab: int, dim: int, device: torch.device) -> float:
+    """k*: the mean kept-set size up to which the gather path is expected to beat the masked path (`CROSSOVER`)."""
+    return CROSSOVER["cuda" if device.type == "cuda" else "cpu"](vocab, dim)
+
+
+def check_replay_impl(replay_impl: str) -> str:
+    if replay_impl not in REPLAY_IMPLS:
+        raise ValueError(f"replay_impl must be one of {REPLAY_IMPLS}, got {replay_impl!r}")
+    return replay_impl
+
+
+def resolve_replay(replay_impl: str, request: ReplayRequest | None, device: torch.device) -> str:
+    """"full" without kept sets; with them "gather" or "masked": replay_impl, else $PACS_KERNELS_REPLAY, else by the
+    mean kept-set size of the non-ignored rows against `gather_max_mean_kept`. replay_impl="gather" or "masked"
+    without kept sets is an error (the environment variable applies only to calls with kept sets)."""
+    check_replay_impl(replay_impl)
+    if request is None or not request.has_kept:
+        if replay_impl != "auto":
+            raise ValueError(f"replay_impl={replay_impl!r} needs kept sets (kept_ids, kept_offsets)")
+        return "full"
+    if replay_impl == "auto":
+        replay_impl = os.environ.get(REPLAY_ENV) or "auto"
+        if replay_impl not in REPLAY_IMPLS:
+            raise ValueError(f"{REPLAY_ENV} must be 'gather', 'masked' or 'auto', got {replay_impl!r}")
+    if replay_impl == "auto":
+        limit = gather_max_mean_kept(request.vocab, request.dim, device)
+        replay_impl = "gather" if request.nnz_valid <= limit * max(request.n_valid, 1) else "masked"
+    return replay_impl
+
+
+def refuse_compiled_replay(op: str = "linear_logprob") -> None:
+    """Kept sets and per-token temperature are validated on the host (one synchronisation): not under
+    torch.compile."""
+    if compiling():
+        raise ValueError(f"{op} with kept sets (kept_ids, kept_offsets) or a per-token temperature tensor does not "
+                         "run inside torch.compile: their validation reads values on the host; call it outside the "
+                         "compiled region (e.g. wrap it with torch.compiler.disable), or pass a number as temperature "
+                         "and no kept sets")
+
+
+def _replay_fields(replay_impl: str, request: ReplayRequest | None, device: torch.device) -> dict:
+    return dict(temperature="per_token" if request is not None and request.per_token else "scalar",
+                replay=resolve_replay(replay_impl, request, device))
+
+
+def plan_linear_logprob(backend: str, hidden: torch.Tensor, *, forward_impl: str, memory_budget,
+                        replay: ReplayRequest | None = None, replay_impl: str = "auto") -> Plan:
     """linear_logprob on one device, for a resolved `backend` and checked inputs: reference | sliced | fused, as
-    custom ops inside torch.compile (the reference path stays plain autograd there)."""
+    custom ops inside torch.compile (the reference path stays plain autograd there); with kept sets or a
+    per-token temperature (`replay`, validated) the replay and temperature fields, and the sliced forward."""
     forward = resolve_forward_impl(forward_impl, backend, hidden)
     budget = resolve_budget(memory_budget, hidden.device)
+    fields = _replay_fields(replay_impl, replay, hidden.device)
+    if forward == "fused" and (fields["replay"] != "full" or fields["temperature"] != "scalar"):
+        logger.info("linear_logprob: kept sets / per-token temperature use forward_impl='sliced' (the fused "
+                    "forward has no kept-set mask and one temperature)")
+        forward = "sliced"
     path = "reference" if backend == "reference" else forward
     return Plan(path, backend, compiled=compiling() and path != "reference", memory_budget=budget,
-                budget_explicit=_budget_is_explicit(memory_budget))
+                budget_explicit=_budget_is_explicit(memory_budget), **fields)
 
 
 def refuse_compiled_vocab_parallel() -> None:
@@ -228,7 +324,8 @@ def refuse_compiled_vocab_parallel() -> None:
                          "region (e.g. wrap it with torch.compiler.disable)")
 
 
-def plan_vocab_parallel(backend: str, hidden: torch.Tensor, *, forward_impl: str, memory_budget) -> Plan:
+def plan_vocab_parallel(backend: str, hidden: torch.Tensor, *, forward_impl: str, memory_budget,
+                        replay: ReplayRequest | None = None, replay_impl: str = "auto") -> Plan:
     """linear_logprob over a vocabulary shard, for a resolved backend (resolve_backend(path="vocab_parallel"))
     and checked inputs. Its forward is the sliced one: the fused forward returns finished log-sum-exps, not the
     statistics the ranks merge."""
@@ -236,13 +333,17 @@ def plan_vocab_parallel(backend: str, hidden: torch.Tensor, *, forward_impl: str
         logger.info("linear_logprob: vocab_parallel_group uses forward_impl='sliced' (the fused forward "
                     "returns finished log-sum-exps, not statistics to merge across ranks)")
     budget = resolve_budget(memory_budget, hidden.device)
-    return Plan("vocab_parallel", backend, memory_budget=budget, budget_explicit=_budget_is_explicit(memory_budget))
+    return Plan("vocab_parallel", backend, memory_budget=budget, budget_explicit=_budget_is_explicit(memory_budget),
+                **_replay_fields(replay_impl, replay, hidden.device))
 
 
-def plan_one_pass(backend: str, hidden: torch.Tensor, *, memory_budget) -> Plan:
-    """known_gradient_logprob's pass, for a resolved backend (resolve_backend(path="one_pass"))."""
+def plan_one_pass(backend: str, hidden: torch.Tensor, *, memory_budget, replay: ReplayRequest | None = None,
+                  replay_impl: str = "auto") -> Plan:
+    """known_gradient_logprob's pass, for a resolved backend (resolve_backend(path="one_pass")); the replay and
+    temperature fields as `plan_linear_logprob`'s."""
     return Plan("one_pass", backend, memory_budget=resolve_budget(memory_budget, hidden.device),
-                budget_explicit=_budget_is_explicit(memory_budget))
+                budget_explicit=_budget_is_explicit(memory_budget), **_replay_fields(replay_impl, replay,
+                                                                                      hidden.device))
 
 
 def plan_on_policy(backend: str, device: torch.device, *, vocab_parallel: bool) -> Plan:

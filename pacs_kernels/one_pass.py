@@ -30,6 +30,11 @@ in weight's dtype (1 GiB at V = 131072, D = 4096, bf16) and, when the tokens tak
 [V, D] accumulator of dW (`weight_grad_dtype`; 2 GiB there, or weight's dtype at the cost of one rounding per
 chunk). No float32 [N, D] accumulator exists (dH of a chunk is complete in one GEMM over the whole vocabulary).
 
+Kept sets and per-token temperature (`replay.py`): on the masked path each chunk's logits go through the mask
+hook of `kept_layout.SliceMasks` (one "slice" of all V columns) before the statistics and dz, and 1/T is per row;
+on the gather path (`replay_gather.gather_one_pass`) only the kept logits are computed, the upstream gradients of
+every row are taken at once and dH, dW come from the gather backward: 6kD FLOP per token with k kept ids.
+
 Public: `known_gradient_logprob` (the pass) and `attach_gradients` (its gradients as a loss's); the losses take it
 for old_logprob=None where `dispatch.plan_on_policy` says "one_pass".
 """
@@ -45,7 +50,19 @@ from . import _gemm, dispatch
 from ._rows import output_dtype, scatter_rows, valid_rows
 from ._stats import finalize_stats, merge_stats
 from ._validation import check_linear_inputs, check_temperature, check_weight_grad_dtype
-from .sliced import LogitSlice, LogprobProblem, TorchPasses, Upstream, passes_for, slice_bounds, workspace_view
+from .kept_layout import KeptCells
+from .replay import check_replay, replay_rows, scalar_temperature, wants_replay
+from .replay_gather import gather_one_pass
+from .sliced import (
+    LogitSlice,
+    LogprobProblem,
+    TorchPasses,
+    Upstream,
+    masked_bytes,
+    passes_for,
+    slice_bounds,
+    workspace_view,
+)
 
 GradFn = Callable[[int, int, torch.Tensor, torch.Tensor | None],
                   tuple[torch.Tensor | None, torch.Tensor | None]]
@@ -115,15 +132,19 @@ def one_pass(problem: LogprobProblem, grad_fn: GradFn, needs, passes, schedule: 
     shifted = isinstance(passes, TorchPasses)
     cols = slice_bounds(vocab, vocab if shifted else min(vocab, schedule.stats_slice or TRITON_STATS_SLICE))
     stats = torch.zeros((4, len(cols), chunk_n), dtype=acc, device=device)  # m, s, t, z_y per column slice
+    masks = problem.slice_masks([(0, vocab)])  # the mask hook of a masked kept-set pass: all columns at once
     for n0 in range(0, n_tokens, chunk_n):
         n1 = min(n0 + chunk_n, n_tokens)
         rows = n1 - n0
         h = passes.prepare(hidden[n0:n1])
         y = problem.targets[n0:n1]
-        z = passes.logits(h, weight, bias, problem.inv_temperature, workspace_view(z_buf, rows, vocab))
+        inv_t = problem.row_scale(n0, n1)
+        z = passes.logits(h, weight, bias, inv_t, workspace_view(z_buf, rows, vocab))
+        keep = None if masks is None else masks.apply(z, n0, n1, 0, passes.floors_masked)
         for k, (v0, v1) in enumerate(cols):
-            passes.stats(LogitSlice(z[:, v0:v1], None if bias is None else bias[v0:v1], y, v0),
-                         problem.inv_temperature, problem.with_entropy, stats[:, k, :rows])
+            passes.stats(LogitSlice(z[:, v0:v1], None if bias is None else bias[v0:v1], y, v0,
+                                    None if keep is None else keep[:, v0:v1]),
+                         inv_t, problem.with_entropy, stats[:, k, :rows])
         m, s, t, zy = stats[:, :, :rows].unbind(0)
         m, s, t = merge_stats(m, s, t if problem.with_entropy else None)  # one slice: unchanged
         lse, ent = finalize_stats(m, s, t)
@@ -139,7 +160,7 @@ def one_pass(problem: LogprobProblem, grad_fn: GradFn, needs, passes, schedule: 
         g_lp = None if g_lp is None else g_lp.to(acc).contiguous()
         g_ent = None if g_ent is None else g_ent.to(acc).contiguous()
         up = Upstream(s.log() if shifted else lse, ent if g_ent is not None else None, g_lp, g_ent)
-        dz, db = passes.grad(LogitSlice(z, bias, y, 0), up, problem.inv_temperature,
+        dz, db = passes.grad(LogitSlice(z, bias, y, 0, keep), up, inv_t,
                              None if dz_buf is None else workspace_view(dz_buf, rows, vocab), need_b)
         if need_h:  # dH_c = dz @ W = (dz.T).T @ W: one GEMM over the whole vocabulary, one rounding
             _gemm.weight_grad(dz.T, weight, d_hidden[n0:n1])
@@ -167,21 +188,33 @@ class KnownGradient(NamedTuple):
 
 
 def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=None, *, bias=None, temperature=1.0,
-                           ignore_index=-100, with_entropy=False, backend="auto", memory_budget=None,
-                           weight_grad_dtype=torch.float32, logprob_grad_fn=None, chunk_n=None,
-                           stats_slice=None) -> KnownGradient:
+                           kept_ids=None, kept_offsets=None, ignore_index=-100, with_entropy=False, backend="auto",
+                           replay_impl="auto", memory_budget=None, weight_grad_dtype=torch.float32,
+                           logprob_grad_fn=None, chunk_n=None, stats_slice=None) -> KnownGradient:
     """The one pass: `linear_logprob`'s outputs and the gradients of a loss whose upstream gradients are known.
 
     grad_logprob / grad_entropy: [...] like targets (or None): d loss / d logprob_t and d loss / d entropy_t
     (values at ignored positions are never read). logprob_grad_fn(logprob, index): an extra d loss / d logprob of
     the valid rows `index` (indices into the flattened targets) from their log-probs, e.g. a KL term.
+    temperature, kept_ids, kept_offsets, replay_impl: as `linear_logprob`'s (a per-token temperature tensor; the
+    kept sets of truncated sampling, gathered or masked), with the same checks.
     backend: "triton" | "torch" | "auto" ("reference" has no one pass: the losses take two passes there).
     chunk_n, stats_slice: overrides of the token chunk and of the Triton statistics slice (tests, tuning).
     Gradients are computed only for the inputs that require them (none under torch.no_grad()).
     """
     backend = dispatch.resolve_backend(backend, hidden.device, getattr(hidden, "dtype", None), path="one_pass")
-    inv_temperature = 1.0 / check_temperature(temperature)
-    problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend)
+    replaying = wants_replay(temperature, kept_ids, kept_offsets, targets)
+    if replaying:
+        dispatch.refuse_compiled_replay("known_gradient_logprob")
+        problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, check_targets=False)
+        check, request = check_replay(targets, problem.vocab, problem.dim, ignore_index, temperature=temperature,
+                                      kept_ids=kept_ids, kept_offsets=kept_offsets)  # one host synchronisation
+        problem = problem._replace(n_valid=check.n_valid)
+        inv_temperature = 1.0 / scalar_temperature(check, temperature)
+    else:
+        inv_temperature = 1.0 / check_temperature(temperature)
+        problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend)
+        check, request = None, None
     check_weight_grad_dtype(weight_grad_dtype, weight)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
@@ -206,14 +239,26 @@ def known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy=N
         d_w = torch.zeros_like(weight) if needs[1] else None
         d_b = torch.zeros_like(bias) if needs[2] else None
     else:
-        plan = dispatch.plan_one_pass(backend, hidden, memory_budget=memory_budget)
+        plan = dispatch.plan_one_pass(backend, hidden, memory_budget=memory_budget, replay=request,
+                                      replay_impl=replay_impl)
         passes = passes_for(plan.backend, hidden)
-        # An explicit budget bounds the workspace; the device default gets at least DEFAULT_MIN_CHUNK tokens.
-        chunk = plan_chunk(flat_hidden.shape[0], problem.vocab, passes.backward_bytes, plan.memory_budget, chunk_n,
-                           1 if plan.budget_explicit else DEFAULT_MIN_CHUNK)
-        lp, ent, d_h, d_w, d_b = one_pass(LogprobProblem(flat_hidden, w, b, flat_targets, inv_temperature,
-                                                         with_entropy), grad_fn, needs, passes,
-                                          PassSchedule(chunk, stats_slice, weight_grad_dtype))
+        rows = replay_rows(check, kept_ids, kept_offsets, index, hidden.dtype) if replaying else None
+        inv_t = inv_temperature if rows is None or rows.inv_temperature is None else rows.inv_temperature
+        kept = None if rows is None else rows.kept
+        if plan.replay == "gather":
+            lp, ent, d_h, d_w, d_b = gather_one_pass(
+                LogprobProblem(flat_hidden, w, b, flat_targets, inv_t, with_entropy, kept), grad_fn, needs,
+                backend=plan.backend, budget=plan.memory_budget)
+        else:
+            masked = plan.replay == "masked"
+            # An explicit budget bounds the workspace; the device default gets at least DEFAULT_MIN_CHUNK tokens.
+            chunk = plan_chunk(flat_hidden.shape[0], problem.vocab,
+                               masked_bytes(passes, True) if masked else passes.backward_bytes, plan.memory_budget,
+                               chunk_n, 1 if plan.budget_explicit else DEFAULT_MIN_CHUNK)
+            cells = KeptCells(kept, problem.vocab) if masked else None
+            lp, ent, d_h, d_w, d_b = one_pass(LogprobProblem(flat_hidden, w, b, flat_targets, inv_t, with_entropy,
+                                                             cells), grad_fn, needs, passes,
+                                              PassSchedule(chunk, stats_slice, weight_grad_dtype))
 
     def unflatten(x):
         if x is None:

@@ -35,6 +35,7 @@ from ._validation import (
 )
 from .linear_logprob import linear_logprob, old_logprob_pass
 from .one_pass import attach_gradients, known_gradient_logprob
+from .replay import wants_replay
 
 
 class PACSOutput(NamedTuple):
@@ -236,7 +237,9 @@ def pacs_loss(
     score: str = "logratio_sum",
     advantage: str = "rloo",
     class_balance: bool = True,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
+    kept_ids: torch.Tensor | None = None,
+    kept_offsets: torch.Tensor | None = None,
     ignore_index: int = -100,
     bias: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
@@ -275,7 +278,12 @@ def pacs_loss(
         group_size: G answers per prompt, consecutive in the batch; G >= 2 for rloo and grpo.
         beta: score scale (1 or 2 in the paper). score: "logratio_sum" | "logprob_mean".
         advantage: "rloo" | "grpo" | "naive". class_balance: class-balanced BCE weights per group.
-        temperature: the sampling temperature the log-probs are taken at.
+        temperature: the sampling temperature the log-probs are taken at: a number, or a float tensor [N]
+            (per-token, e.g. groups sampled at different temperatures; see `linear_logprob`).
+        kept_ids, kept_offsets: the kept sets of truncated sampling (top-k / top-p / min-p) of the packed tokens,
+            CSR over the N rows (`linear_logprob`; `pacs_kernels.kept` builds and concatenates them): every
+            log-prob of the loss, the on-policy old log-probs included, is renormalized over its token's kept set,
+            so psi compares the sampling distributions themselves. old_logprob must come from the same sets.
         entropy_coef: entropy bonus, loss -= entropy_coef * mean response-token entropy (adds the entropy gradient).
         with_entropy: also return the per-token entropy (for logging) even when entropy_coef is 0.
         backend: "triton" | "torch" | "auto" (triton on CUDA), for both the vocabulary passes and the sequence part;
@@ -305,14 +313,16 @@ def pacs_loss(
             params = _sequence_params(group_size, beta, "logratio_sum", advantage, class_balance, plan.backend,
                                       hidden.device)
             return _pacs_loss_one_pass(hidden, weight, targets, rewards, cu_seqlens, params, bias=bias,
-                                       temperature=temperature, ignore_index=ignore_index, with_entropy=need_entropy,
+                                       temperature=temperature, kept_ids=kept_ids, kept_offsets=kept_offsets,
+                                       ignore_index=ignore_index, with_entropy=need_entropy,
                                        entropy_coef=entropy_coef)
         if plan.old_logprob_pass:  # on reference / vocab_parallel: old log-probs first (2NDV), then two passes
             old_logprob = old_logprob_pass(hidden, weight, targets, bias=bias, temperature=temperature,
-                                           ignore_index=ignore_index, backend=backend,
-                                           vocab_parallel_group=vocab_parallel_group)
-    out = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
-                         with_entropy=need_entropy, backend=backend, vocab_parallel_group=vocab_parallel_group)
+                                           kept_ids=kept_ids, kept_offsets=kept_offsets, ignore_index=ignore_index,
+                                           backend=backend, vocab_parallel_group=vocab_parallel_group)
+    out = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, kept_ids=kept_ids,
+                         kept_offsets=kept_offsets, ignore_index=ignore_index, with_entropy=need_entropy,
+                         backend=backend, vocab_parallel_group=vocab_parallel_group)
     mask = targets != ignore_index
     return pacs_loss_from_logprobs(
         out.logprob, old_logprob, rewards, cu_seqlens, group_size=group_size, mask=mask, beta=beta, score=score,
@@ -322,7 +332,7 @@ def pacs_loss(
 
 
 def _pacs_loss_one_pass(hidden, weight, targets, rewards, cu_seqlens, params: SequenceParams, *, bias, temperature,
-                        ignore_index, with_entropy, entropy_coef):
+                        kept_ids, kept_offsets, ignore_index, with_entropy, entropy_coef):
     """pacs_loss at theta = theta_old (old_logprob=None, score="logratio_sum") as the one pass (one_pass.py).
 
     psi = 0 exactly, so the sequence part runs on zeros before any logit exists; its per-token coefficients (and
@@ -330,7 +340,10 @@ def _pacs_loss_one_pass(hidden, weight, targets, rewards, cu_seqlens, params: Se
     log-probs, the entropies and the gradients; the loss's backward hands those back. The returned values come
     from the sequence part on the pass's log-probs (old = l), so a NaN log-prob makes the loss NaN.
     """
-    check_linear_inputs(hidden, weight, targets, bias, ignore_index, params.backend)
+    # The target ids are checked by the pass itself where kept sets / a temperature tensor come with them (one
+    # synchronisation for all their checks).
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index, params.backend,
+                        check_targets=not wants_replay(temperature, kept_ids, kept_offsets, targets))
     entropy_coef = check_finite_number("entropy_coef", entropy_coef)
     mask = targets != ignore_index
     check_packed_sequences(targets.numel(), cu_seqlens, rewards, params.group_size, device=hidden.device,
@@ -342,7 +355,8 @@ def _pacs_loss_one_pass(hidden, weight, targets, rewards, cu_seqlens, params: Se
     if entropy_coef:
         grad_entropy = -entropy_coef * mask.to(dtype) / mask.sum().clamp_min(1)
     known = known_gradient_logprob(hidden, weight, targets, coef, grad_entropy, bias=bias, temperature=temperature,
-                                   ignore_index=ignore_index, with_entropy=with_entropy, backend=params.backend)
+                                   kept_ids=kept_ids, kept_offsets=kept_offsets, ignore_index=ignore_index,
+                                   with_entropy=with_entropy, backend=params.backend)
     # The returned values are the two-pass call's formulas with old = the pass's log-probs: psi = beta * sum(l - l)
     # is 0 exactly for finite log-probs (the zeros the coefficients came from), and NaN for a sequence with a NaN
     # log-prob (a NaN hidden row), so that a NaN input gives a NaN loss here too. One more sequence pass: 12 bytes

@@ -171,7 +171,7 @@ class SurrogateTerms:
 
 
 def _policy_loss(p: PolicyLossParams, hidden, weight, targets, old_logprob, rewards, cu_seqlens, ref_logprob, *,
-                 temperature, ignore_index, bias, with_entropy, backend, vocab_parallel_group):
+                 temperature, kept_ids, kept_offsets, ignore_index, bias, with_entropy, backend, vocab_parallel_group):
     p = p.check()
     if p.kl_coef and ref_logprob is None:
         raise ValueError("kl_coef > 0 needs ref_logprob [N] (the reference model's log-probs)")
@@ -193,7 +193,8 @@ def _policy_loss(p: PolicyLossParams, hidden, weight, targets, old_logprob, rewa
     if p.loss_type == "dr_grpo" and p.max_len is None:
         p = replace(p, max_len=int(segment_sum(mask.long(), cu_seqlens).max().clamp_min(1)))
     terms = SurrogateTerms(mask, adv_seq, seq, cu_seqlens, ref_logprob, p)
-    head = dict(bias=bias, temperature=temperature, ignore_index=ignore_index)
+    head = dict(bias=bias, temperature=temperature, kept_ids=kept_ids, kept_offsets=kept_offsets,
+                ignore_index=ignore_index)
     if old_logprob is None:
         plan = dispatch.plan_on_policy(backend, hidden.device, vocab_parallel=vocab_parallel_group is not None)
         if plan.path == "one_pass":
@@ -236,8 +237,8 @@ def _surrogate(lp, old_logprob, entropy, terms: SurrogateTerms):
                             clip_fraction.detach(), kl_mean)
 
 
-def _one_pass_loss(hidden, weight, targets, terms: SurrogateTerms, *, bias, temperature, ignore_index,
-                   with_entropy, backend):
+def _one_pass_loss(hidden, weight, targets, terms: SurrogateTerms, *, bias, temperature, kept_ids, kept_offsets,
+                   ignore_index, with_entropy, backend):
     """The loss at theta = theta_old (old_logprob=None) as the one pass (one_pass.py).
 
     ratio = 1, so the surrogate's gradient is d L / d l_t = -A_seq(t) * norm_t (norm_t: the loss type's token
@@ -264,16 +265,17 @@ def _one_pass_loss(hidden, weight, targets, terms: SurrogateTerms, *, bias, temp
             return p.kl_coef * norm[rows].to(lp.dtype) * slope
 
     known = known_gradient_logprob(hidden, weight, targets, grad_logprob, grad_entropy, bias=bias,
-                                   temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
-                                   backend=backend, logprob_grad_fn=kl_grad)
+                                   temperature=temperature, kept_ids=kept_ids, kept_offsets=kept_offsets,
+                                   ignore_index=ignore_index, with_entropy=with_entropy, backend=backend,
+                                   logprob_grad_fn=kl_grad)
     out = _surrogate(known.logprob, known.logprob, known.entropy, terms)
     return out._replace(loss=attach_gradients(out.loss, hidden, weight, bias, known))
 
 
 def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon=0.2,
               epsilon_high=None, loss_type="grpo", scale_rewards="group", kl_coef=0.0, ref_logprob=None,
-              use_bias_correction_kl=True, max_len=None, normalizer=None, temperature=1.0, ignore_index=-100,
-              bias=None, entropy_coef=0.0, with_entropy=False, backend="auto",
+              use_bias_correction_kl=True, max_len=None, normalizer=None, temperature=1.0, kept_ids=None,
+              kept_offsets=None, ignore_index=-100, bias=None, entropy_coef=0.0, with_entropy=False, backend="auto",
               vocab_parallel_group=None) -> PolicyLossOutput:
     """GRPO clipped-surrogate loss from hidden states, TRL GRPOTrainer's definitions (see the module docstring).
 
@@ -295,6 +297,9 @@ def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, grou
         vocab_parallel_group: `weight`/`bias` are this rank's rows of the vocabulary (see `linear_logprob`);
             every other input and the loss are the same on every rank. On-policy (old_logprob=None) it takes
             two passes (old log-probs under no_grad, then the two-pass loss): the one pass is single-device.
+        temperature, kept_ids, kept_offsets: per-token temperature and the kept sets of truncated sampling, as in
+            `pacs_loss`: the current (and on-policy old) log-probs are renormalized over each token's kept set;
+            old_logprob and ref_logprob must come from the same sets (the trainer computes them so).
     Rewards are any finite numbers.
 
     Example::
@@ -306,20 +311,23 @@ def grpo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, grou
     params = PolicyLossParams("grpo", group_size, epsilon, epsilon_high, loss_type, scale_rewards, kl_coef,
                               use_bias_correction_kl, max_len, normalizer, entropy_coef)
     return _policy_loss(params, hidden, weight, targets, old_logprob, rewards, cu_seqlens, ref_logprob,
-                        temperature=temperature, ignore_index=ignore_index, bias=bias, with_entropy=with_entropy,
-                        backend=backend, vocab_parallel_group=vocab_parallel_group)
+                        temperature=temperature, kept_ids=kept_ids, kept_offsets=kept_offsets,
+                        ignore_index=ignore_index, bias=bias, with_entropy=with_entropy, backend=backend,
+                        vocab_parallel_group=vocab_parallel_group)
 
 
 def rloo_loss(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, epsilon=0.2,
               epsilon_high=None, loss_type="grpo", kl_coef=0.0, ref_logprob=None, use_bias_correction_kl=True,
-              max_len=None, normalizer=None, temperature=1.0, ignore_index=-100, bias=None, entropy_coef=0.0,
-              with_entropy=False, backend="auto", vocab_parallel_group=None) -> PolicyLossOutput:
+              max_len=None, normalizer=None, temperature=1.0, kept_ids=None, kept_offsets=None, ignore_index=-100,
+              bias=None, entropy_coef=0.0, with_entropy=False, backend="auto",
+              vocab_parallel_group=None) -> PolicyLossOutput:
     """REINFORCE leave-one-out: advantage R_i - mean_{j != i} R_j (TRL RLOOTrainer), GRPO's clipped surrogate.
 
-    Same arguments as `grpo_loss` (no reward scaling), vocab_parallel_group included.
+    Same arguments as `grpo_loss` (no reward scaling), vocab_parallel_group and kept sets included.
     """
     params = PolicyLossParams("rloo", group_size, epsilon, epsilon_high, loss_type, "none", kl_coef,
                               use_bias_correction_kl, max_len, normalizer, entropy_coef)
     return _policy_loss(params, hidden, weight, targets, old_logprob, rewards, cu_seqlens, ref_logprob,
-                        temperature=temperature, ignore_index=ignore_index, bias=bias, with_entropy=with_entropy,
-                        backend=backend, vocab_parallel_group=vocab_parallel_group)
+                        temperature=temperature, kept_ids=kept_ids, kept_offsets=kept_offsets,
+                        ignore_index=ignore_index, bias=bias, with_entropy=with_entropy, backend=backend,
+                        vocab_parallel_group=vocab_parallel_group)

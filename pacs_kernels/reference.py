@@ -1,7 +1,8 @@
 """The specification of every op: materialized logits, plain loops over groups and sequences, plain autograd.
 
     op                        reference here                      math
-    linear_logprob            linear_logprob_reference            log-prob and entropy of a softmax
+    linear_logprob            linear_logprob_reference            log-prob and entropy of a softmax (over each
+                                                                  token's kept set, with per-token temperature)
     known_gradient_logprob    linear_logprob_reference + autograd the same, with its gradients
     pacs_loss_from_logprobs   pacs_loss_from_logprobs_reference   PACS (arXiv 2509.02522, docs/pacs-math.md)
     pacs_loss                 pacs_loss_reference                 the two above
@@ -26,13 +27,24 @@ import torch.nn.functional as F
 
 # ------------------------------------------------------------------------------------------ log-prob, entropy
 
+def kept_mask_reference(kept_ids: torch.Tensor, kept_offsets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The bool [N, V] mask of a kept-set CSR, row by row: mask[r, kept_ids[kept_offsets[r]:kept_offsets[r+1]]]."""
+    bounds = [int(x) for x in kept_offsets.tolist()]
+    mask = torch.zeros((len(bounds) - 1, vocab), dtype=torch.bool, device=kept_ids.device)
+    for r, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        mask[r, kept_ids[a:b].long()] = True
+    return mask
+
+
 def linear_logprob_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
+    kept_ids: torch.Tensor | None = None,
+    kept_offsets: torch.Tensor | None = None,
     ignore_index: int = -100,
     with_entropy: bool = False,
     compute_dtype: torch.dtype = torch.float32,
@@ -40,25 +52,41 @@ def linear_logprob_reference(
     """Materialized log-prob (and entropy) of `targets`, in `compute_dtype`; ignored rows give 0.
 
         logits   = (hidden @ weight.T + bias) / temperature          # [N, V]: the tensor the fast paths never build
+        logits   = logits.masked_fill(~kept, -inf)                    # with kept sets: kept[r, j] = j in K_r
         logprob  = log_softmax(logits)[target]
-        entropy  = -(softmax(logits) * log_softmax(logits)).sum(-1)
+        entropy  = -sum over kept j of softmax(logits) * log_softmax(logits)
 
-    Shapes: hidden [..., D], weight [V, D], bias [V] or None, targets [...]. Returns tensors of shape [...]
-    in `compute_dtype`. Gradients flow back to the inputs in their own dtypes.
+    Shapes: hidden [..., D], weight [V, D], bias [V] or None, targets [...]; temperature a number or a tensor of
+    targets' shape (per-token; no gradient); kept_ids [nnz] / kept_offsets [targets.numel() + 1], the CSR of kept
+    sets over the flattened targets (None: the whole vocabulary). Gradients flow through the kept-set normalizer
+    only (0 outside K_r). Ignored rows' sets are never read (treated as the whole vocabulary inside, so no all
+    -inf row makes a NaN that autograd would spread). Inputs are assumed valid. Returns tensors of shape [...] in
+    `compute_dtype`; gradients flow back to the inputs in their own dtypes.
     """
+    vocab, dim = weight.shape
     logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
     if bias is not None:
         logits = logits + bias.to(compute_dtype)
-    logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
+    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0 and temperature.shape == targets.shape:
+        logits = logits / temperature.detach().to(compute_dtype).unsqueeze(-1)
+    else:
+        logits = logits / float(temperature)
     valid = targets != ignore_index
+    kept = None
+    if kept_ids is not None:
+        kept = kept_mask_reference(kept_ids, kept_offsets, vocab).view(*targets.shape, vocab) | ~valid.unsqueeze(-1)
+        logits = logits.masked_fill(~kept, float("-inf"))
+    logp_all = torch.log_softmax(logits, dim=-1)
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logprob = logp_all.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     zero = logprob.new_zeros(())
     logprob = torch.where(valid, logprob, zero)
     entropy = None
     if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        if kept is None:
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        else:  # 0 * log 0 = 0 outside the kept set (where, not a product with -inf: the gradient there is 0 too)
+            entropy = -torch.where(kept, logp_all.exp() * torch.where(kept, logp_all, zero), zero).sum(-1)
         entropy = torch.where(valid, entropy, zero)
     return logprob, entropy
 
@@ -144,12 +172,15 @@ def pacs_loss_from_logprobs_reference(logprob, old_logprob, rewards, cu_seqlens,
 
 def pacs_loss_reference(hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, group_size, beta=1.0,
                         score="logratio_sum", advantage="rloo", class_balance=True, temperature=1.0, bias=None,
-                        ignore_index=-100, entropy_coef=0.0, compute_dtype=torch.float64) -> PACSReference:
+                        kept_ids=None, kept_offsets=None, ignore_index=-100, entropy_coef=0.0,
+                        compute_dtype=torch.float64) -> PACSReference:
     """`pacs_loss` from hidden states [N, D] and the lm_head: `linear_logprob_reference` (in compute_dtype, float64
-    by default) for l and H, the response mask m = targets != ignore_index, then
-    `pacs_loss_from_logprobs_reference`. The loss is differentiable w.r.t. hidden, weight and bias."""
-    l, H = linear_logprob_reference(hidden, weight, targets, bias=bias, temperature=temperature,
-                                    ignore_index=ignore_index, with_entropy=True, compute_dtype=compute_dtype)
+    by default; with the kept sets and temperature given) for l and H, the response mask m = targets !=
+    ignore_index, then `pacs_loss_from_logprobs_reference`. The loss is differentiable w.r.t. hidden, weight and
+    bias."""
+    l, H = linear_logprob_reference(hidden, weight, targets, bias=bias, temperature=temperature, kept_ids=kept_ids,
+                                    kept_offsets=kept_offsets, ignore_index=ignore_index, with_entropy=True,
+                                    compute_dtype=compute_dtype)
     out = pacs_loss_from_logprobs_reference(l, old_logprob, rewards, cu_seqlens, group_size=group_size,
                                             mask=targets != ignore_index, beta=beta, score=score, advantage=advantage,
                                             class_balance=class_balance, entropy=H, entropy_coef=entropy_coef)
@@ -248,9 +279,11 @@ def policy_loss_from_logprobs_reference(logprob, old_logprob, rewards, cu_seqlen
 
 
 def _policy_loss_reference(kind, hidden, weight, targets, old_logprob, rewards, cu_seqlens, *, temperature=1.0,
-                           bias=None, ignore_index=-100, compute_dtype=torch.float64, **options) -> PolicyReference:
-    l, H = linear_logprob_reference(hidden, weight, targets, bias=bias, temperature=temperature,
-                                    ignore_index=ignore_index, with_entropy=True, compute_dtype=compute_dtype)
+                           bias=None, kept_ids=None, kept_offsets=None, ignore_index=-100,
+                           compute_dtype=torch.float64, **options) -> PolicyReference:
+    l, H = linear_logprob_reference(hidden, weight, targets, bias=bias, temperature=temperature, kept_ids=kept_ids,
+                                    kept_offsets=kept_offsets, ignore_index=ignore_index, with_entropy=True,
+                                    compute_dtype=compute_dtype)
     out = policy_loss_from_logprobs_reference(l, old_logprob, rewards, cu_seqlens, kind=kind,
                                               mask=targets != ignore_index, entropy=H, **options)
     return out._replace(logprob=l, entropy=H)

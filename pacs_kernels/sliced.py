@@ -37,6 +37,14 @@ Slicing the vocabulary (not the tokens) makes the weight gradient of a slice com
 no float32 [V, D] buffer exists (2 GiB at V=131072, D=4096); only when even `MIN_SLICE` columns of all tokens
 overflow the budget are tokens chunked too, and dW is then accumulated over chunks in a [V, D] buffer of
 `weight_grad_dtype`.
+
+Per-token temperature and kept sets (`linear_logprob(temperature=<tensor>, kept_ids=, kept_offsets=)` on the
+masked path): the problem's 1/T is then a [N] tensor (the torch passes scale Z's rows after the GEMM, the Triton
+kernels read 1/T per row), and `problem.kept` (`kept_layout.KeptCells`) is the mask hook: per slice and chunk,
+the torch passes get a bool keep-mask and zero the dropped cells' exponentials (`_stats.masked_slice_stats`,
+`masked_logit_grad`), the Triton passes get the raw logits with the dropped cells floored at -1e30
+(`kept_layout.SliceMasks.apply`) and their kernels unchanged. FLOPs as above; the torch passes' workspace grows by
+the keep-mask (1 byte per cell) and in backward a p temporary (4): `masked_bytes`.
 """
 
 from __future__ import annotations
@@ -46,7 +54,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import _gemm
-from ._stats import finalize_stats, logit_grad, merge_stats, slice_stats
+from ._stats import finalize_stats, logit_grad, masked_logit_grad, masked_slice_stats, merge_stats, slice_stats
+from .kept_layout import KeptCells, KeptRows
 
 # Narrowest slice worth a GEMM launch (CUDA: ~16 launches per ms of work stay negligible; CPU: narrower GEMMs
 # lose efficiency) and slice granularity.
@@ -58,25 +67,39 @@ SLICE_MULTIPLE = 128
 class LogprobProblem:
     """The inputs of one vocabulary pass, validated: hidden [N, D], weight [V, D] (same dtype), bias [V] or None,
     targets [N] int64 in [0, V) (the vocabulary-parallel op also passes other shards' ids, outside [0, V): their
-    target logit is 0 here), 1 / temperature, and whether the entropy is wanted."""
+    target logit is 0 here), 1 / temperature (a number, or a [N] tensor of the accumulation dtype: per-token
+    temperature), whether the entropy is wanted, and the kept sets: `KeptCells` on the masked path (the sliced
+    passes, the one pass), `KeptRows` on the gather path (`replay_gather.py`), None for the whole vocabulary."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
     targets: torch.Tensor
-    inv_temperature: float
+    inv_temperature: float | torch.Tensor
     with_entropy: bool
+    kept: KeptCells | KeptRows | None = None
+
+    def row_scale(self, n0: int, n1: int) -> float | torch.Tensor:
+        """1 / T of rows [n0, n1): the number, or that part of the per-row tensor."""
+        t = self.inv_temperature
+        return t[n0:n1] if isinstance(t, torch.Tensor) else t
+
+    def slice_masks(self, bounds):
+        """The mask hook of a pass over the vocabulary slices `bounds` (None without kept sets)."""
+        return None if self.kept is None else self.kept.slices(bounds)
 
 
 @dataclass(frozen=True)
 class Upstream:
     """What a gradient pass reads per token: the forward's lse [N] (float64) and entropy [N] (None unless
-    grad_entropy is given), and the upstream gradients d loss / d logprob and d loss / d entropy (either None)."""
+    grad_entropy is given), the upstream gradients d loss / d logprob and d loss / d entropy (either None), and on
+    the gather path the forward's kept logits."""
 
     lse: torch.Tensor
     entropy: torch.Tensor | None
     grad_logprob: torch.Tensor | None
     grad_entropy: torch.Tensor | None
+    kept_logits: torch.Tensor | None = None  # the gather path's kept logits z [nnz], saved by its forward
 
     def rows(self, n0: int, n1: int) -> Upstream:
         part = lambda x: None if x is None else x[n0:n1]
@@ -87,12 +110,14 @@ class Upstream:
 class LogitSlice:
     """One slice's logits as the elementwise passes see them: z [n, v] float32 (the raw GEMM output on the triton
     backend, finished logits on the torch backend), its bias b_v [v] or None, the targets [n] and the slice's first
-    vocabulary row v0 (a target's column in the slice is target - v0)."""
+    vocabulary row v0 (a target's column in the slice is target - v0), and the torch passes' keep-mask [n, v] (bool)
+    of a masked kept-set pass (None: every column counts)."""
 
     z: torch.Tensor
     bias: torch.Tensor | None
     targets: torch.Tensor
     v0: int
+    keep: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +153,20 @@ def slice_bounds(vocab: int, width: int) -> list[tuple[int, int]]:
     return [(v0, min(v0 + width, vocab)) for v0 in range(0, vocab, width)]
 
 
+def scale_rows_(x: torch.Tensor, inv_temperature: float | torch.Tensor) -> torch.Tensor:
+    """x [n, v] times 1/T in place: a number, or one per row."""
+    if isinstance(inv_temperature, torch.Tensor):
+        return x.mul_(inv_temperature.to(x.dtype).unsqueeze(1))
+    return x.mul_(inv_temperature) if inv_temperature != 1.0 else x
+
+
+def masked_bytes(passes, backward: bool) -> int:
+    """Workspace bytes per token x column of a masked kept-set pass: the passes' own plus, on the torch passes, the
+    keep-mask (1) and in backward the p temporary (4) of `_stats.masked_logit_grad`."""
+    base = passes.backward_bytes if backward else passes.forward_bytes
+    return base + (0 if passes.floors_masked else 5 if backward else 1)
+
+
 def workspace_view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """A contiguous [rows, cols] view at the start of a flat workspace (GEMM outputs must be contiguous)."""
     return buffer[: rows * cols].view(rows, cols)
@@ -143,7 +182,10 @@ def _target_columns(targets: torch.Tensor, v0: int, width: int) -> tuple[torch.T
 
 class TorchPasses:
     """The torch backend's elementwise passes. The logits GEMM applies bias and temperature (addmm's alpha/beta on
-    the CPU), so the passes get finished logits, which they overwrite (no copy of the slice)."""
+    the CPU), so the passes get finished logits, which they overwrite (no copy of the slice). A masked kept-set
+    pass hands them a keep-mask per slice (`LogitSlice.keep`)."""
+
+    floors_masked = False  # masked cells: a keep-mask, not a -1e30 floor (see _stats.masked_slice_stats)
 
     # Workspace bytes per token x column: Z and one temporary of its size (exp); on CUDA with half-precision
     # inputs also dz in h's dtype (the GEMM operand).
@@ -159,16 +201,18 @@ class TorchPasses:
 
     @staticmethod
     def logits(h, w_v, b_v, inv_temperature, out):
+        per_row = isinstance(inv_temperature, torch.Tensor)
         if not _gemm.native(h.device):  # bias and 1/T ride on the GEMM (beta=0 never reads out's old values)
             b = out if b_v is None else b_v.to(out.dtype)
-            torch.addmm(b, h, _gemm.upcast(w_v).T, beta=0.0 if b_v is None else inv_temperature,
-                        alpha=inv_temperature, out=out)
+            alpha = 1.0 if per_row else inv_temperature
+            torch.addmm(b, h, _gemm.upcast(w_v).T, beta=0.0 if b_v is None else alpha, alpha=alpha, out=out)
+            if per_row:
+                scale_rows_(out, inv_temperature)
         else:
             _gemm.logits_f32(h, w_v, out)
             if b_v is not None:
                 out.add_(b_v)
-            if inv_temperature != 1.0:
-                out.mul_(inv_temperature)
+            scale_rows_(out, inv_temperature)
         # A -inf bias (a banned token) becomes -1e30: probability still 0, and no 0 * inf = nan downstream.
         # clamp keeps NaN (a NaN hidden row stays NaN).
         return out.clamp_min_(-1e30) if b_v is not None else out
@@ -176,21 +220,26 @@ class TorchPasses:
     @staticmethod
     def stats(sl: LogitSlice, inv_temperature, with_entropy, out):
         hit, column = _target_columns(sl.targets, sl.v0, sl.z.shape[1])
-        out[3] = torch.where(hit, sl.z.gather(1, column).squeeze(1), 0.0)
-        m, s, t = slice_stats(sl.z, with_entropy)
+        out[3] = torch.where(hit, sl.z.gather(1, column).squeeze(1), 0.0)  # a target is always a kept cell
+        if sl.keep is None:
+            m, s, t = slice_stats(sl.z, with_entropy)
+        else:
+            m, s, t = masked_slice_stats(sl.z, sl.keep, with_entropy)
         out[0], out[1] = m, s
         if t is not None:
             out[2] = t
 
     @staticmethod
     def grad(sl: LogitSlice, up: Upstream, inv_temperature, dz_out, need_bias):
-        dz = logit_grad(sl.z, up.lse, up.grad_logprob, up.entropy if up.grad_entropy is not None else None,
-                        up.grad_entropy)
+        ent = up.entropy if up.grad_entropy is not None else None
+        if sl.keep is None:
+            dz = logit_grad(sl.z, up.lse, up.grad_logprob, ent, up.grad_entropy)
+        else:
+            dz = masked_logit_grad(sl.z, sl.keep, up.lse, up.grad_logprob, ent, up.grad_entropy)
         if up.grad_logprob is not None:
             hit, column = _target_columns(sl.targets, sl.v0, sl.z.shape[1])
             dz.scatter_add_(1, column, torch.where(hit, up.grad_logprob, 0.0).unsqueeze(1))
-        if inv_temperature != 1.0:
-            dz.mul_(inv_temperature)  # d/d(h W^T + b) = (1/T) d/dz
+        scale_rows_(dz, inv_temperature)  # d/d(h W^T + b) = (1/T) d/dz
         db = dz.sum(0) if need_bias else None
         if dz_out is not None:  # CUDA: the GEMM operand in h's dtype
             dz = dz_out.copy_(dz)
@@ -199,7 +248,10 @@ class TorchPasses:
 
 class TritonPasses:
     """The triton backend's elementwise passes (`_triton/slice_kernels.py`): bias and temperature are applied
-    while reading the raw float32 logits; dz is written in h's dtype (the rounding the GPU's GEMMs see)."""
+    while reading the raw float32 logits (1/T a number or one per row); dz is written in h's dtype (the rounding the
+    GPU's GEMMs see). A masked kept-set pass floors the dropped cells of the raw logits at -1e30 first."""
+
+    floors_masked = True
 
     # Workspace bytes per token x column: Z float32; in backward also dz in h's dtype.
     def __init__(self, dtype: torch.dtype, device: torch.device):
@@ -254,15 +306,17 @@ def sliced_stats(problem: LogprobProblem, passes, plan: SlicePlan):
     slices = slice_bounds(vocab, plan.v_slice)
     stats = torch.zeros((4, len(slices), n_tokens), dtype=acc, device=hidden.device)  # m, s, t, z_y per slice
     z_buf = torch.empty(plan.workspace_elems, dtype=acc, device=hidden.device)
+    masks = problem.slice_masks(slices)
     for n0 in range(0, n_tokens, plan.chunk_n):
         n1 = min(n0 + plan.chunk_n, n_tokens)
         h = passes.prepare(hidden[n0:n1])
         y = problem.targets[n0:n1]
+        inv_t = problem.row_scale(n0, n1)
         for k, (v0, v1) in enumerate(slices):
             b_v = None if bias is None else bias[v0:v1]
-            z = passes.logits(h, weight[v0:v1], b_v, problem.inv_temperature, workspace_view(z_buf, n1 - n0, v1 - v0))
-            passes.stats(LogitSlice(z, b_v, y, v0), problem.inv_temperature, problem.with_entropy,
-                         stats[:, k, n0:n1])
+            z = passes.logits(h, weight[v0:v1], b_v, inv_t, workspace_view(z_buf, n1 - n0, v1 - v0))
+            keep = None if masks is None else masks.apply(z, n0, n1, k, passes.floors_masked)
+            passes.stats(LogitSlice(z, b_v, y, v0, keep), inv_t, problem.with_entropy, stats[:, k, n0:n1])
     m, s, t, zy = stats.unbind(0)
     return (*merge_stats(m, s, t if problem.with_entropy else None), zy.sum(0))
 
@@ -293,17 +347,21 @@ def sliced_backward(problem: LogprobProblem, upstream: Upstream, needs, passes, 
     # for half precision on CUDA; the torch backend on the CPU multiplies its float32 dz as it is.
     dz_buf = None if passes.dz_dtype is None else torch.empty(plan.workspace_elems, dtype=passes.dz_dtype,
                                                               device=device)
+    slices = slice_bounds(vocab, plan.v_slice)
+    masks = problem.slice_masks(slices)
     for n0 in range(0, n_tokens, plan.chunk_n):
         n1 = min(n0 + plan.chunk_n, n_tokens)
         rows = n1 - n0
         h = passes.prepare(hidden[n0:n1])
         y = problem.targets[n0:n1]
         up = upstream.rows(n0, n1)
-        for v0, v1 in slice_bounds(vocab, plan.v_slice):
+        inv_t = problem.row_scale(n0, n1)
+        for k, (v0, v1) in enumerate(slices):
             b_v = None if bias is None else bias[v0:v1]
             w_v = weight[v0:v1]
-            z = passes.logits(h, w_v, b_v, problem.inv_temperature, workspace_view(z_buf, rows, v1 - v0))
-            dz, db = passes.grad(LogitSlice(z, b_v, y, v0), up, problem.inv_temperature,
+            z = passes.logits(h, w_v, b_v, inv_t, workspace_view(z_buf, rows, v1 - v0))
+            keep = None if masks is None else masks.apply(z, n0, n1, k, passes.floors_masked)
+            dz, db = passes.grad(LogitSlice(z, b_v, y, v0, keep), up, inv_t,
                                  None if dz_buf is None else workspace_view(dz_buf, rows, v1 - v0), need_b)
             if need_h:
                 _gemm.accumulate_(d_hidden[n0:n1], dz, w_v)

@@ -34,6 +34,13 @@ Bad input (a target outside [0, V), ranks that disagree on D, on the tokens or o
 any argument the single-device op rejects) raises a ValueError on every rank of the group after the set-up
 gather: no rank leaves the others waiting in a collective.
 
+Kept sets and per-token temperature (`replay.py`): the kept ids are global and replicated like the targets; after
+the set-up gather every rank validates them against the global V (the same checks on the same inputs, one host
+synchronisation; a checksum in the set-up row makes sure the ranks hold the same sets) and keeps the entries of its
+own rows (`kept_layout.KeptRows.shard`: ids renumbered from 0; a row keeping none of them is empty and its
+statistics weigh 0 in the merge). The gather path computes only those entries' logits; the masked path masks its
+slices. The statistics merge and dH all-reduce are as above: no all-to-all, nothing more on the wire.
+
 Backends: "torch" and "triton", with the sliced forward (`dispatch.plan_vocab_parallel`: the fused forward
 returns finished log-sum-exps, not the mergeable statistics). "reference" is refused: it would need the [N, V]
 logits gathered. The collectives are torch.distributed's: NCCL with CUDA tensors on GPUs, gloo with CPU tensors
@@ -51,12 +58,15 @@ from . import dispatch
 from ._rows import output_dtype, scatter_rows, valid_rows, zeros_with_graph
 from ._stats import finalize_stats, rescale_stats
 from ._validation import check_linear_inputs, check_temperature, check_weight_grad_dtype
+from .kept_layout import KeptCells
 from .logprob_function import LogprobOutput, LogprobParams
-from .sliced import Upstream, passes_for, sliced_backward, sliced_stats
+from .replay import ReplayRows, check_replay, replay_rows, scalar_temperature, wants_replay
+from .replay_gather import gather_backward, gather_stats
+from .sliced import LogprobProblem, Upstream, passes_for, sliced_backward, sliced_stats
 
 # One row of the set-up gather, per rank.
 LAYOUT_FIELDS = ("error", "shard_rows", "dim", "tokens", "valid_rows", "target_min", "target_max",
-                 "targets_checksum", "options_checksum")
+                 "targets_checksum", "options_checksum", "replay_checksum")
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
 
 
@@ -94,7 +104,20 @@ def _targets_checksum(targets: torch.Tensor) -> int:
     return int((flat * weights).sum())
 
 
-def exchange_layout(group, hidden, weight, targets, ignore_index: int, options: tuple, error: ValueError | None):
+def _replay_checksum(temperature, kept_ids, kept_offsets) -> int:
+    """A fingerprint of the kept sets and a temperature tensor (ranks must hold the same ones); 0 without them."""
+    total = 0
+    for x in (kept_ids, kept_offsets):
+        if isinstance(x, torch.Tensor) and x.dim() == 1 and not x.dtype.is_floating_point:
+            total += _targets_checksum(x) * 31 + x.numel()
+    if isinstance(temperature, torch.Tensor) and temperature.dtype.is_floating_point:
+        t = temperature.detach().reshape(-1).double().nan_to_num(7.0, 11.0, 13.0)
+        total += int((t * 1e6).round().long().sum()) + 17 * t.numel()
+    return total & 0x7FFFFFFFFFFFFFFF
+
+
+def exchange_layout(group, hidden, weight, targets, ignore_index: int, options: tuple, error: ValueError | None,
+                    replay_checksum: int = 0):
     """One all_gather of every rank's sizes and target range; raises the same ValueError on every rank if any
     rank's inputs are bad (its own message where it is the bad one). Returns the `VocabLayout`."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -107,7 +130,7 @@ def exchange_layout(group, hidden, weight, targets, ignore_index: int, options: 
         n_valid_local = int(ids.numel())
         t_min, t_max = (int(ids.min()), int(ids.max())) if n_valid_local else (0, 0)
         row = [0, weight.shape[0], weight.shape[1], flat.numel(), n_valid_local, t_min, t_max,
-               _targets_checksum(targets), hash(options) & 0x7FFFFFFFFFFFFFFF]
+               _targets_checksum(targets), hash(options) & 0x7FFFFFFFFFFFFFFF, replay_checksum]
     else:
         row[0] = 1
     mine = torch.tensor(row, dtype=torch.int64, device=comm_device(group))
@@ -123,13 +146,15 @@ def exchange_layout(group, hidden, weight, targets, ignore_index: int, options: 
             raise ValueError(f"{error}{others}") from None
         raise ValueError(f"linear_logprob(vocab_parallel_group=...): this rank's inputs are valid, but{others[1:-1]}; "
                          "see the error on those ranks")
-    mismatch = [name for name in ("dim", "tokens", "valid_rows", "targets_checksum", "options_checksum")
+    mismatch = [name for name in ("dim", "tokens", "valid_rows", "targets_checksum", "options_checksum",
+                                  "replay_checksum")
                 if len({f[name] for f in fields}) > 1]
     if mismatch:
         listing = "; ".join(f"rank {r}: weight shard [{f['shard_rows']}, {f['dim']}], {f['tokens']} tokens, "
                             f"{f['valid_rows']} valid" for r, f in enumerate(fields))
         raise ValueError(f"vocab-parallel shards do not add up: the ranks disagree on {mismatch} (hidden, targets, "
-                         f"D and the options must be the same on every rank; each holds its own rows of the "
+                         f"D, the options, the kept sets and the temperature must be the same on every rank; each "
+                         f"holds its own rows of the "
                          f"weight): {listing}")
     sizes = [f["shard_rows"] for f in fields]
     vocab = sum(sizes)
@@ -159,69 +184,103 @@ def reduce_stats(m, s, t, zy, group):
 
 class VocabParallelLinearLogprob(torch.autograd.Function):
     """hidden [N, D] (replicated), weight shard [V_r, D], bias shard [V_r] | None, local targets [N] (global id -
-    offset: out of [0, V_r) where another rank owns the target) -> (logprob [N], entropy [N] | None), unsharded."""
+    offset: out of [0, V_r) where another rank owns the target), params, group, rows (`replay.ReplayRows` with this
+    shard's kept sets, or None) -> (logprob [N], entropy [N] | None), unsharded."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, local_targets, params: LogprobParams, group):
-        passes = passes_for(params.backend, hidden)
-        plan = params.slice_plan(hidden, weight, passes.forward_bytes)
-        m, s, t, zy = sliced_stats(params.problem(hidden, weight, bias, local_targets), passes, plan)
+    def forward(ctx, hidden, weight, bias, local_targets, params: LogprobParams, group, rows=None):
+        problem = params.problem(hidden, weight, bias, local_targets, rows)
+        kept_logits = None
+        if params.replay == "gather":
+            gathered = gather_stats(problem, backend=params.backend, budget=params.memory_budget)
+            m, s, t, zy, kept_logits = gathered
+        else:
+            passes = passes_for(params.backend, hidden)
+            m, s, t, zy = sliced_stats(problem, passes, params.slice_plan(hidden, weight,
+                                                                          params.pass_bytes(passes, False)))
         lse, entropy, logprob = reduce_stats(m, s, t, zy, group)
-        ctx.save_for_backward(hidden, weight, bias, local_targets, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, local_targets, lse, entropy, kept_logits)
         ctx.params, ctx.group = params, group
+        ctx.replay = (problem.inv_temperature, problem.kept)
         ctx.set_materialize_grads(False)
         return logprob, entropy
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy, kept_logits = ctx.saved_tensors
         p = ctx.params
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if (grad_logprob is None and grad_entropy is None) or not any(needs):
-            return None, None, None, None, None, None
-        passes = passes_for(p.backend, hidden)
-        plan = p.slice_plan(hidden, weight, passes.backward_bytes)
-        d_hidden, d_weight, d_bias = sliced_backward(p.problem(hidden, weight, bias, targets),
-                                                     Upstream(lse, entropy, grad_logprob, grad_entropy), needs,
-                                                     passes, plan, p.weight_grad_dtype)
+            return None, None, None, None, None, None, None
+        inv_t, kept = ctx.replay
+        problem = LogprobProblem(hidden, weight, bias, targets, inv_t, p.with_entropy, kept)
+        upstream = Upstream(lse, entropy, grad_logprob, grad_entropy, kept_logits)
+        if p.replay == "gather":
+            acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            d_hidden, d_weight, d_bias = gather_backward(problem, upstream, needs, backend=p.backend,
+                                                         budget=p.memory_budget, hidden_grad_dtype=acc)
+        else:
+            passes = passes_for(p.backend, hidden)
+            plan = p.slice_plan(hidden, weight, p.pass_bytes(passes, True))
+            d_hidden, d_weight, d_bias = sliced_backward(problem, upstream, needs, passes, plan, p.weight_grad_dtype)
         if d_hidden is not None:
             # This rank's columns' share of dH = dz @ W; summed in float32 (float64 for float64 inputs), then
             # rounded once to hidden's dtype.
             dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
             d_hidden = d_hidden.to(hidden.dtype)
         return (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
-                None if d_bias is None else d_bias.to(bias.dtype), None, None, None)
+                None if d_bias is None else d_bias.to(bias.dtype), None, None, None, None)
 
 
 def vocab_parallel_linear_logprob(hidden, weight, targets, *, bias, temperature, ignore_index, with_entropy, backend,
-                                  forward_impl, memory_budget, weight_grad_dtype, group):
+                                  forward_impl, memory_budget, weight_grad_dtype, group, kept_ids=None,
+                                  kept_offsets=None, replay_impl="auto"):
     """`linear_logprob` with `weight`/`bias` this rank's rows of the vocabulary (see the module docstring)."""
     dispatch.refuse_compiled_vocab_parallel()
     check_group(group)  # before any collective; the same outcome on every rank of a well-formed job
-    error, problem, params = None, None, None
+    error, problem, params, backend = None, None, None, backend
+    replaying = wants_replay(temperature, kept_ids, kept_offsets, targets)
     try:  # every check the single-device op makes, except the target range: the ranks decide that together
         if not isinstance(hidden, torch.Tensor):
             raise ValueError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
         backend = dispatch.resolve_backend(backend, hidden.device, path="vocab_parallel")
-        inv_temperature = 1.0 / check_temperature(temperature)
+        inv_temperature = 1.0 if replaying else 1.0 / check_temperature(temperature)
         problem = check_linear_inputs(hidden, weight, targets, bias, ignore_index, backend, check_targets=False)
         check_weight_grad_dtype(weight_grad_dtype, weight)
-        plan = dispatch.plan_vocab_parallel(backend, hidden, forward_impl=forward_impl, memory_budget=memory_budget)
-        params = LogprobParams.from_plan(plan, inv_temperature, bool(with_entropy), weight_grad_dtype)
+        dispatch.check_replay_impl(replay_impl)
+        if not replaying:
+            plan = dispatch.plan_vocab_parallel(backend, hidden, forward_impl=forward_impl,
+                                                memory_budget=memory_budget, replay_impl=replay_impl)
+            params = LogprobParams.from_plan(plan, inv_temperature, bool(with_entropy), weight_grad_dtype)
         options = (_DTYPE_CODES.get(hidden.dtype, 0), round(inv_temperature, 12), int(ignore_index),
-                   bool(with_entropy), bias is not None)
+                   bool(with_entropy), bias is not None, replaying, dispatch.REPLAY_IMPLS.index(replay_impl))
+        # (ints only: a str's hash differs between processes)
     except ValueError as err:
         error, options = err, ()
-    layout = exchange_layout(group, hidden, weight, targets, ignore_index, options, error)
+    layout = exchange_layout(group, hidden, weight, targets, ignore_index, options, error,
+                             _replay_checksum(temperature, kept_ids, kept_offsets) if error is None else 0)
+    rows = None
+    problem = problem._replace(vocab=layout.vocab, n_valid=layout.n_valid)
+    if replaying:  # the same inputs on every rank (checksummed): the same checks and the same plan everywhere
+        check, request = check_replay(targets, layout.vocab, problem.dim, ignore_index, temperature=temperature,
+                                      kept_ids=kept_ids, kept_offsets=kept_offsets)
+        plan = dispatch.plan_vocab_parallel(backend, hidden, forward_impl=forward_impl, memory_budget=memory_budget,
+                                            replay=request, replay_impl=replay_impl)
+        params = LogprobParams.from_plan(plan, 1.0 / scalar_temperature(check, temperature), bool(with_entropy),
+                                         weight_grad_dtype)
 
     lead = problem.lead_shape
     if layout.n_valid == 0:  # the same on every rank (checked): no collective at all
         zeros = zeros_with_graph(hidden, weight, lead, output_dtype(hidden))
         return LogprobOutput(zeros, zeros.clone() if with_entropy else None)
-    problem = problem._replace(vocab=layout.vocab, n_valid=layout.n_valid)
     flat_hidden, flat_targets, index = valid_rows(hidden, targets, problem, ignore_index)
     local_targets = flat_targets - layout.offset
-    logprob, entropy = VocabParallelLinearLogprob.apply(flat_hidden, weight, bias, local_targets, params, group)
+    if replaying:
+        rows = replay_rows(check, kept_ids, kept_offsets, index, hidden.dtype)
+        if rows.kept is not None:  # this rank's entries, renumbered like its targets
+            rows = ReplayRows(rows.inv_temperature, rows.kept.shard(layout.offset, layout.offset + layout.rows))
+    logprob, entropy = VocabParallelLinearLogprob.apply(flat_hidden, weight, bias, local_targets, params, group,
+                                                        rows)
 
     def unflatten(x):
         return None if x is None else scatter_rows(x, index, problem.n_tokens).view(lead)

@@ -38,7 +38,8 @@ def test_sm90_compile_report(tmp_path):
             "has_dot", "cubin"}
     assert rows and all(keys <= set(r) for r in rows)
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"logprob_forward", "slice_stats", "logit_grad", "gemm_f32", "pacs_sequence"}
+    assert kernels == {"logprob_forward", "slice_stats", "logit_grad", "gemm_f32", "pacs_sequence", "gather_forward",
+                       "gather_row_grad", "gather_weight_grad"}
     for r in rows:
         name = f"{r['kernel']} {r['config']} {r['dtype']}"
         assert r["error"] is None, name
@@ -55,4 +56,6 @@ def test_sm90_compile_report(tmp_path):
             assert r["shared_bytes"] <= r["shared_estimate"], name  # the launchers' pre-launch check is safe
     # The elementwise kernels of the sliced pipeline multiply no matrices (the interpreter then runs them exactly).
     assert not any(r["has_dot"] for r in rows if r["kernel"] in ("slice_stats", "logit_grad"))
+    # Nor do the kept-set gather kernels (row-by-row dot products along D are GEMVs: memory-bound).
+    assert not any(r["has_dot"] for r in rows if r["kernel"].startswith("gather_"))
     assert all(r["has_dot"] for r in rows if r["kernel"] in ("logprob_forward", "gemm_f32"))

@@ -302,7 +302,7 @@ def test_pacs_soft_labels_class_balance(tokenizer):
     m = inputs["completion_mask"].bool()
     lp = torch.randn(4, 6, requires_grad=True)
     old = inputs["old_per_token_logps"]
-    torch_path = pacs_trl._pacs_soft_balanced(lp, old, m, inputs["pacs_rewards"], 2, 1.0, "logratio_sum", "rloo")
+    torch_path = pacs_trl.pacs_soft_balanced(lp, old, m, inputs["pacs_rewards"], 2, 1.0, "logratio_sum", "rloo")
     from pacs_kernels import pacs_loss_from_logprobs
 
     ref = pacs_loss_from_logprobs(lp.reshape(-1), old.reshape(-1), inputs["pacs_rewards"], torch.arange(5) * 6,
@@ -427,3 +427,21 @@ def test_peft_lora_equals_grpo_trainer(tokenizer):
     with pytest.raises(ValueError, match="lm_head"):
         make_trainer(PACSTrainer, config(loss_type="dapo"), tokenizer, tiny_model(tied=False),
                      peft_config=peft.LoraConfig(**dict(lora, target_modules=["q_proj", "lm_head"])))
+
+
+@pytest.mark.parametrize("sampling,named", [
+    (dict(top_p=0.9), "top_p=0.9"), (dict(top_k=20), "top_k=20"), (dict(min_p=0.05), "min_p=0.05"),
+    (dict(generation_kwargs={"top_k": 50}), "top_k=50"), (dict(top_p=0.8, top_k=10), "top_k=10, top_p=0.8"),
+])
+def test_truncated_sampling_is_refused_at_start_up(tokenizer, sampling, named):
+    """TRL 1.16 hands no kept sets to the trainer: where pacs computes the log-probs (the fused head, the PACS loss),
+    truncated sampling is a ValueError naming the options, not a silent full-vocabulary normalization."""
+    assert pacs_trl.sampling_truncation(config(**sampling)) == named.split(", ")
+    for loss in ("pacs", "dapo"):
+        with pytest.raises(ValueError, match=rf"TRL samples with {named}: .* no kept sets"):
+            make_trainer(PACSTrainer, config(loss_type=loss, **sampling), tokenizer)
+    # TRL's own head with TRL's loss: nothing of pacs normalizes anything, so TRL's behaviour is left alone.
+    make_trainer(PACSTrainer, config(loss_type="dapo", pacs_fused_head=False, **sampling), tokenizer)
+    # A generation_kwargs value that switches the option off again counts as off.
+    assert pacs_trl.sampling_truncation(config(top_p=0.9, generation_kwargs={"top_p": 1.0})) == []
+    assert pacs_trl.sampling_truncation(config()) == []

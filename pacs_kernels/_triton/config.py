@@ -75,6 +75,15 @@ class SequenceConfig:
 
 
 @dataclass(frozen=True)
+class GatherConfig:
+    """Launch parameters of the kept-set gather kernels (no tl.dot): [block_k, block_d] tiles of gathered rows."""
+
+    block_k: int = 16  # kept entries per step
+    block_d: int = 256  # hidden columns per step
+    num_warps: int = 4
+
+
+@dataclass(frozen=True)
 class ArchConfigs:
     """The CUDA launch parameters of every Triton kernel for one GPU architecture."""
 
@@ -82,6 +91,7 @@ class ArchConfigs:
     elementwise: ElementwiseConfig  # slice statistics / logit gradient
     gemm: KernelConfig  # fallback float32-output GEMM: block_n = BLOCK_M, block_v = BLOCK_N, block_d = BLOCK_K
     sequence: SequenceConfig  # PACS sequence kernel
+    gather: GatherConfig = GatherConfig()  # kept-set gather path: forward, row gradient, weight gradient
 
 
 # The fused forward's tile per architecture. Registers and spills are those of kernel_report under Triton 3.6 and
@@ -99,6 +109,11 @@ class ArchConfigs:
 # Elementwise kernels: 16 x 512 tiles, 8 warps (32 KiB of float32 per program: enough bytes in flight
 # per SM for HBM rate; the stats kernel has 1024 programs at n=16k). The fallback GEMM: 128 x 128 x 64, 8 warps,
 # 3 stages (GROUP_M = 8), free of spills on every architecture. The sequence kernel: 256-token steps, 4 warps.
+# The kept-set gather kernels: 16 entries x 256 columns, 4 warps, on every architecture. 16 entries per step: kept
+# sets are small (prime-rl measured mean ~8, median 2, p99 ~80), and a wider step would leave most lanes masked;
+# 256 columns: each gathered weight-row segment is 512 contiguous bytes in bf16, the [16, 256] tile 8 KiB, 32
+# values per thread at 4 warps. (32, 128, 4) spilled 16 bytes in the row-gradient kernel on sm_80 (kernel_report);
+# this spills none under Triton 3.6 and 3.9 on sm_80/90/100.
 _ELEMENTWISE = ElementwiseConfig(16, 512, num_warps=8, num_stages=3)
 _GEMM = KernelConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
 _SEQUENCE = SequenceConfig(block_t=256, num_warps=4, num_stages=3)
@@ -254,6 +269,14 @@ def gemm_config(device: torch.device, elem_bytes: int) -> KernelConfig:
     if interpreting():
         return KernelConfig(64, 64, 64, num_warps=4, num_stages=1)
     return fit_to_device(arch_configs(device).gemm, elem_bytes, device, "GEMM")
+
+
+def gather_config(dim: int, device: torch.device) -> GatherConfig:
+    """The gather kernels' blocks: the device's `ARCH_CONFIGS` entry, or in the interpreter the whole of D (up to
+    1024 columns) in one step (its cost grows with programs x loop iterations)."""
+    if interpreting():
+        return GatherConfig(16, _pow2_clamp(dim, 16, 1024), num_warps=1)
+    return arch_configs(device).gather
 
 
 def sequence_config(device: torch.device) -> SequenceConfig:
