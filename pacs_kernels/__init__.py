@@ -63,9 +63,8 @@ from .kept import (
     kept_sizes,
     kept_to_mask,
 )
-from .linear_logprob import linear_logprob
+from .linear_logprob import LinearLogprob, linear_logprob
 from .logprob_function import LogprobOutput
-from .modules import LinearLogprob
 from .one_pass import KnownGradient, attach_gradients, known_gradient_logprob
 from .pacs_loss import PACSOutput, pacs_loss, pacs_loss_from_logprobs
 from .policy_losses import PolicyLossOutput, grpo_loss, rloo_loss

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ._rows import output_dtype
+from ._validation import output_dtype
 from .logprob_function import LogprobParams, logprob_backward_pass, logprob_forward_pass
 from .sliced import Upstream
 

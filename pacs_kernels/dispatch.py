@@ -242,7 +242,7 @@ def resolve_forward_impl(forward_impl: str, backend: str, hidden: torch.Tensor) 
 
 @dataclass(frozen=True)
 class ReplayRequest:
-    """A call's kept sets and temperature as the validator found them (`_kept_validation.KeptCheck`): whether kept
+    """A call's kept sets and temperature as the validator found them (`replay.KeptCheck`): whether kept
     sets are given, whether the temperature differs between tokens, the non-ignored rows and their kept entries,
     and the (global) vocabulary and hidden sizes."""
 

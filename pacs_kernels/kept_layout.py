@@ -1,6 +1,6 @@
 """Validated kept sets prepared for the vocabulary passes: the rows of one pass, their CSC transpose, slice masks.
 
-A public op validates the caller's CSR (`_kept_validation.check_kept_inputs`), drops the ignored rows and hands
+A public op validates the caller's CSR (`replay.check_kept_inputs`), drops the ignored rows and hands
 the passes a `KeptRows`: int64 ids, offsets and the row of each entry, over the rows the pass sees. Then:
 
 - the gather path (`replay_gather.py`) reads `KeptRows` directly, and its weight gradient reads `kept_transpose`

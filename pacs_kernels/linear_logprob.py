@@ -8,6 +8,7 @@ The public function checks the inputs, asks `dispatch` for the plan and follows 
 `LinearLogprobFunction` (sliced or fused forward, `logprob_function.py`), its custom ops under torch.compile
 (`_compiled.py`), or the vocabulary-parallel op (`vocab_parallel.py`). With kept sets or a per-token temperature
 (`replay.py`) the inputs are validated together and the same Function runs the gather or the masked passes.
+`LinearLogprob` is the same op as an nn.Module.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
 
 from . import dispatch
 from ._compiled import traced_linear_logprob
-from ._rows import output_dtype, scatter_rows, valid_rows, zeros_with_graph
-from ._validation import check_linear_inputs, check_temperature, check_weight_grad_dtype
+from ._validation import (check_linear_inputs, check_temperature, check_weight_grad_dtype, output_dtype, scatter_rows,
+                          valid_rows, zeros_with_graph)
 from .logprob_function import LinearLogprobFunction, LogprobOutput, LogprobParams
-from .replay import check_replay, replay_rows, scalar_temperature, wants_replay
 from .reference import linear_logprob_reference
+from .replay import check_replay, replay_rows, scalar_temperature, wants_replay
 from .vocab_parallel import vocab_parallel_linear_logprob
 
 logger = logging.getLogger("pacs_kernels")
@@ -234,3 +236,36 @@ def old_logprob_pass(hidden, weight, targets, *, bias, temperature, ignore_index
         return linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, kept_ids=kept_ids,
                               kept_offsets=kept_offsets, ignore_index=ignore_index, backend=backend,
                               vocab_parallel_group=vocab_parallel_group).logprob
+
+
+class LinearLogprob(nn.Module):
+    """Module form of `linear_logprob`: options at construction, tensors at call time.
+
+    Example::
+
+        op = LinearLogprob(temperature=0.7, with_entropy=True)
+        out = op(hidden, model.get_output_embeddings().weight, targets)   # LogprobOutput(logprob, entropy)
+        out = op(hidden, weight, targets, kept_ids=ids, kept_offsets=offsets)   # top-k / top-p replay
+    """
+
+    def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, with_entropy: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.with_entropy = with_entropy
+        self.backend = backend
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                bias: torch.Tensor | None = None, *, temperature: float | torch.Tensor | None = None,
+                kept_ids: torch.Tensor | None = None, kept_offsets: torch.Tensor | None = None) -> LogprobOutput:
+        """`linear_logprob` with the module's options; `temperature` (a number or a per-token tensor) overrides the
+        module's for this call, and `kept_ids` / `kept_offsets` are the kept sets of truncated sampling."""
+        return linear_logprob(hidden, weight, targets, bias=bias,
+                              temperature=self.temperature if temperature is None else temperature,
+                              kept_ids=kept_ids, kept_offsets=kept_offsets, ignore_index=self.ignore_index,
+                              with_entropy=self.with_entropy, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
+                f"with_entropy={self.with_entropy}, backend={self.backend!r}")

@@ -47,9 +47,9 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import _gemm, dispatch
-from ._rows import output_dtype, scatter_rows, valid_rows
 from ._stats import finalize_stats, merge_stats
-from ._validation import check_linear_inputs, check_temperature, check_weight_grad_dtype
+from ._validation import (check_linear_inputs, check_temperature, check_weight_grad_dtype, output_dtype, scatter_rows,
+                          valid_rows)
 from .kept_layout import KeptCells
 from .replay import check_replay, replay_rows, scalar_temperature, wants_replay
 from .replay_gather import gather_one_pass

@@ -38,7 +38,7 @@ import torch
 
 from . import _gemm
 from ._stats import finalize_stats
-from .kept_layout import KeptRows, KeptTranspose, kept_transpose
+from .kept_layout import KeptTranspose, kept_transpose
 from .sliced import LogprobProblem, Upstream
 
 # Floor of a logit: a -inf bias becomes -1e30 (probability still 0, and no 0 * inf = nan downstream), as in the

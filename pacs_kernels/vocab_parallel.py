@@ -55,10 +55,9 @@ import torch
 import torch.distributed as dist
 
 from . import dispatch
-from ._rows import output_dtype, scatter_rows, valid_rows, zeros_with_graph
 from ._stats import finalize_stats, rescale_stats
-from ._validation import check_linear_inputs, check_temperature, check_weight_grad_dtype
-from .kept_layout import KeptCells
+from ._validation import (check_linear_inputs, check_temperature, check_weight_grad_dtype, output_dtype, scatter_rows,
+                          valid_rows, zeros_with_graph)
 from .logprob_function import LogprobOutput, LogprobParams
 from .replay import ReplayRows, check_replay, replay_rows, scalar_temperature, wants_replay
 from .replay_gather import gather_backward, gather_stats
