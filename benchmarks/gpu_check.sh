@@ -200,9 +200,10 @@ run_step S1_replay_full "${SUITE[@]}" --shapes $MAIN --tokens "${SWEEP%%,*}" --m
 
 # ------------------------------------------------------------------------------------------------ 5. tests
 # The kernel tests, plus every test file with a GPU-only test; CPU-only tests skip themselves on a CUDA run.
-TESTS=(tests/test_linear_logprob.py tests/test_pacs_loss.py tests/test_onpolicy.py tests/test_policy_losses.py
-       tests/test_vocab_parallel.py tests/test_replay.py tests/test_replay_losses.py)
-for f in $(grep -l "mark.gpu" tests/test_*.py 2> /dev/null); do
+K=tests/kernels
+TESTS=($K/test_linear_logprob.py $K/test_pacs_loss.py $K/test_onpolicy.py $K/test_policy_losses.py $K/test_vocab_parallel.py
+       $K/test_replay.py $K/test_replay_losses.py)
+for f in $(grep -l "mark.gpu" tests/*/test_*.py 2> /dev/null); do
   [[ " ${TESTS[*]} " == *" $f "* ]] || TESTS+=("$f")
 done
 XDIST=()

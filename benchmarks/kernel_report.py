@@ -16,7 +16,7 @@ shared_estimate, tensor_core_ops, has_dot, cubin}, cubin a file name in DIR), th
 `--check` exits 1 unless every config compiles, 16-bit configs spill 0 bytes, shared memory fits the architecture,
 the launchers' pre-launch estimate (`config.shared_memory_bytes`, tl.dot kernels) is an upper bound of what Triton
 allocates, every 16-bit kernel with a tl.dot uses tensor-core instructions and no float32 one does (IEEE float32,
-not TF32) (tests/test_kernel_report.py runs it for sm_90 in CI).
+not TF32) (tests/benchmarks/test_benchmarks_dry.py runs it for sm_90 in CI).
 """
 
 from __future__ import annotations

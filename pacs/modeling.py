@@ -7,7 +7,7 @@ lm_head) runs on the packed sequences, and its last hidden states go with `get_o
 Packing: S sequences are concatenated into one row of N tokens with position_ids restarting at 0 for each, and
 `attention_mask=None, use_cache=False`. transformers (4.5x and 5.x) then derives a block-diagonal causal mask
 from the position_ids for sdpa and flash-attention alike; with an attention_mask or a cache the sequences would
-silently attend to each other (tests/test_trainer.py::test_packed_equals_padded guards this). With "varlen"
+silently attend to each other (tests/trainer/test_trainer.py::test_packed_equals_padded guards this). With "varlen"
 attention (pacs/attention.py) no mask is built: the sequence boundaries go to every layer (`packing_kwargs`).
 """
 

@@ -68,6 +68,14 @@ PYTHON = [b for b in ALL if b.lang == "python"]
 SHELL = [b for b in ALL if b.lang in ("bash", "sh", "shell", "")]
 
 
+def test_the_readme_is_a_front_door():
+    """At most 250 lines; the two set-up commands, the main job and the fast tier are on it."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    for needed in ("pip install", "pytest", 'pytest -m "not slow"', "pacs train"):
+        assert needed in text, needed
+
+
 def test_the_docs_have_code_blocks():
     assert len(PYTHON) >= 5 and len(SHELL) >= 5
     assert all(b.path.exists() for b in ALL)
@@ -102,6 +110,7 @@ def with_checked_comments(code: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", PYTHON, ids=[b.name for b in PYTHON])
 def test_python_block_runs(block, tmp_path):
     compile(block.code, block.name, "exec")  # a skipped block still compiles
@@ -164,6 +173,7 @@ def test_pacs_command_parses(block, argv, capsys):
         config_from_args(args)  # the values build a TrainConfig (files named in the docs need not exist here)
 
 
+@pytest.mark.slow
 def test_trl_example_runs_offline(tmp_path):
     """What the README offers for TRL without a download: `python examples/trl_pacs.py --tiny` (one step)."""
     pytest.importorskip("trl")

@@ -1,5 +1,7 @@
-"""The packages' import structure: every module imports first, in any order, and no module imports its way back to
-itself (no cycle closed by a lazy import) or reaches for another module's private names.
+"""The repository's floor plan: no Python file of the packages, the benchmarks or the studies over 500 lines, at
+most 150 tracked files; and the packages' import structure: every module imports first, in any order, and no
+module imports its way back to itself (no cycle closed by a lazy import) or reaches for another module's private
+names.
 
 `import_graph(package)` reads the imports of every module of a package from its AST (top-level and inside
 functions: a lazy import still forms an edge; imports guarded by `except ImportError` and under `TYPE_CHECKING`
@@ -266,8 +268,43 @@ def test_every_module_imports_first_in_any_order(package):
     assert f"{len(modules)} orders, 0 failed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_pacs_kernels_imports_without_triton():
     code = "import sys; sys.modules['triton'] = None; import pacs_kernels, pacs_kernels.dispatch; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-4000:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sizes: a file that outgrows 500 lines is split by what it does; the repository keeps to 150 files (summaries and
+# plots of results, not per-run files: git history keeps the rest).
+
+MAX_LINES = 500
+MAX_FILES = 150
+
+
+def tracked_files() -> list[str] | None:
+    """The repository's tracked files, or None outside a git checkout (an unpacked source distribution)."""
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.splitlines() if out.returncode == 0 and out.stdout else None
+
+
+def test_no_python_file_over_500_lines():
+    long = {}
+    for folder in ("pacs", "pacs_kernels", "benchmarks", "studies"):
+        for path in (ROOT / folder).rglob("*.py"):
+            n = len(path.read_text().splitlines())
+            if n > MAX_LINES:
+                long[str(path.relative_to(ROOT))] = n
+    assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_at_most_150_tracked_files():
+    files = tracked_files()
+    if files is None:
+        pytest.skip("not a git checkout")
+    assert len(files) <= MAX_FILES, f"{len(files)} tracked files (at most {MAX_FILES})"

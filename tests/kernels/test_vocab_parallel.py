@@ -13,8 +13,8 @@ import torch
 import pacs_kernels
 from pacs_kernels import linear_logprob_reference
 
-from .dist_helpers import run_workers
-from .helpers import DEVICE, HAS_TRITON, max_err
+from tests.helpers import run_workers
+from tests.helpers import DEVICE, HAS_TRITON, max_err
 
 # With pytest-xdist's --dist loadgroup the module's tests share one worker, so the spawned ranks run once.
 pytestmark = pytest.mark.xdist_group("vocab_parallel")
@@ -179,6 +179,7 @@ def reference(name):
             "d_weight": leaves[1].grad, "d_bias": None if b is None else b.grad}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.cpu) if name in INTERPRETED else name
                                   for name in CASES])
 def test_matches_unsharded(ranks, name):
@@ -202,6 +203,7 @@ def test_matches_unsharded(ranks, name):
     assert torch.equal(ranks[0]["op"][name]["d_hidden"], ranks[1]["op"][name]["d_hidden"])
 
 
+@pytest.mark.slow  # spawns 2 gloo ranks (~6 s once per module)
 @pytest.mark.parametrize("kind", ERROR_KINDS)
 def test_bad_input_raises_on_every_rank(ranks, kind):
     messages = [result["errors"][kind] for result in ranks]
@@ -214,12 +216,14 @@ def test_bad_input_raises_on_every_rank(ranks, kind):
         assert all("do not add up" in m for m in messages), messages
 
 
+@pytest.mark.slow  # spawns 2 gloo ranks (~6 s once per module)
 def test_all_rows_ignored(ranks):
     for result in ranks:
         out = result["all_ignored"]
         assert out.logprob.shape == (33,) and not out.logprob.any() and not out.entropy.any()
 
 
+@pytest.mark.slow  # spawns 2 gloo ranks (~6 s once per module)
 @pytest.mark.parametrize("loss", ["pacs", "grpo_dapo", "rloo"])
 @pytest.mark.parametrize("on_policy", [False, True])
 def test_losses_pass_it_through(ranks, loss, on_policy):

@@ -17,8 +17,8 @@ import torch
 from pacs_kernels import grpo_loss, linear_logprob, pacs_loss, rloo_loss
 from pacs_kernels.one_pass import attach_gradients, known_gradient_logprob, plan_chunk
 
-from .helpers import BACKENDS, DEVICE, max_err, random_problem
-from .test_pacs_loss import packed_problem
+from tests.helpers import BACKENDS, DEVICE, max_err, random_problem
+from tests.helpers import packed_problem
 
 TOL = 2e-5
 PACS_FIELDS = ("loss", "score", "advantage", "prob", "weight", "logprob", "entropy", "bce")

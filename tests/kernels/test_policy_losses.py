@@ -27,8 +27,8 @@ import torch
 from pacs_kernels import grpo_loss, linear_logprob_reference, rloo_loss
 from pacs_kernels.reference import policy_loss_from_logprobs_reference
 
-from .helpers import BACKENDS, DEVICE, max_err
-from .test_pacs_loss import packed_problem
+from tests.helpers import BACKENDS, DEVICE, max_err
+from tests.helpers import packed_problem
 
 TOL = 2e-5
 

@@ -18,7 +18,7 @@ from benchmarks import impls, measure, report, suite
 from studies.learning import __main__ as learning_cli
 from studies.learning import runs as learning_runs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeClock:
@@ -215,6 +215,7 @@ def test_an_interrupted_group_keeps_its_finished_rounds(tmp_path, monkeypatch):
     assert all("cut short" in r["note"] for r in rows)
 
 
+@pytest.mark.slow
 def test_runs_write_a_fresh_folder_and_touch_committed_results_only_when_asked(tmp_path, monkeypatch):
     committed = ROOT / "benchmarks" / "RESULTS.md"
     before = committed.read_bytes()

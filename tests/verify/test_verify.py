@@ -10,10 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from pacs.verify import extract_answer, math_reward, verify, verify_batch
+from pacs.verify import math_reward, verify, verify_batch
+from pacs.verify.extract import extract_answer, extract_gold
+from pacs.verify.normalize import parse_answer, quick_equal
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAIRS = ROOT / "tests" / "data" / "verify_pairs.jsonl"
 LIMIT = 2.0
 SLACK = 1.5  # process round trip and worker replacement on a loaded 2-core machine
@@ -433,6 +437,7 @@ PATHOLOGICAL = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("response", PATHOLOGICAL, ids=range(len(PATHOLOGICAL)))
 def test_pathological_inputs_return_false_within_limit(response: str) -> None:
     start = time.perf_counter()
@@ -512,6 +517,7 @@ def test_pairs_file_is_well_formed() -> None:
         assert isinstance(row["expected"], bool) and row["source"]
 
 
+@pytest.mark.slow
 def test_agreement_at_least_math_verify_and_98_percent() -> None:
     sys.path.insert(0, str(ROOT))
     from studies.verifier_agreement import _math_verify_judge, _pacs_judge, load_pairs, score
@@ -525,3 +531,48 @@ def test_agreement_at_least_math_verify_and_98_percent() -> None:
         pytest.skip("math-verify is not installed: only the 98% bar was checked")
     theirs = score(math_verify, rows)
     assert ours["agree"] >= theirs["agree"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fuzz tests of pacs.verify: random strings never raise and never exceed the time limit.
+
+
+LATEX_PIECES = [
+    "\\boxed{", "\\frac{", "\\sqrt{", "}", "{", "^", "_", "(", ")", "[", "]", "\\{", "\\}", ",", "=", "<", "\\le",
+    "\\pi", "\\infty", "i", "e", "x", "y", "0", "1", "2", "9", ".", "-", "+", "\\cdot", "\\times", "%", "^\\circ",
+    "\\text{cm}", "\\left(", "\\right)", "\\begin{pmatrix}", "\\end{pmatrix}", "&", "\\\\", "$", "\\cup", "!",
+    "\\sin", "\\pm", " ", "answer is ", "10^{", ":",
+]
+latexish = st.lists(st.sampled_from(LATEX_PIECES), max_size=30).map("".join)
+anything = st.text(max_size=200)
+
+
+@pytest.mark.slow
+@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(response=st.one_of(anything, latexish), gold=st.one_of(anything, latexish))
+def test_string_stages_never_raise(response: str, gold: str) -> None:
+    """Extraction, normalization and the fast path run in-process on every call, so they must be total."""
+    pred = extract_answer(response)
+    ref = extract_gold(gold)
+    if pred is not None and ref is not None:
+        for g in parse_answer(ref):
+            for p in parse_answer(pred):
+                assert quick_equal(g, p) in (True, False, None)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(response=st.one_of(latexish, anything), gold=latexish)
+def test_verify_never_raises_nor_overruns(response: str, gold: str) -> None:
+    start = time.perf_counter()
+    assert verify(response, gold, timeout=LIMIT) in (True, False)
+    assert time.perf_counter() - start < LIMIT + SLACK
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-10**6, 10**6), st.integers(1, 999))
+def test_fraction_and_decimal_agree(numerator: int, denominator: int) -> None:
+    value = numerator / denominator
+    gold = f"\\frac{{{numerator}}}{{{denominator}}}"
+    assert verify(f"\\boxed{{{value!r}}}", gold) is True
+    assert verify(f"\\boxed{{{numerator + denominator}/{denominator}}}", gold) is False

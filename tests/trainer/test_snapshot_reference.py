@@ -15,7 +15,7 @@ from pacs.config import TrainConfig, snapshot_interval
 from pacs.modeling import lm_head_params, pack_sequences, packed_hidden_states
 from pacs.trainer import train
 from pacs.update import make_optimizer, update_on_rollouts
-from tests.test_trainer import fixed_rollouts, small_run_config, tiny_model
+from tests.helpers import fixed_rollouts, small_run_config, tiny_model
 
 
 def materialized_logprobs(model, batch, temperature):
@@ -75,6 +75,7 @@ def _same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reset", [True, False])
 def test_snapshot_is_refreshed_every_k_steps(tmp_path, reset):
     """With snapshot:2 the reference saved after step s is the model after step 2 * floor((s - 1) / 2); with
@@ -98,6 +99,7 @@ def _load_training(ckpt):
     return torch.load(ckpt / "training.pt", weights_only=False)
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_snapshot(tmp_path):
     """Stopping after step 3 (between refreshes) and resuming gives the uninterrupted run's weights: the snapshot
     comes back from the checkpoint. A checkpoint whose snapshot is replaced by the model diverges (the check can

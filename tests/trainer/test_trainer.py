@@ -1,4 +1,4 @@
-"""The trainer's pieces: packing, pass@k, data loading, checkpoints, resume, fused-vs-reference convergence, CLI."""
+"""The trainer's pieces: packing, pass@k, data loading, checkpoints, resume, fused-vs-reference convergence, CLI, plots."""
 
 from __future__ import annotations
 
@@ -9,33 +9,19 @@ import random
 import pytest
 import torch
 
+import pacs.plot
 from pacs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pacs.config import TrainConfig
 from pacs.data import batch_indices, load_problems
 from pacs.evaluate import ks_for, pass_at_k
-from pacs.modeling import build_tiny_model, pack_sequences, packed_hidden_states, packed_logprobs
+from pacs.modeling import pack_sequences, packed_hidden_states, packed_logprobs
 from pacs.options import config_from_args
 from pacs.rollout import Rollout
-from pacs.tasks import CharTokenizer, make_synthetic_split
 from pacs.stats import auc_score
+from pacs.tasks import CharTokenizer, make_synthetic_split
 from pacs.trainer import train
 from pacs.update import make_optimizer, update_on_rollouts
-
-from .helpers import DEVICE
-
-TINY = dict(hidden=32, layers=2, heads=2, intermediate=64, max_positions=64)
-
-
-def tiny_model(seed=0, attn="sdpa"):
-    return build_tiny_model(CharTokenizer(), seed=seed, attn_implementation=attn, **TINY)
-
-
-def random_sequences(n, seed, vocab, max_prompt=6, max_response=9):
-    rng = random.Random(seed)
-    prompts = [[1] + [rng.randrange(3, vocab) for _ in range(rng.randint(0, max_prompt))] for _ in range(n)]
-    responses = [[rng.randrange(3, vocab) for _ in range(rng.randint(0, max_response))] for _ in range(n)]
-    return prompts, responses
-
+from tests.helpers import DEVICE, fixed_rollouts, random_sequences, small_run_config, tiny_model
 
 # --------------------------------------------------------------------------------------------------------------
 # Packing
@@ -231,16 +217,7 @@ def test_killed_save_leaves_last_good_checkpoint(tmp_path, monkeypatch):
         assert torch.equal(v, good[k])
 
 
-def small_run_config(out_dir, **overrides):
-    """A few-second `train` run on the CPU (the runs compared bitwise need its deterministic kernels)."""
-    base = dict(model="tiny", tiny_hidden=32, tiny_layers=2, tiny_heads=2, tiny_intermediate=64, dtype="float32",
-                data="synthetic:arithmetic", level=1, n_train=60, n_test=4, prompts_per_step=4, group_size=4,
-                max_new_tokens=3, minibatches_per_rollout=2, lr=1e-2, eval_n=2, eval_problems=4, save_every=2,
-                plot=False, out_dir=str(out_dir), kernel_backend="torch", device="cpu")
-    base.update(overrides)
-    return TrainConfig(**base)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["pacs", "grpo"])
 def test_resume_continues_exactly(tmp_path, algo):
     straight = train(small_run_config(tmp_path / "a", steps=4, algo=algo))
@@ -260,18 +237,6 @@ def test_resume_continues_exactly(tmp_path, algo):
 
 # --------------------------------------------------------------------------------------------------------------
 # Convergence: fused loss vs materialized reference
-
-
-def fixed_rollouts(n_steps: int, n_seqs: int, *, seed: int, reward_seed: int):
-    """n_steps rollout batches of n_seqs random (prompt, response + EOS) sequences with random 0/1 rewards."""
-    gen = random.Random(reward_seed)
-    vocab = CharTokenizer().vocab_size
-    batches = []
-    for step in range(n_steps):
-        prompts, responses = random_sequences(n_seqs, seed=seed + step, vocab=vocab)
-        rollouts = [Rollout(p, r + [2], False) for p, r in zip(prompts, responses)]
-        batches.append((rollouts, [float(gen.random() < 0.5) for _ in rollouts]))
-    return batches
 
 
 @pytest.mark.parametrize("algo", ["pacs", "grpo"])
@@ -424,6 +389,7 @@ def test_train_validates_before_building_anything(tmp_path, monkeypatch):
 # CLI end to end (tiny)
 
 
+@pytest.mark.slow
 def test_cli_train_eval_plot(tmp_path, capsys):
     from pacs.cli import main
 
@@ -484,9 +450,10 @@ def test_train_a_local_hugging_face_model_on_a_jsonl_file(tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["phase"] == "train"] == [1, 2]
     assert latest_checkpoint(run).name == "step_000002"
+    from transformers import AutoTokenizer
+
     from pacs.data import PROMPT_SUFFIX, format_prompt
     from pacs.tasks import Problem
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = format_prompt(tok, Problem("1+2", "3"), synthetic=False)
@@ -498,6 +465,7 @@ def test_train_a_local_hugging_face_model_on_a_jsonl_file(tmp_path):
         f"1+2 {PROMPT_SUFFIX}")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     """SIGTERM mid-run: the current step ends, a checkpoint is written, the process exits cleanly; --resume ends it."""
     import signal
@@ -527,3 +495,75 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
                              timeout=120)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     assert latest_checkpoint(out).name == f"step_{steps[-1] + 1:06d}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `pacs plot`: the headline figure (held-out pass@k against the RL step), distinct colours per evaluation, and the
+# on-policy ln 2 loss of PACS marked as designed (from a synthetic run directory: the figures' data are checked).
+
+
+def fake_run(run_dir, algo="pacs", n_evals=13, warmup=True):
+    """metrics.jsonl and eval/*.json of a run with `n_evals` RL-step evaluations (values made up for the plot)."""
+    (run_dir / "eval").mkdir(parents=True)
+    rows = [{"phase": "train", "step": s, "loss": math.log(2) + 0.001 * (s % 3), "reward": s / 100} for s in
+            range(1, 31)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "config.json").write_text(json.dumps({"algo": algo, "score": "logratio_sum"}))
+    tags = (["init"] if warmup else []) + [f"step_{25 * i:06d}" for i in range(n_evals)]
+    for i, tag in enumerate(tags):
+        p1 = 0.02 + 0.05 * i
+        result = {"tag": tag, "n": 8, "problems": 200, "pass@k": {"1": p1, "2": p1 + 0.05, "4": p1 + 0.1,
+                                                                  "8": p1 + 0.15}}
+        (run_dir / "eval" / f"{tag}.json").write_text(json.dumps(result))
+    (run_dir / "eval" / "pacs_eval.json").write_text(json.dumps({"n": 8, "pass@k": {"1": 0.9}}))  # not a step
+    return run_dir
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures plot_run makes, by file name (still written to disk)."""
+    made = {}
+    real = pacs.plot.save_figure
+
+    def save(fig, path, dpi=110):
+        made[path.name] = fig
+        return real(fig, path, dpi=30)
+
+    monkeypatch.setattr(pacs.plot, "save_figure", save)
+    return made
+
+
+def test_headline_is_pass_at_k_against_the_rl_step(tmp_path, figures):
+    run = fake_run(tmp_path / "run")
+    written = pacs.plot.plot_run(run)
+    assert [p.name for p in written] == ["pass_at_k_by_step.png", "training.png", "pass_at_k.png"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in written)
+    ax = figures["pass_at_k_by_step.png"].axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"pass@1", "pass@2", "pass@4", "pass@8", "pass@1 before\nthe warm-up"}
+    steps = [25 * i for i in range(13)]
+    assert list(lines["pass@1"].get_xdata()) == steps
+    assert list(lines["pass@1"].get_ydata()) == pytest.approx([100 * (0.07 + 0.05 * i) for i in range(13)])
+    assert list(lines["pass@1 before\nthe warm-up"].get_ydata()) == pytest.approx([2.0])
+    assert lines["pass@1"].get_linewidth() > lines["pass@8"].get_linewidth()
+    colors = [tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+              for label, line in lines.items() if label.startswith("pass@") and "before" not in label]
+    assert len(set(colors)) == 4
+    assert ax.get_xlabel() == "RL step"
+
+
+def test_pass_at_k_lines_have_distinct_colours(tmp_path, figures):
+    pacs.plot.plot_run(fake_run(tmp_path / "run", n_evals=13))
+    lines = figures["pass_at_k.png"].axes[0].get_lines()
+    assert len(lines) == 14  # init + 13 RL-step evaluations; pacs eval's own results are not among them
+    assert len({tuple(line.get_color()) for line in lines}) == 14
+    assert [line.get_label() for line in lines][:3] == ["before the warm-up", "step 0", "step 25"]
+
+
+@pytest.mark.parametrize("algo,marked", [("pacs", True), ("grpo", False)])
+def test_the_onpolicy_ln2_loss_is_marked_for_pacs(tmp_path, figures, algo, marked):
+    pacs.plot.plot_run(fake_run(tmp_path / "run", algo=algo))
+    loss = next(ax for ax in figures["training.png"].axes if ax.get_title().startswith("loss"))
+    hlines = [line for line in loss.get_lines() if list(line.get_ydata()) == [math.log(2)] * 2]
+    assert bool(hlines) is marked
+    assert ("ln 2 by design" in loss.get_title()) is marked

@@ -26,9 +26,9 @@ from pacs.rollout import Rollout
 from pacs.tasks import CharTokenizer
 from pacs.update import make_optimizer, update_on_rollouts
 
-from .dist_helpers import run_workers
+from tests.helpers import run_workers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # With pytest-xdist's --dist loadgroup the module's tests share one worker, so the spawned ranks run once.
 pytestmark = pytest.mark.xdist_group("distributed_train")
 WORLD = 2
@@ -126,6 +126,7 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_update_world2_equals_world1(sharded_results, name):
     """Same parameters after one update (2 optimizer steps) with 2 FSDP ranks as with one process (rel 1e-5),
@@ -252,6 +253,7 @@ def train_rows(out_dir):
     return [r for r in rows if r.get("phase") == "train"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not hasattr(torch.distributed, "run"),
                     reason="torch.distributed.run unavailable")
 def test_torchrun_smoke_train_and_resume(tmp_path):
@@ -282,6 +284,7 @@ def test_torchrun_smoke_train_and_resume(tmp_path):
     model.load_state_dict(state)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not hasattr(torch.distributed, "run"),
                     reason="torch.distributed.run unavailable")
 def test_torchrun_warmup_target_stops_every_rank(tmp_path):

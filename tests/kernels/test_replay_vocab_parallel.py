@@ -16,8 +16,8 @@ import torch
 import pacs_kernels
 from pacs_kernels import kept_from_mask, linear_logprob_reference
 
-from .dist_helpers import run_workers
-from .helpers import HAS_TRITON, max_err
+from tests.helpers import run_workers
+from tests.helpers import HAS_TRITON, max_err
 
 pytestmark = pytest.mark.xdist_group("replay_vocab_parallel")
 WORLD = 2
@@ -147,6 +147,7 @@ def reference():
             "d_bias": leaves[2].grad}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
 def test_matches_unsharded_reference(ranks, case):
     ref = reference()
@@ -160,6 +161,7 @@ def test_matches_unsharded_reference(ranks, case):
     assert torch.equal(ranks[0]["op"][case]["d_hidden"], ranks[1]["op"][case]["d_hidden"])
 
 
+@pytest.mark.slow  # spawns 2 gloo ranks (~6 s once per module)
 def test_gather_equals_masked_across_ranks(ranks):
     for backend in BACKENDS:
         a, b = (ranks[0]["op"][(impl, backend)] for impl in ("gather", "masked"))
@@ -167,6 +169,7 @@ def test_gather_equals_masked_across_ranks(ranks):
             assert max_err(a[key], b[key]) < 3e-6, (backend, key)
 
 
+@pytest.mark.slow  # spawns 2 gloo ranks (~6 s once per module)
 @pytest.mark.parametrize("loss", ["pacs", "grpo"])
 @pytest.mark.parametrize("on_policy", [False, True])
 def test_losses_with_kept_sets(ranks, loss, on_policy):
@@ -175,6 +178,7 @@ def test_losses_with_kept_sets(ranks, loss, on_policy):
         assert max(errors.values()) < 1e-10, (r, errors)
 
 
+@pytest.mark.slow  # spawns 2 gloo ranks (~6 s once per module)
 def test_bad_kept_sets_raise_on_every_rank(ranks):
     for name, pattern in (("target_outside", "not among its"), ("id_out_of_range", "outside [0, V=53)"),
                           ("ranks_differ", "do not add up")):

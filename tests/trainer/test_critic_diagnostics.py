@@ -13,19 +13,13 @@ import torch
 
 from pacs.config import TrainConfig
 from pacs.metrics import StepStats
-from pacs.modeling import build_tiny_model, pack_sequences
+from pacs.modeling import pack_sequences
 from pacs.rollout import Rollout
 from pacs.stats import auc_score, group_auc_counts, pearson, sequence_mean
 from pacs.tasks import CharTokenizer
 from pacs.trainer import TrainState
 from pacs.update import make_optimizer, update_on_rollouts
-
-TINY = dict(hidden=32, layers=2, heads=2, intermediate=64, max_positions=64)
-
-
-def tiny_model(seed=0):
-    return build_tiny_model(CharTokenizer(), seed=seed, attn_implementation="sdpa", **TINY)
-
+from tests.helpers import tiny_model
 
 # --------------------------------------------------------------------------------------------------------------
 # group_auc_counts

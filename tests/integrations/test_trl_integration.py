@@ -187,6 +187,7 @@ def test_kl_with_reference_model_equals_grpo_trainer(tokenizer, tmp_path):
     assert_same_loss_and_grads(loss_and_grads(pacs, inputs), loss_and_grads(grpo, inputs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", GRPO_LOSSES)
 def test_same_seed_runs_log_same_first_step(tokenizer, loss_type):
     """Full train() runs: same seed, same weights -> same rollouts; the first step's loss and grad norm agree."""

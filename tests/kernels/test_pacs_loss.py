@@ -16,39 +16,9 @@ import torch
 from pacs_kernels import linear_logprob, pacs_loss, pacs_loss_from_logprobs
 from pacs_kernels.reference import pacs_loss_reference
 
-from .helpers import BACKENDS, DEVICE, HAS_TRITON, max_err
+from tests.helpers import BACKENDS, DEVICE, HAS_TRITON, max_err, packed_problem
 
 TOL = 2e-5
-
-
-def packed_problem(n_groups=3, G=4, d=24, v=97, *, seed=0, dtype=torch.float32, bias=False, uniform_group=True,
-                   old_noise=0.3):
-    """S = n_groups * G packed sequences of random prompt/response lengths; one group with all-equal labels."""
-    gen = torch.Generator().manual_seed(seed)
-    S = n_groups * G
-    prompt = torch.randint(1, 6, (S,), generator=gen)
-    response = torch.randint(1, 12, (S,), generator=gen)
-    lengths = prompt + response
-    cu = torch.zeros(S + 1, dtype=torch.int32)
-    cu[1:] = lengths.cumsum(0)
-    N = int(cu[-1])
-    targets = torch.randint(0, v, (N,), generator=gen)
-    for i in range(S):
-        targets[cu[i]: cu[i] + prompt[i]] = -100
-    rewards = torch.randint(0, 2, (S,), generator=gen).float()
-    rewards[:G] = torch.tensor([1.0, 0.0] * (G // 2) + [1.0] * (G % 2))  # a mixed group
-    if uniform_group and n_groups > 1:
-        rewards[G:2 * G] = 1.0  # a group whose labels are all equal
-    hidden = torch.randn(N, d, generator=gen) * 0.7
-    weight = torch.randn(v, d, generator=gen) * 0.7
-    b = torch.randn(v, generator=gen) if bias else None
-    with torch.no_grad():
-        current = linear_logprob(hidden, weight, targets, bias=b, backend="reference").logprob
-    old = current + old_noise * torch.randn(N, generator=gen)
-    old[targets == -100] = float("nan")  # never read
-    cast = lambda x: None if x is None else x.to(device=DEVICE, dtype=dtype)
-    return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(b), targets=targets.to(DEVICE),
-                old_logprob=old.to(DEVICE), rewards=rewards.to(DEVICE), cu_seqlens=cu.to(DEVICE), group_size=G)
 
 
 def run_ours(problem, backend, **opts):
@@ -302,6 +272,7 @@ def test_logratio_sum_needs_old_logprob():
                                 group_size=problem["group_size"], mask=problem["targets"] != -100)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_sequence_kernel_matches_torch_twin_on_many_groups():
     # Many groups, G not a power of two, long sequences (several BLOCK_T chunks): both sequence paths agree.

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from pacs import attention as A  # noqa: E402  (registers "varlen")
 
-from .helpers import max_err  # noqa: E402
+from tests.helpers import max_err  # noqa: E402
 
 LENGTHS = [1, 7, 19, 3, 30, 2, 11]  # N = 73 tokens
 

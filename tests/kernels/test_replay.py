@@ -27,7 +27,7 @@ from pacs_kernels.replay import ReplayRows
 from pacs_kernels.replay_gather import finalize_gather, gather_backward_torch, gather_stats, gather_stats_torch
 from pacs_kernels.sliced import LogprobProblem, Upstream, passes_for, plan_slices, sliced_backward, sliced_forward
 
-from .helpers import BACKENDS, DEVICE, max_err
+from tests.helpers import BACKENDS, DEVICE, max_err
 
 ALGORITHMS = ["gather", "masked"]
 N, D, V, DUP = 24, 32, 97, 24  # the last DUP weight rows repeat the first DUP: exact ties
@@ -184,6 +184,7 @@ def naive_same_precision(targets, temps, ids, offsets):
     return fn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -201,6 +202,7 @@ def test_half_precision_within_naive_error(dtype, algorithm, backend):
         assert err <= 2 * err_naive + floor, f"{name}: {err:.3g} vs naive {err_naive:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gather_equals_masked(backend):
     hidden, weight, bias, targets, temps, ids, offsets = kept_case("chain", seed=5)
@@ -214,6 +216,7 @@ def test_gather_equals_masked(backend):
         assert max_err(x, y) < 3e-6, f"{name}: {max_err(x, y):.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_bitwise_repeatable(algorithm, backend):
@@ -252,6 +255,7 @@ def test_singletons_are_exactly_zero(algorithm, backend):
     assert (got[0][single] == 0).all() and (got[1][single] == 0).all() and (got[2][single] == 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_full_vocabulary_equals_plain_op(algorithm, backend):
@@ -278,6 +282,7 @@ def test_full_vocabulary_equals_plain_op(algorithm, backend):
         assert max_err(x, y) < 3e-6, f"{name}: {max_err(x, y):.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_temperature_tensor_equal_to_scalar_gives_scalar_result(algorithm, backend):
@@ -327,6 +332,7 @@ def test_chunked_entries_and_slices_are_exact(algorithm):
                 assert max_err(x, r) < 1e-5, f"plan {chunk_n}x{v_slice} {name}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_float64_gradcheck(algorithm):
     hidden, weight, bias, targets, temps, ids, offsets = kept_case("chain", seed=19)

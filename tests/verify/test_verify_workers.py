@@ -19,7 +19,7 @@ import pytest
 from pacs.verify import pool as pool_module
 from pacs.verify import verify
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MARKER = "pacs-unguarded-top-level-marker"
 RUN_LIMIT = 60  # seconds for a whole script run (the issue: a run that never finished in 15 minutes)
 
@@ -75,16 +75,19 @@ def _check_run(args: list[str], cwd: Path, env: dict[str, str] | None = None) ->
     assert "pooled True" in lines, result.stdout  # worker processes did the work, not the in-thread fallback
 
 
+@pytest.mark.slow
 def test_unguarded_script(tmp_path: Path) -> None:
     script = tmp_path / "score.py"
     script.write_text(UNGUARDED)
     _check_run([sys.executable, str(script)], cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_unguarded_python_c(tmp_path: Path) -> None:
     _check_run([sys.executable, "-c", UNGUARDED], cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_unguarded_script_run_by_runpy(tmp_path: Path) -> None:
     script = tmp_path / "score.py"
     script.write_text(UNGUARDED)
@@ -95,6 +98,7 @@ def test_unguarded_script_run_by_runpy(tmp_path: Path) -> None:
     _check_run([sys.executable, str(runner)], cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_pacs_importable_only_through_the_callers_path(tmp_path: Path) -> None:
     """A caller run with -S that finds pacs (and sympy) only through the sys.path it builds: its workers do too."""
     paths = [p for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != ROOT]
@@ -117,6 +121,7 @@ def one_worker_pool(monkeypatch: pytest.MonkeyPatch):
     pool.close()
 
 
+@pytest.mark.slow
 def test_timeout_kills_the_worker_from_a_thread(one_worker_pool) -> None:
     """A pair that overruns its timeout, sent from a non-main thread: False in time, and that worker is killed."""
     assert verify("\\boxed{(x+1)^2}", "x^2+2x+1") is True  # the pool's one worker, warm

@@ -19,8 +19,8 @@ import pacs_kernels
 from pacs_kernels import LinearLogprob, linear_logprob_reference
 from pacs_kernels.logprob_function import LinearLogprobFunction, LogprobParams
 
-from .helpers import BACKENDS as LOSS_BACKENDS
-from .helpers import DEVICE, DTYPES, HAS_TRITON, max_err, random_problem
+from tests.helpers import BACKENDS as LOSS_BACKENDS
+from tests.helpers import DEVICE, DTYPES, HAS_TRITON, max_err, random_problem
 
 # "triton" runs the sliced forward (the default); "triton-fused" the fused forward kernel (same sliced backward).
 BACKENDS = LOSS_BACKENDS + [pytest.param("triton-fused", marks=pytest.mark.skipif(not HAS_TRITON,
@@ -122,6 +122,7 @@ def test_logprob_only_no_bias(backend, dtype):
     check_against_reference(backend, dtype, 130, 48, 517, bias=False, temperature=1.0, with_entropy=False, seed=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_real_vocabulary(backend, dtype):
@@ -194,6 +195,7 @@ def test_banned_tokens_with_minus_inf_bias(backend):
 PLANS = [(None, None), (None, 256), (None, 1), (16, 300), (50, 128), (1, 1003)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 def test_slice_and_chunk_invariance(backend):
     hidden, weight, bias, targets = random_problem(77, 40, 1003, torch.float32, bias=True, seed=21)
@@ -216,6 +218,7 @@ def test_slice_and_chunk_invariance(backend):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("vocab", [129920, 151936])
 def test_real_vocabulary_sliced_by_the_memory_budget(backend, vocab):
@@ -320,6 +323,7 @@ def test_triton_dz_is_rounded_like_the_gpu():
     torch.testing.assert_close(dz, expected, atol=0, rtol=0.0079)  # one bf16 rounding of the float32 value
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_triton_fused_forward_block_and_split_invariance():
     from pacs_kernels._triton.config import KernelConfig

@@ -73,6 +73,7 @@ def test_paired_t_p_value_against_closed_forms(seed):
     assert paired_t([1.5, 1.5])["p"] == 0.0 and paired_t([0.0, 0.0])["p"] == 1.0 and paired_t([4.0])["p"] is None
 
 
+@pytest.mark.slow
 def test_summary_on_a_toy_study():
     """Per-algorithm intervals over seeds and seed-paired differences, checked against hand-computed values."""
     runs = [_record("pacs", 0, 40.0, 70.0, 80.0, 88.0, 0.55), _record("pacs", 1, 42.0, 66.0, 81.0, 86.0, 0.60),
@@ -131,6 +132,7 @@ def test_run_record_diagnostics_and_mean_over_rl(tmp_path):
     assert r["critic_ref_lp_corr"] == pytest.approx(sum(corrs) / 4)
 
 
+@pytest.mark.slow
 def test_summary_reports_mean_pass1_differences_critic_table_and_warmup():
     runs = []
     for seed in range(4):
