@@ -21,6 +21,9 @@ import math
 from dataclasses import dataclass
 
 
+# ---------------------------------------------------------------------------------------------------- modes
+
+
 @dataclass(frozen=True)
 class Mode:
     """One benchmark mode. FLOPs counted as matrix-multiply work only (see `flops`)."""
@@ -87,6 +90,9 @@ PACS_SEQS, PACS_GROUP = 16, 8  # pacs_loss mode: 16 packed answers, groups of 8
 KEPT_SIZES = ("skewed", "uniform512", "full")
 SKEWED_SINGLETON, SKEWED_MU, SKEWED_SIGMA, SKEWED_MAX = 0.45, 1.927, 1.175, 512
 LOGIT_STD = 4.0  # random hidden/weight scaled so that the logits have this standard deviation
+
+
+# ------------------------------------------------------------------------------------------------- problems
 
 
 def torch_dtype(name: str):

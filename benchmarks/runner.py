@@ -218,7 +218,7 @@ class Runner:
     A group is measured in two phases: `prepare` (per implementation: the float64 accuracy check, warm-up, one
     memory-measured call) and `time_group` (every prepared implementation timed in interleaved rounds, then the
     bitwise repeat check). With --isolate impl the parent runs `prepare` in one process per implementation and
-    `time_group` in one more (run_isolated); otherwise this process does both (run)."""
+    `time_group` in one more (workers.run_isolated); otherwise this process does both (run)."""
 
     def __init__(self, st: Settings, results_path: Path | None):
         self.st = st
@@ -297,7 +297,8 @@ class Runner:
 
     def prepare(self, spec: Spec, memory: bool = True, accuracy: bool = True):
         """(row fields, call or None): the accuracy check, warm-up and one memory-measured call of a spec (the
-        timing worker of run_isolated skips the accuracy check and the memory call: its prepare workers did them)."""
+        timing worker of workers.run_isolated skips the accuracy check and the memory call: its prepare workers did
+        them)."""
         from .impls import get_impl
         from .measure import MiB, peak_extra_bytes
 
