@@ -11,7 +11,7 @@
 #   2. the card and the library versions;
 #   3. the ceilings (benchmarks/ceilings.py): bf16 GEMM TFLOP/s at 8192^3, the full logits GEMM and the sliced
 #      path's shapes, HBM copy GB/s, pacs_kernels._gemm.probe('cuda');
-#   4. S1 ours: D=4096 V=131072, 16k tokens, random logits, EVERY mode of benchmarks.impls.MODES (fwd_bwd, logprob,
+#   4. S1 ours: D=4096 V=131072, 16k tokens, random logits, EVERY mode of benchmarks.problems.MODES (fwd_bwd, logprob,
 #      the entropy modes, pacs_loss, pacs_loss_onpolicy, and any mode added there later, e.g. replay), our
 #      implementations with the bare GEMM and the naive path timed interleaved beside them; our gradient rows run
 #      twice more and dH/dW are compared bitwise (the determinism check); the replay modes' kept-set rows with
@@ -136,7 +136,7 @@ fi
 say "machine"
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
   --format=csv
-# The versions, and every mode the suite knows (benchmarks.impls.MODES), most important first (a step cut at its
+# The versions, and every mode the suite knows (benchmarks.problems.MODES), most important first (a step cut at its
 # limit loses the last ones): a mode added there later (e.g. a replay mode) joins S1 and S2 without an edit here.
 INFO=$(python3 - <<'EOF'
 import importlib.metadata as md, os, platform, torch
@@ -151,7 +151,7 @@ for name in ("triton", "liger-kernel", "cut-cross-entropy", "trl", "transformers
         print(f"  {name} {md.version(name)}")
     except md.PackageNotFoundError:
         print(f"  {name}: not installed")
-from benchmarks.impls import MODES
+from benchmarks.problems import MODES
 first = ["fwd_bwd", "logprob", "pacs_loss", "pacs_loss_onpolicy", "fwd_bwd_entropy", "logprob_entropy"]
 last = ["replay_full"]  # k = V: N*V kept ids, its own step at 2k tokens (S1_replay_full)
 print("MODES=" + ",".join([m for m in first if m in MODES] + [m for m in MODES if m not in first + last]))

@@ -1,23 +1,20 @@
-"""The implementations the suite compares, behind one signature, and the benchmark modes.
+"""The implementations the suite compares, behind one signature, with the torch.compile'd chunked baseline.
 
 Every implementation is a function ``fn(hidden [N, D], weight [V, D], targets [N], with_entropy) -> (logprob [N],
 entropy [N] | None)``, differentiable w.r.t. hidden and weight. In the replay modes (kept-set log-probs: each
 token's softmax renormalized over the kept set of top-k / top-p sampling, given as a CSR) the implementations that
 take kept sets (`Impl.replay`) are called with ``kept=(kept_ids, kept_offsets)`` too; the others are skipped.
 Loss libraries that return the per-token cross entropy (reduction="none") give logprob = -loss; that is exactly
-what an RL trainer does with them. An
-implementation that cannot produce the entropy is skipped in the entropy modes (with a note), never emulated.
+what an RL trainer does with them. An implementation that cannot produce the entropy is skipped in the entropy
+modes (with a note), never emulated.
 
 Optional libraries (liger-kernel, cut-cross-entropy, trl) are imported on first use; a missing one turns its rows
-into "skipped" rows that say so. So does an option of pacs_kernels that this checkout does not have yet
-(`forward_impl`).
+into "skipped" rows that say so. The benchmark modes the implementations are called in are problems.MODES.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import inspect
 import os
 import sys
 import types
@@ -26,52 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .problems import REPLAY_MODES, Mode
+
 LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple]
-
-
-@dataclass(frozen=True)
-class Mode:
-    """One benchmark mode. FLOPs counted as matrix-multiply work only (see `flops`)."""
-
-    name: str
-    grad: bool  # forward + backward (dH, dW) rather than forward under no_grad
-    entropy: bool  # the entropy is computed (and, with grad, receives an upstream gradient)
-    pacs: bool = False  # the full PACS loss (pacs_kernels.pacs_loss) rather than the bare log-prob
-    on_policy: bool = False  # PACS at theta = theta_old: old log-probs (no grad) + the loss, or our one pass
-    kept: str = ""  # replay modes: the kept-set sizes (suite.KEPT_SIZES: "skewed", "uniform512", "full")
-
-    def flops(self, n: int, d: int, v: int) -> int:
-        """Matrix-multiply FLOPs of the op: 2*N*D*V forward; 8*N*D*V forward+backward with recomputed logits
-        (forward GEMM, the same GEMM again in backward, dH = dZ @ W and dW = dZ^T @ H, 2*N*D*V each).
-
-        The naive path stores the logits and does 6*N*D*V; it is still charged 8*N*D*V so that every row's
-        TFLOPS is the same work divided by its time (a rate, comparable across implementations).
-        On-policy rows are charged 10*N*D*V, the old-log-prob pass plus forward+backward; our one-pass path does
-        6*N*D*V of it (its TFLOPS can reach 10/6 of the GEMM rate).
-        The replay modes are charged the plain op's 8*N*D*V too (the masked path does it; the gather path does
-        ~6kD per token for k kept ids), so their TFLOPS is the plain op's work over their time.
-        """
-        if self.on_policy:
-            return 10 * n * d * v
-        return (8 if self.grad else 2) * n * d * v
-
-
-MODES = {
-    m.name: m
-    for m in (
-        Mode("logprob", grad=False, entropy=False),
-        Mode("logprob_entropy", grad=False, entropy=True),
-        Mode("fwd_bwd", grad=True, entropy=False),
-        Mode("fwd_bwd_entropy", grad=True, entropy=True),
-        Mode("pacs_loss", grad=True, entropy=False, pacs=True),
-        Mode("pacs_loss_onpolicy", grad=True, entropy=False, pacs=True, on_policy=True),
-        # fwd_bwd over kept sets: prime-rl's measured distribution (mean ~8, median 2, p99 ~80), 512, and V
-        Mode("replay_skewed", grad=True, entropy=False, kept="skewed"),
-        Mode("replay_512", grad=True, entropy=False, kept="uniform512"),
-        Mode("replay_full", grad=True, entropy=False, kept="full"),
-    )
-}
-REPLAY_MODES = tuple(name for name, m in MODES.items() if m.kept)
 
 
 @dataclass(frozen=True)
@@ -88,10 +42,6 @@ class Impl:
     package: str | None = None  # distribution whose version goes into the row
     only_modes: tuple[str, ...] = ()  # rows in these modes only (empty: every mode)
     replay: bool = False  # takes kept sets (the replay modes); the others are skipped there
-
-
-class Unavailable(Exception):
-    """An implementation that cannot run in this checkout or environment; the message is the row's note."""
 
 
 # --------------------------------------------------------------------------------------------- our backends
@@ -112,14 +62,10 @@ def _ours(backend: str, forward_impl: str | None = None, two_pass: bool = False,
 
         kwargs = {}
         if forward_impl is not None:
-            if "forward_impl" not in inspect.signature(linear_logprob).parameters:
-                raise Unavailable("this pacs_kernels' linear_logprob has no forward_impl option")
             kwargs["forward_impl"] = forward_impl
         if memory_budget is not None:
             kwargs["memory_budget"] = memory_budget
         if replay_impl is not None:
-            if "replay_impl" not in inspect.signature(linear_logprob).parameters:
-                raise Unavailable("this pacs_kernels' linear_logprob takes no kept sets")
             kwargs["replay_impl"] = replay_impl
 
         budget = memory_budget or os.environ.get("PACS_KERNELS_MEMORY_BUDGET")
@@ -200,9 +146,107 @@ def _naive():
     return fn
 
 
-def _compiled_chunked():
-    from .compiled_chunked import compiled_chunked_logprob
+# ---------------------------------------------------------------------------------- the compiled chunked baseline
 
+# The torch.compile'd chunked log-prob: the baseline a user writes by hand before reaching for a fused kernel. The
+# tokens are cut into chunks of `chunk_n` rows; each chunk materializes its [chunk_n, V] logits (float32) inside one
+# compiled function that also reduces them to the log-sum-exp, the target's log-prob and the entropy, so the largest
+# temporary is [chunk_n x V] rather than [N x V]. Backward recomputes each chunk's logits (one more GEMM) and forms
+#     dz = g_lp * (onehot(y) - p) - g_ent * p * (log p + H)        (p = softmax(z), H = entropy)
+#     dH += dz @ W,   dW += dz.T @ h
+# so the work is 8*N*D*V FLOPs for forward+backward, as for `pacs_kernels.linear_logprob`. Targets must all be valid
+# token ids (the benchmark never passes ignore_index). Each chunk has the same shape, so one compilation serves every
+# chunk (the last, shorter chunk compiles once more).
+
+_COMPILED: dict[str, object] = {}
+
+
+def _tile_forward(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, with_entropy: bool):
+    """(logprob, lse, entropy | None) of one token chunk: h [n, D], w [V, D], y [n]."""
+    z = (h @ w.T).float()
+    lse = torch.logsumexp(z, dim=-1)
+    logprob = z.gather(1, y.unsqueeze(1)).squeeze(1) - lse
+    entropy = None
+    if with_entropy:
+        p = torch.exp(z - lse.unsqueeze(1))
+        entropy = lse - (p * z).sum(-1)
+    return logprob, lse, entropy
+
+
+def _tile_backward(h, w, y, lse, entropy, g_lp, g_ent):
+    """(dH chunk [n, D], dW contribution [V, D]) of one token chunk, in the input dtype."""
+    z = (h @ w.T).float()
+    logp = z - lse.unsqueeze(1)
+    p = torch.exp(logp)
+    dz = -p * g_lp.unsqueeze(1)
+    dz = dz.scatter_add(1, y.unsqueeze(1), g_lp.unsqueeze(1))
+    if g_ent is not None:
+        dz = dz - p * (logp + entropy.unsqueeze(1)) * g_ent.unsqueeze(1)
+    dz = dz.to(h.dtype)
+    return dz @ w, dz.T @ h
+
+
+def _compiled(name: str):
+    """The compiled tile function `name`, compiled on first use (static shapes: one graph per chunk shape)."""
+    if name not in _COMPILED:
+        fn = {"forward": _tile_forward, "backward": _tile_backward}[name]
+        _COMPILED[name] = torch.compile(fn, dynamic=False)
+    return _COMPILED[name]
+
+
+def default_chunk(vocab: int, budget_elements: int = 1 << 26) -> int:
+    """Tokens per chunk: the power of two that keeps one [chunk, V] float32 tile near 256 MiB, within [64, 4096]."""
+    n = max(1, budget_elements // vocab)
+    return max(64, min(4096, 1 << (n.bit_length() - 1)))
+
+
+class CompiledChunkedLogprob(torch.autograd.Function):
+    """hidden [N, D], weight [V, D], targets [N] -> (logprob [N], entropy [N] | None), float32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, with_entropy: bool, chunk_n: int):
+        fwd = _compiled("forward")
+        n_tokens = hidden.shape[0]
+        logprob = hidden.new_empty(n_tokens, dtype=torch.float32)
+        lse = torch.empty_like(logprob)
+        entropy = torch.empty_like(logprob) if with_entropy else None
+        for n0 in range(0, n_tokens, chunk_n):
+            rows = slice(n0, n0 + chunk_n)
+            lp, ls, ent = fwd(hidden[rows], weight, targets[rows], with_entropy)
+            logprob[rows], lse[rows] = lp, ls
+            if with_entropy:
+                entropy[rows] = ent
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.chunk_n = chunk_n
+        ctx.set_materialize_grads(False)
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        bwd = _compiled("backward")
+        if g_lp is None:
+            g_lp = torch.zeros_like(lse)
+        d_hidden = torch.empty_like(hidden)
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for n0 in range(0, hidden.shape[0], ctx.chunk_n):
+            rows = slice(n0, n0 + ctx.chunk_n)
+            dh, dw = bwd(hidden[rows], weight, targets[rows], lse[rows],
+                         None if g_ent is None else entropy[rows], g_lp[rows].float(),
+                         None if g_ent is None else g_ent[rows].float())
+            d_hidden[rows] = dh
+            d_weight += dw
+        return d_hidden, d_weight.to(weight.dtype), None, None, None
+
+
+def compiled_chunked_logprob(hidden, weight, targets, with_entropy=False, chunk_n=None):
+    """(logprob, entropy | None) of each token by the compiled chunked path (see the comment above)."""
+    chunk_n = chunk_n or default_chunk(weight.shape[0])
+    return CompiledChunkedLogprob.apply(hidden, weight, targets, with_entropy, chunk_n)
+
+
+def _compiled_chunked():
+    """The torch.compile'd chunked log-prob above, at its default chunk size."""
     return lambda h, w, y, with_entropy: compiled_chunked_logprob(h, w, y, with_entropy)
 
 
@@ -336,7 +380,7 @@ def _trl_chunked():
 
 
 def _bare_gemm():
-    """Not a log-prob: the matrix products alone (see `gemm_call` in suite.py), the floor of every row."""
+    """Not a log-prob: the matrix products alone (see `gemm_call` in runner.py), the floor of every row."""
     return None
 
 
@@ -386,7 +430,6 @@ IMPLS = {
 }
 
 
-
 def get_impl(name: str) -> Impl:
     """IMPLS[name], or `BASE@BUDGET` (e.g. `ours_torch@64M`): one of our implementations with
     `memory_budget=BUDGET` (bytes, or a string like "64M"), so that slice budgets can be timed side by side
@@ -419,22 +462,6 @@ DEFAULT_IMPLS = {
 }
 
 
-def package_version(name: str | None) -> str:
-    """Installed version of a distribution, '' when unknown."""
-    if not name:
-        return ""
-    if name == "torch":
-        return torch.__version__
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        if name == "pacs":
-            import pacs_kernels
-
-            return pacs_kernels.__version__
-        return ""
-
-
 def skip_reason(impl: Impl, mode: Mode, device: str, interpreting: bool) -> str | None:
     """Why this implementation has no row for (mode, device), or None when it runs."""
     where = "interp" if device == "cpu" and interpreting and "interp" in impl.devices else device
@@ -453,7 +480,5 @@ def load_impl(impl: Impl) -> tuple[LogprobFn | None, str | None]:
     """(fn, None) or (None, reason) when its library is missing."""
     try:
         return impl.load(), None
-    except Unavailable as err:
-        return None, str(err)
     except (ImportError, AttributeError) as err:
         return None, f"not installed ({type(err).__name__}: {err})"

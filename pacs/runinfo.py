@@ -1,15 +1,19 @@
 """What a result depends on beyond its settings: the library versions and the machine it ran on.
 
-Shared by `pacs train` (config.json's "versions" and "hardware") and the benchmarks (their `_meta` records).
-Imports torch and numpy only: a library named in `versions` is read from the loaded module, or imported, and
-None where it is not installed.
+Shared by `pacs train` (config.json's "versions" and "hardware") and the benchmarks (their `_meta` records and
+each row's library version: the device, the GPU's properties, the versions, the commit, torch's threads and the
+machine's load). Imports torch and numpy only: a library named in `versions` is read from the loaded module, or
+imported, and None where it is not installed; `package_version` reads an installed distribution's metadata.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,3 +69,44 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_name()} ({os.cpu_count()} cores)"
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of the distribution `name` (torch: `torch.__version__`; pacs run from a checkout
+    without installing: its `__version__`), None when it is not installed."""
+    if name == "torch":
+        return torch.__version__
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        if name == "pacs":
+            import pacs
+
+            return pacs.__version__
+        return None
+
+
+def gpu_properties(device: torch.device) -> dict:
+    """{"capability": "9.0", "sms", "gpu_memory_gib"} of a CUDA device; {} for any other."""
+    if device.type != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    return {"capability": "%d.%d" % torch.cuda.get_device_capability(device), "sms": props.multi_processor_count,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1)}
+
+
+def load_state() -> dict:
+    """What timings on a shared machine depend on: {"torch_threads", "omp_wait_policy" ($OMP_WAIT_POLICY or ''),
+    "loadavg": the 1-, 5- and 15-minute load averages}."""
+    return {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def git_commit(path: Path | None = None) -> str:
+    """The short commit of the git checkout holding `path` (default: this package's), '' outside one."""
+    where = path or Path(__file__).resolve().parent
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import impls, measure, report, suite
+from benchmarks import impls, measure, report, runner, suite
 from studies.learning import __main__ as learning_cli
 from studies.learning import runs as learning_runs
 
@@ -160,14 +160,14 @@ def test_busy_process_runs_only_inside_the_block():
                              text=True, check=False).stdout
         return [line for line in out.splitlines() if "while True: pass" in line]
 
-    with suite.busy_process("idle"):
+    with runner.busy_process("idle"):
         assert spinners() == []
-    with suite.busy_process("busy"):
+    with runner.busy_process("busy"):
         running = spinners()
         assert len(running) == 1
     assert spinners() == []
     with pytest.raises(ValueError, match="load"):
-        with suite.busy_process("loud"):
+        with runner.busy_process("loud"):
             pass
 
 

@@ -6,7 +6,6 @@ Nothing here times anything; the GPU numbers come from `bash benchmarks/gpu_chec
 """
 
 import importlib.util
-import inspect
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import impls, report, suite
+from benchmarks import impls, problems, report, runner, suite
 from tests.helpers import DEVICE
 
 
@@ -28,16 +27,16 @@ def test_peaked_logits_are_language_model_like():
     # D=64, V=2053 (unaligned): the dry-run size. The peaked construction puts most of the mass on a few tokens and
     # samples the target from the distribution; the random one is nearly flat with uniform targets.
     st = _settings()
-    peaked = suite.make_problem(256, 64, 2053, st, 0, grad=False, pacs=False, dist="peaked")
-    random = suite.make_problem(256, 64, 2053, st, 0, grad=False, pacs=False, dist="random")
-    p = suite.problem_stats(peaked.hidden, peaked.weight, peaked.targets)
-    r = suite.problem_stats(random.hidden, random.weight, random.targets)
+    peaked = problems.make_problem(256, 64, 2053, st, 0, grad=False, pacs=False, dist="peaked")
+    random = problems.make_problem(256, 64, 2053, st, 0, grad=False, pacs=False, dist="random")
+    p = problems.problem_stats(peaked.hidden, peaked.weight, peaked.targets)
+    r = problems.problem_stats(random.hidden, random.weight, random.targets)
     assert p["entropy"] < 2.0 < r["entropy"]
     assert p["top100_mass"] > 0.95 and p["p_target"] > 0.3 > r["p_target"]
-    again = suite.make_problem(256, 64, 2053, st, 0, grad=False, pacs=False, dist="peaked")
+    again = problems.make_problem(256, 64, 2053, st, 0, grad=False, pacs=False, dist="peaked")
     assert torch.equal(again.hidden, peaked.hidden) and torch.equal(again.targets, peaked.targets)
     with pytest.raises(ValueError, match="distribution"):
-        suite.make_problem(8, 8, 16, st, 0, grad=False, pacs=False, dist="flat")
+        problems.make_problem(8, 8, 16, st, 0, grad=False, pacs=False, dist="flat")
 
 
 def test_specs_cover_both_distributions():
@@ -97,31 +96,16 @@ def test_memory_growing_with_n_fails_the_memory_goal():
     assert cell.strip().startswith("**FAIL**") and "100 MiB at N=2048" in cell
 
 
-def test_forward_impl_rows_are_skipped_without_the_option(monkeypatch):
-    import pacs_kernels
-
-    def old_linear_logprob(hidden, weight, targets, *, with_entropy=False, backend="auto"):
-        raise AssertionError("not called")
-
-    monkeypatch.setattr(pacs_kernels, "linear_logprob", old_linear_logprob)
-    fn, why = impls.load_impl(impls.IMPLS["ours_sliced"])
-    assert fn is None and "forward_impl" in why
-    fn, why = impls.load_impl(impls.IMPLS["ours_triton"])
-    assert fn is not None and why is None
-
-
-@pytest.mark.skipif("forward_impl" not in inspect.signature(__import__("pacs_kernels").linear_logprob).parameters,
-                    reason="this pacs_kernels has no forward_impl option")
 def test_sliced_and_fused_rows_run_and_repeat_bitwise():
     from benchmarks.measure import bitwise_repeat
 
     st = suite.Settings(device=DEVICE, dtype="fp32", warmup=0, reps=1, acc_tokens=0, interpret=DEVICE == "cpu")
-    prob = suite.make_problem(32, 16, 257, st, 0, grad=True, pacs=False, dist="peaked")
-    ref = suite.reference_outputs(impls.MODES["fwd_bwd"], prob)
+    prob = problems.make_problem(32, 16, 257, st, 0, grad=True, pacs=False, dist="peaked")
+    ref = problems.reference_outputs(problems.MODES["fwd_bwd"], prob)
     for name in ("ours_sliced", "ours_fused"):
         fn, why = impls.load_impl(impls.IMPLS[name])
         assert why is None
-        call = suite.make_call(fn, impls.MODES["fwd_bwd"], prob)
+        call = runner.make_call(fn, problems.MODES["fwd_bwd"], prob)
         out = call()
         assert (out[0].double() - ref[0]).abs().max() < 1e-4
         assert bitwise_repeat(call)["bitwise_repeat"]

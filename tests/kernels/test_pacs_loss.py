@@ -263,7 +263,7 @@ def test_logprob_mean_needs_a_response_token_per_sequence():
 
 
 def test_logratio_sum_needs_old_logprob():
-    """From log-probs, logratio_sum needs old_logprob (pacs_loss reads None as on-policy: tests/test_onpolicy.py)."""
+    """From log-probs, logratio_sum needs old_logprob (pacs_loss reads None as on-policy: tests/kernels/test_onpolicy.py)."""
     problem = packed_problem(seed=120)
     with torch.no_grad():
         lp = linear_logprob(problem["hidden"], problem["weight"], problem["targets"]).logprob

@@ -8,7 +8,7 @@ cut can fall inside a tie group. Upstream gradients on logprob and entropy are r
 Sizes: N = 24 rows (some ignored), D = 32, V = 97 (no block multiple), so the Triton interpreter stays quick.
 Tolerance: float32 inputs within 1e-5 of float64 relative to the largest magnitude (errors measured ~1e-6);
 bf16 at most 2x a same-precision naive implementation's error plus a fraction of a bf16 ulp (the rule of
-tests/test_linear_logprob.py).
+tests/kernels/test_linear_logprob.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Kept sets and per-token temperature through every public op besides linear_logprob itself (tests/test_replay.py):
+"""Kept sets and per-token temperature through every public op besides linear_logprob itself (tests/kernels/test_replay.py):
 the losses (two passes and the on-policy one pass), known_gradient_logprob, LinearLogprob, the reference backend,
 bad input at each entry point, and torch.compile.
 
@@ -125,7 +125,7 @@ def test_losses_match_float64_reference(name, backend, algorithm):
     p = replay_problem(seed=1)
     out, grads = run_loss(name, p, backend, p["old"])
     ref, ref_grads = run_loss_reference(name, p, p["old"])
-    # The losses' tolerance (tests/test_policy_losses.py): the loss within TOL of max(1, |loss|), each gradient
+    # The losses' tolerance (tests/kernels/test_policy_losses.py): the loss within TOL of max(1, |loss|), each gradient
     # within TOL of its largest magnitude.
     assert abs(out.loss.item() - ref.loss.item()) <= TOL * max(1.0, abs(ref.loss.item()))
     assert max_err(out.logprob, ref.logprob) < 1e-5
