@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["pacs_kernels", "pacs"]
+PACKAGES = ["pacs_kernels", "pacs", "benchmarks"]
 
 
 def package_modules(package: str) -> dict[str, Path]:
