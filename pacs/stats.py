@@ -1,6 +1,6 @@
 """The statistics pacs reports: the implicit critic's AUC (pooled and within groups), Pearson correlation and
 per-sequence means for the training metrics (pacs/metrics.py, the TRL plug-in's logs), and Student-t intervals and
-paired t-tests over seeds for the learning study (benchmarks/learning.py).
+paired t-tests over seeds for the learning study (studies/learning).
 
 Plain Python and numpy on lists of floats, except `sequence_mean`, which reads a packed batch's tensors.
 """
