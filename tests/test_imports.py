@@ -191,6 +191,7 @@ def test_no_import_cycle(package):
     assert find_cycle(graph) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package", PACKAGES)
 def test_no_private_name_crosses_modules(package):
     assert private_imports(package) == []

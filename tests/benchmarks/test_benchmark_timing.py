@@ -175,6 +175,7 @@ def _tiny_specs(**kw):
     return suite.build_specs([("t", 16, 257)], [32], ["fwd_bwd"], ["naive", "ours_torch", "gemm"], **kw)
 
 
+@pytest.mark.slow
 def test_a_group_is_timed_interleaved_and_its_rows_share_the_rounds(tmp_path, monkeypatch):
     order = []
 
@@ -196,6 +197,7 @@ def test_a_group_is_timed_interleaved_and_its_rows_share_the_rounds(tmp_path, mo
     assert rows[2]["err_logprob"] < 1e-4 and rows[2]["peak_extra_mib"] is not None
 
 
+@pytest.mark.slow
 def test_an_interrupted_group_keeps_its_finished_rounds(tmp_path, monkeypatch):
     calls = []
 

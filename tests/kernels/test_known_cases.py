@@ -259,6 +259,7 @@ def test_torch_compile_with_inductor():
         assert max_err(a, b) <= 1e-6
 
 
+@pytest.mark.slow
 def test_torch_compile_without_host_checks():
     # Inside a compiled graph a bad target id cannot raise (that needs the host): it gives NaN at its row, never a
     # wrong number; the vocabulary-parallel op (host-side set-up between ranks) refuses to be compiled.

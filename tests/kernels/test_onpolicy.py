@@ -123,6 +123,7 @@ def test_reference_backend_falls_back_to_two_passes():
         assert_same(fields, on_policy, explicit, g_on_policy, g_explicit)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_known_gradient_pass_in_chunks(backend, dtype):

@@ -149,6 +149,7 @@ def grads_for(n, seed=1):
 NAMES = ("logprob", "entropy", "d_hidden", "d_weight", "d_bias")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("case", list(CASES))
@@ -229,6 +230,7 @@ def test_bitwise_repeatable(algorithm, backend):
         assert torch.equal(x, y), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_singletons_are_exactly_zero(algorithm, backend):
@@ -497,6 +499,7 @@ def test_per_token_temperature_without_kept_sets(backend):
         assert max_err(x, r) < 1e-5, f"{name}: {max_err(x, r):.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_path_dense_mask_equals_transpose(backend):
     # The masked path holds the kept sets as a transpose (small sets) or a bool [n, V] mask (from V / 16): the

@@ -119,6 +119,7 @@ def algorithm(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_losses_match_float64_reference(name, backend, algorithm):

@@ -59,6 +59,7 @@ def _t_sf(t, df):
     return 0.5 - (math.atan(x) + x / (1 + x * x)) / math.pi
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_paired_t_p_value_against_closed_forms(seed):
     rng = random.Random(seed)

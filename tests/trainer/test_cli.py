@@ -321,6 +321,7 @@ def test_eval_interrupted_ends_in_one_line(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.strip().splitlines()[-1] == "pacs eval: interrupted"
 
 
+@pytest.mark.slow
 def test_a_run_with_evaluations_ends_with_a_before_after_line(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--preset", "smoke", "--n-train", "40", "--steps", "2", "--eval-every", "1", "--sft-steps",

@@ -163,6 +163,7 @@ def test_update_world2_equals_world1(sharded_results, name):
     assert moved > 1e-4  # the update did something
 
 
+@pytest.mark.slow
 def test_dcp_checkpoint_round_trip(sharded_results):
     """save_dcp_checkpoint then load_dcp_checkpoint into a fresh sharded model (same world size): the same
     parameters, AdamW moments and steps, scheduler position and trainer state on every rank."""

@@ -560,6 +560,7 @@ def test_pass_at_k_lines_have_distinct_colours(tmp_path, figures):
     assert [line.get_label() for line in lines][:3] == ["before the warm-up", "step 0", "step 25"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo,marked", [("pacs", True), ("grpo", False)])
 def test_the_onpolicy_ln2_loss_is_marked_for_pacs(tmp_path, figures, algo, marked):
     pacs.plot.plot_run(fake_run(tmp_path / "run", algo=algo))

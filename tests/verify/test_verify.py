@@ -569,6 +569,7 @@ def test_verify_never_raises_nor_overruns(response: str, gold: str) -> None:
     assert time.perf_counter() - start < LIMIT + SLACK
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(st.integers(-10**6, 10**6), st.integers(1, 999))
 def test_fraction_and_decimal_agree(numerator: int, denominator: int) -> None:
