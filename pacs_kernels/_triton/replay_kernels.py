@@ -103,6 +103,18 @@ def _entry_grad(z, j, ok, y, lse_hi, lse_lo, ent, glp, gent, inv_t, HAS_GLP: tl.
 
 
 @triton.jit
+def _block_entry_grad(z_ptr, ids_ptr, e0, end, y, lse_hi, lse_lo, ent, glp, gent, inv_t,
+                      HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(entry indices, in-range mask, vocabulary ids, a_e) of the BLOCK_K kept entries from e0 (one row's, < end)."""
+    ent_i = e0 + tl.arange(0, BLOCK_K)
+    ok = ent_i < end
+    z = tl.load(z_ptr + ent_i, mask=ok, other=0.0)
+    j = tl.load(ids_ptr + ent_i, mask=ok, other=0)
+    a = _entry_grad(z, j, ok, y, lse_hi, lse_lo, ent, glp, gent, inv_t, HAS_GLP, HAS_GENT)
+    return ent_i, ok, j, a
+
+
+@triton.jit
 def _gather_row_grad_kernel(
     w_ptr, z_ptr, ids_ptr, off_ptr, y_ptr, it_ptr, lse_hi_ptr, lse_lo_ptr, ent_ptr, glp_ptr, gent_ptr,
     a_ptr, dh_ptr,
@@ -127,11 +139,8 @@ def _gather_row_grad_kernel(
         gent = tl.load(gent_ptr + r)
     # a_e for the weight-gradient kernel (a later launch reads it).
     for e0 in range(start, end, BLOCK_K):
-        ent_i = e0 + tl.arange(0, BLOCK_K)
-        ok = ent_i < end
-        z = tl.load(z_ptr + ent_i, mask=ok, other=0.0)
-        j = tl.load(ids_ptr + ent_i, mask=ok, other=0)
-        a = _entry_grad(z, j, ok, y, lse_hi, lse_lo, ent, glp, gent, inv_t, HAS_GLP, HAS_GENT)
+        ent_i, ok, j, a = _block_entry_grad(z_ptr, ids_ptr, e0, end, y, lse_hi, lse_lo, ent, glp, gent, inv_t,
+                                            HAS_GLP, HAS_GENT, BLOCK_K)
         tl.store(a_ptr + ent_i, a, mask=ok)
     if COMPUTE_DH:
         # dH_r by column blocks; a_e is recomputed from z (a few FLOPs per entry) rather than read back, which
@@ -142,11 +151,8 @@ def _gather_row_grad_kernel(
             d_ok = d < D
             acc = tl.zeros([BLOCK_D], dtype=tl.float32)
             for e0 in range(start, end, BLOCK_K):
-                ent_i = e0 + tl.arange(0, BLOCK_K)
-                ok = ent_i < end
-                z = tl.load(z_ptr + ent_i, mask=ok, other=0.0)
-                j = tl.load(ids_ptr + ent_i, mask=ok, other=0)
-                a = _entry_grad(z, j, ok, y, lse_hi, lse_lo, ent, glp, gent, inv_t, HAS_GLP, HAS_GENT)
+                ent_i, ok, j, a = _block_entry_grad(z_ptr, ids_ptr, e0, end, y, lse_hi, lse_lo, ent, glp, gent,
+                                                    inv_t, HAS_GLP, HAS_GENT, BLOCK_K)
                 wv = tl.load(w_ptr + j.to(tl.int64)[:, None] * stride_w + d[None, :],
                              mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
                 acc += tl.sum(wv * a[:, None], axis=0)
