@@ -22,6 +22,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Backends under test; the Triton one runs under TRITON_INTERPRET=1 on CPU (set in conftest.py).
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))]
+# The same, with the Triton case in the slow tier: for tests whose interpreted Triton cases take over a second each
+# on 2 cores, so that the fast tier keeps their torch cases.
+BACKENDS_SLOW_TRITON = ["torch", pytest.param("triton", marks=[pytest.mark.skipif(not HAS_TRITON,
+                                                                                   reason="triton not installed"),
+                                                                pytest.mark.slow])]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -17,8 +17,7 @@ import torch
 from pacs_kernels import grpo_loss, linear_logprob, pacs_loss, rloo_loss
 from pacs_kernels.one_pass import attach_gradients, known_gradient_logprob, plan_chunk
 
-from tests.helpers import BACKENDS, DEVICE, max_err, random_problem
-from tests.helpers import packed_problem
+from tests.helpers import BACKENDS, BACKENDS_SLOW_TRITON, DEVICE, max_err, packed_problem, random_problem
 
 TOL = 2e-5
 PACS_FIELDS = ("loss", "score", "advantage", "prob", "weight", "logprob", "entropy", "bce")
@@ -123,8 +122,7 @@ def test_reference_backend_falls_back_to_two_passes():
         assert_same(fields, on_policy, explicit, g_on_policy, g_explicit)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_known_gradient_pass_in_chunks(backend, dtype):
     """Token chunks (dW accumulated over them, also in weight's dtype) and, on the triton backend, statistics

@@ -27,7 +27,7 @@ from pacs_kernels.replay import ReplayRows
 from pacs_kernels.replay_gather import finalize_gather, gather_backward_torch, gather_stats, gather_stats_torch
 from pacs_kernels.sliced import LogprobProblem, Upstream, passes_for, plan_slices, sliced_backward, sliced_forward
 
-from tests.helpers import BACKENDS, DEVICE, max_err
+from tests.helpers import BACKENDS, BACKENDS_SLOW_TRITON, DEVICE, max_err
 
 ALGORITHMS = ["gather", "masked"]
 N, D, V, DUP = 24, 32, 97, 24  # the last DUP weight rows repeat the first DUP: exact ties
@@ -149,8 +149,7 @@ def grads_for(n, seed=1):
 NAMES = ("logprob", "entropy", "d_hidden", "d_weight", "d_bias")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_truncated_sets_match_float64_reference(case, algorithm, backend):
@@ -185,8 +184,7 @@ def naive_same_precision(targets, temps, ids, offsets):
     return fn
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_within_naive_error(dtype, algorithm, backend):
@@ -203,8 +201,7 @@ def test_half_precision_within_naive_error(dtype, algorithm, backend):
         assert err <= 2 * err_naive + floor, f"{name}: {err:.3g} vs naive {err_naive:.3g}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 def test_gather_equals_masked(backend):
     hidden, weight, bias, targets, temps, ids, offsets = kept_case("chain", seed=5)
     g_lp, g_ent = grads_for(N, 6)
@@ -230,8 +227,7 @@ def test_bitwise_repeatable(algorithm, backend):
         assert torch.equal(x, y), name
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_singletons_are_exactly_zero(algorithm, backend):
     # Greedy replay: every valid row keeps only its target -> logprob = entropy = 0 and every gradient 0, exactly.
@@ -257,8 +253,7 @@ def test_singletons_are_exactly_zero(algorithm, backend):
     assert (got[0][single] == 0).all() and (got[1][single] == 0).all() and (got[2][single] == 0).all()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_full_vocabulary_equals_plain_op(algorithm, backend):
     # top_k >= V keeps everything (transformers clamps k to V): the plain op's result.
@@ -284,8 +279,7 @@ def test_full_vocabulary_equals_plain_op(algorithm, backend):
         assert max_err(x, y) < 3e-6, f"{name}: {max_err(x, y):.3g}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_temperature_tensor_equal_to_scalar_gives_scalar_result(algorithm, backend):
     hidden, weight, bias, targets, _, ids, offsets = kept_case("min_p", seed=15)
@@ -499,8 +493,7 @@ def test_per_token_temperature_without_kept_sets(backend):
         assert max_err(x, r) < 1e-5, f"{name}: {max_err(x, r):.3g}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 def test_masked_path_dense_mask_equals_transpose(backend):
     # The masked path holds the kept sets as a transpose (small sets) or a bool [n, V] mask (from V / 16): the
     # same cells, so bitwise the same results.

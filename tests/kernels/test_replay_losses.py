@@ -24,7 +24,7 @@ from pacs_kernels.reference import (
     rloo_loss_reference,
 )
 
-from tests.helpers import BACKENDS, DEVICE, HAS_TRITON, max_err
+from tests.helpers import BACKENDS, BACKENDS_SLOW_TRITON, DEVICE, HAS_TRITON, max_err
 
 ALGORITHMS = ["gather", "masked"]
 G, GROUPS, D, V = 2, 2, 16, 61
@@ -119,8 +119,7 @@ def algorithm(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_losses_match_float64_reference(name, backend, algorithm):
     p = replay_problem(seed=1)
@@ -160,8 +159,7 @@ def test_one_pass_equals_two_passes(name, backend, algorithm):
         assert (one.score == 0).all()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 def test_known_gradient_matches_reference_with_chunks(backend, algorithm):
     p = replay_problem(seed=3, top_p=0.9, top_k=7, min_p=0.05)
     gen = torch.Generator().manual_seed(4)
