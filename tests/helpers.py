@@ -173,3 +173,14 @@ def run_workers(fn, world: int, *args, timeout: float = 300.0) -> None:
                 if process.is_alive():
                     process.kill()
             raise TimeoutError(f"{world} workers of {fn.__name__} still running after {timeout:.0f} s")
+
+
+def save_rank_results(results, out_dir, rank: int) -> None:
+    """A worker's results, for `run_workers_for_results` to read back (one file per rank)."""
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def run_workers_for_results(fn, world: int, out_dir, *, timeout: float = 300.0) -> list:
+    """run_workers(fn, world, out_dir), then the results each rank saved with `save_rank_results`, rank by rank."""
+    run_workers(fn, world, str(out_dir), timeout=timeout)
+    return [torch.load(f"{out_dir}/rank{r}.pt", weights_only=False) for r in range(world)]

@@ -16,7 +16,7 @@ import torch
 import pacs_kernels
 from pacs_kernels import kept_from_mask, linear_logprob_reference
 
-from tests.helpers import run_workers
+from tests.helpers import run_workers_for_results, save_rank_results
 from tests.helpers import HAS_TRITON, max_err
 
 pytestmark = pytest.mark.xdist_group("replay_vocab_parallel")
@@ -127,14 +127,13 @@ def worker(rank, world, out_dir):
     results = {"errors": _errors(rank, group)}  # errors first: the cases after them show the group is in step
     results["op"] = {case: _op(rank, group, *case) for case in CASES}
     results["losses"] = _losses(rank, group)
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    save_rank_results(results, out_dir, rank)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("replay_vocab_parallel")
-    run_workers(worker, WORLD, str(out), timeout=600)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_workers_for_results(worker, WORLD, out, timeout=600)
 
 
 def reference():

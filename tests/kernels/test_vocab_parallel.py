@@ -13,7 +13,7 @@ import torch
 import pacs_kernels
 from pacs_kernels import linear_logprob_reference
 
-from tests.helpers import run_workers
+from tests.helpers import run_workers_for_results, save_rank_results
 from tests.helpers import DEVICE, HAS_TRITON, max_err
 
 # With pytest-xdist's --dist loadgroup the module's tests share one worker, so the spawned ranks run once.
@@ -157,14 +157,13 @@ def worker(rank, world, out_dir):
         hidden, shard(weight, CASES["even_f32"][2], rank), torch.full_like(targets, -100), with_entropy=True,
         backend="torch", vocab_parallel_group=group)
     results["losses"] = _loss_cases(rank, group)
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    save_rank_results(results, out_dir, rank)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("vocab_parallel")
-    run_workers(worker, WORLD, str(out), timeout=600)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_workers_for_results(worker, WORLD, out, timeout=600)
 
 
 def reference(name):

@@ -26,7 +26,7 @@ from pacs.rollout import Rollout
 from pacs.tasks import CharTokenizer
 from pacs.update import make_optimizer, update_on_rollouts
 
-from tests.helpers import run_workers
+from tests.helpers import run_workers_for_results, save_rank_results
 
 ROOT = Path(__file__).resolve().parents[2]
 # With pytest-xdist's --dist loadgroup the module's tests share one worker, so the spawned ranks run once.
@@ -85,7 +85,7 @@ def update_worker(rank, world, out_dir):
         results[name] = {"params": distributed.full_state_dict(model), "stats": stats}
         if name == "pacs":
             results["resume"] = _save_and_load(ctx, cfg, model, optimizer, scheduler, out_dir)
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    save_rank_results(results, out_dir, rank)
 
 
 def _save_and_load(ctx, cfg, model, optimizer, scheduler, out_dir):
@@ -118,8 +118,7 @@ def _save_and_load(ctx, cfg, model, optimizer, scheduler, out_dir):
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_update")
-    run_workers(update_worker, WORLD, str(out), timeout=600)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_workers_for_results(update_worker, WORLD, out, timeout=600)
 
 
 def rel(a, b):
