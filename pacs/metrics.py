@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pacs_kernels import kept_size_summary
+from pacs_kernels import kept_size_summary, kept_sizes
+from pacs_kernels.kept import offsets_from_sizes
 
 from .evaluate import save_result, summary_line
 from .plot import plot_run
@@ -132,8 +133,7 @@ def kept_set_fields(rollouts: list) -> dict:
     offsets = [r.kept.offsets for r in rollouts if getattr(r, "kept", None) is not None]
     if not offsets:
         return {}
-    sizes = torch.cat([o[1:].long() - o[:-1].long() for o in offsets])
-    summary = kept_size_summary(torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]))
+    summary = kept_size_summary(offsets_from_sizes(torch.cat([kept_sizes(o) for o in offsets])))
     return {f"kept_{name}": value for name, value in summary.items()}
 
 
