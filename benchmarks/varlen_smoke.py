@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pacs import attention
+from pacs_kernels.kept import offsets_from_sizes
 
 
 def ragged_lengths(total: int, low: int, high: int, seed: int) -> list[int]:
@@ -65,7 +66,7 @@ def _fwd_bwd(fn, inputs, grad):
 def op_check(device, dtype, tokens, seed=0) -> list[dict]:
     rows = []
     lengths = ragged_lengths(tokens, max(1, tokens // 64), max(2, tokens // 6), seed)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu = offsets_from_sizes(torch.tensor(lengths), torch.int32).to(device)
     segments = attention.segments_from_cu_seqlens(cu)
     for name, hq, hkv, d, window in (("mha", 8, 8, 128, None), ("gqa-7b", 28, 4, 128, None),
                                      ("gqa-window", 28, 4, 128, max(2, tokens // 16)), ("mqa", 8, 1, 64, None)):
@@ -113,8 +114,7 @@ def model_check(device, dtype, tokens, reps, seed=0) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 32000, (1, tokens), generator=gen).to(device)
     pos = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
-    kwargs = attention.packed_attention_kwargs(torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()],
-                                                            dtype=torch.int32, device=device))
+    kwargs = attention.packed_attention_kwargs(offsets_from_sizes(torch.tensor(lengths), torch.int32).to(device))
     varlen = tiny_qwen("varlen", dtype, device)
     sdpa = tiny_qwen("sdpa", dtype, device, state=varlen.state_dict())
     grad = torch.randn(1, tokens, 1024, generator=gen).to(device=device, dtype=dtype)
